@@ -1,0 +1,6 @@
+"""The twinrt/1 artifact: manifest, verified loading, atomic writing."""
+
+from twinrt.artifact.manifest import FORMAT, MANIFEST, Manifest
+from twinrt.artifact.store import Artifact, atomic_dir, checksum_tree, write_manifest
+
+__all__ = ["FORMAT", "MANIFEST", "Artifact", "Manifest", "atomic_dir", "checksum_tree", "write_manifest"]

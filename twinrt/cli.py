@@ -1,0 +1,99 @@
+"""The `twinrt` command line (Contract 2). User errors print one line and exit with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from twinrt.errors import TwinError
+
+EXIT_USAGE = 2
+console = Console(width=None if sys.stdout.isatty() else 120)  # pipes and CI logs get full tables
+
+
+def _cmd_split(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from twinrt.artifact.report import summary_table
+    from twinrt.config import load_config
+    from twinrt.split.run import split
+
+    cfg = load_config(args.config)
+    bar = Progress(TextColumn("[bold]split"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.description}"), console=console, transient=True,
+                   disable=args.quiet or not console.is_terminal)
+
+    def progress(total: int) -> Callable[[str], None]:
+        task = bar.add_task("", total=total)
+        return lambda name: bar.update(task, advance=1, description=name)
+
+    t0 = time.perf_counter()
+    with bar:
+        manifest = split(cfg, Path(args.output), force=args.force, device=args.device, progress=progress)
+    if not args.quiet:
+        console.print(summary_table(manifest))
+        console.print(f"wrote {args.output} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from twinrt.artifact import Artifact
+    from twinrt.artifact.report import summary_table
+
+    art = Artifact.open(args.artifact, verify=not args.no_verify)
+    m = art.manifest
+    console.print(f"[bold]{args.artifact}[/bold]  format {m.format}, written by twinrt {m.twinrt_version} at {m.created}")
+    console.print(f"base: {m.base.source} ({m.base.kind}, {m.base.architecture}, {m.base.fingerprint[:19]}…)")
+    console.print(f"experts (mix order): {', '.join(m.expert_names)}")
+    if m.shared.excluded:
+        console.print(f"not merged (core = base): {len(m.shared.excluded)} tensors, e.g. {m.shared.excluded[0]}")
+    console.print(summary_table(m))
+    console.print(f"router: {'trained' if art.router_dir.is_dir() else 'none'}; "
+                  + ("checksums verified" if not args.no_verify else "checksums not verified"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="twinrt", description="Inference-time dynamic model merging (Twin-Merging).")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("split", help="split a base model and N experts into a twin artifact")
+    s.add_argument("config", help="split config YAML")
+    s.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    s.add_argument("--force", action="store_true", help="replace an existing output")
+    s.add_argument("--device", default="cpu", help="device for the merge and SVD math (cpu, cuda, ...)")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    s.set_defaults(fn=_cmd_split)
+
+    i = sub.add_parser("inspect", help="print an artifact's manifest summary")
+    i.add_argument("artifact")
+    i.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every file")
+    i.set_defaults(fn=_cmd_inspect)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except TwinError as e:
+        print(f"twinrt: error: {e}".replace("\n", " "), file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("twinrt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""The split config (YAML), validated once at the boundary into frozen values.
+
+    base: path/to/base                      # HF model dir, or a .gguf file
+    experts:
+      - {name: math, path: path/to/math}    # full fine-tuned HF dir, or a PEFT LoRA adapter dir over base
+    shared: {method: ties, scaling: 1.0, density: 0.2}
+    exclusive: {rank: 16}                   # or {energy: 0.95}; optional svd: auto | full | randomized
+    dtype: float32
+
+Relative paths are resolved against the config file's directory. Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from twinrt.errors import TwinError
+from twinrt.merge import get_method
+
+RESERVED_NAMES = frozenset({"core", "twin", "base", "router"})
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ExpertSpec(_Frozen):
+    name: str
+    path: Path
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not _NAME.match(v) or ":" in v:
+            raise ValueError(f"expert name {v!r} must be 1-64 letters, digits, '_', '.', '-'")
+        if v in RESERVED_NAMES:
+            raise ValueError(f"expert name {v!r} is reserved ({', '.join(sorted(RESERVED_NAMES))})")
+        return v
+
+
+class SharedSpec(_Frozen):
+    """`method` plus that method's parameters (checked against the merge registry)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+    method: str
+    exclude: tuple[str, ...] = ()  # regexes of tensor names the core keeps from the base (not merged)
+
+    @property
+    def given_params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def resolved_params(self) -> dict[str, Any]:
+        return get_method(self.method).resolve(self.given_params)
+
+    @model_validator(mode="after")
+    def _check(self) -> SharedSpec:
+        self.resolved_params()  # raises TwinError on unknown method or parameter
+        for pattern in self.exclude:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"shared.exclude pattern {pattern!r} is not a valid regex: {e}") from None
+        return self
+
+
+class ExclusiveSpec(_Frozen):
+    rank: int | None = Field(default=None, ge=1)
+    energy: float | None = Field(default=None, gt=0.0, le=1.0)
+    svd: Literal["auto", "full", "randomized"] = "auto"
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ExclusiveSpec:
+        if (self.rank is None) == (self.energy is None):
+            raise ValueError("exclusive needs exactly one of `rank` (an int) or `energy` (a share in (0, 1])")
+        if self.energy is not None and self.svd == "randomized":
+            raise ValueError("exclusive.energy needs the full spectrum: use svd: full or auto")
+        return self
+
+
+class SplitConfig(_Frozen):
+    base: Path
+    experts: tuple[ExpertSpec, ...] = Field(min_length=1)
+    shared: SharedSpec
+    exclusive: ExclusiveSpec
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_validator(mode="after")
+    def _unique(self) -> SplitConfig:
+        names = [e.name for e in self.experts]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate expert names: {', '.join(dup)}")
+        return self
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def parse_config(data: Any, root: Path | None = None) -> SplitConfig:
+    """Validate a config mapping; relative paths resolve against `root` (the config file's directory)."""
+    if not isinstance(data, dict):
+        raise TwinError("split config must be a mapping (base, experts, shared, exclusive, dtype)")
+    try:
+        cfg = SplitConfig.model_validate(data)
+    except ValidationError as e:
+        raise TwinError(f"invalid split config: {_format_validation_error(e)}") from None
+    if root is None:
+        return cfg
+    resolve = lambda p: p if p.is_absolute() else (root / p)  # noqa: E731
+    return cfg.model_copy(update={
+        "base": resolve(cfg.base),
+        "experts": tuple(e.model_copy(update={"path": resolve(e.path)}) for e in cfg.experts),
+    })
+
+
+def load_config(path: str | Path) -> SplitConfig:
+    """Read and validate a split config YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise TwinError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise TwinError(f"config file {path} is not valid YAML: {e}".replace("\n", " ")) from None
+    return parse_config(data, root=path.parent)
