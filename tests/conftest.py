@@ -69,6 +69,6 @@ def tiny_artifact_full_rank(tiny_models, tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("art_full")
     cfg = write_config(root / "split.yaml", tiny_models["base"], {n: tiny_models[n] for n in EXPERTS},
-                       {"method": "task_arithmetic", "scaling": 0.3}, {"rank": 64})
+                       {"method": "task_arithmetic", "scaling": 0.3}, {"rank": 32})
     split(load_config(cfg), root / "artifact")
     return root / "artifact"

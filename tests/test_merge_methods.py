@@ -1,0 +1,127 @@
+"""Acceptance 1 of the split issue: every merge method equals an independent reimplementation, and
+task_arithmetic / ties / dare_* agree with PEFT's merge_utils on the same stacked tensors."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from peft.utils import merge_utils
+
+from twinrt.errors import TwinError
+from twinrt.merge import METHODS, get_method
+from twinrt.merge import methods as M
+
+
+@pytest.fixture
+def tau() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(4, 12, 9, generator=g)  # [N, out, in]
+
+
+# ---- independent reimplementations, entry by entry in numpy ------------------------------------------------
+
+def ref_trim(t: np.ndarray, density: float) -> np.ndarray:
+    out = np.zeros_like(t)
+    for i in range(t.shape[0]):
+        flat = t[i].ravel()
+        k = int(density * flat.size)
+        keep = np.argsort(-np.abs(flat), kind="stable")[:k]
+        o = np.zeros_like(flat)
+        o[keep] = flat[keep]
+        out[i] = o.reshape(t[i].shape)
+    return out
+
+
+def ref_disjoint(t: np.ndarray) -> np.ndarray:
+    n = t.shape[0]
+    out = np.zeros(t.shape[1:])
+    for idx in itertools.product(*map(range, t.shape[1:])):
+        vals = [t[(i, *idx)] for i in range(n)]
+        sign = 1.0 if sum(vals) >= 0 else -1.0
+        agree = [v for v in vals if v != 0 and np.sign(v) == sign]
+        out[idx] = sum(agree) / len(agree) if agree else 0.0
+    return out
+
+
+def ref_consensus(t: np.ndarray, scaling: float, k: int, lam: float) -> np.ndarray:
+    total = t.sum(0)
+    out = np.zeros(t.shape[1:])
+    for idx in itertools.product(*map(range, t.shape[1:])):
+        votes = sum(abs(t[(i, *idx)]) >= lam * abs(total[idx] - t[(i, *idx)]) for i in range(t.shape[0]))
+        out[idx] = scaling * total[idx] if votes >= k else 0.0
+    return out
+
+
+def test_average(tau):
+    assert torch.allclose(M.average(tau), torch.from_numpy(tau.numpy().sum(0) / 4), atol=1e-6)
+
+
+def test_task_arithmetic_matches_reference_and_peft(tau):
+    ours = M.task_arithmetic(tau, scaling=0.3)
+    assert torch.allclose(ours, torch.from_numpy(0.3 * tau.numpy().sum(0)), atol=1e-6)
+    peft = merge_utils.task_arithmetic(list(tau), torch.full((4,), 0.3))
+    assert torch.allclose(ours, peft, atol=1e-6)
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
+def test_ties_matches_reference_and_peft(tau, density):
+    ours = M.ties(tau, scaling=0.7, density=density)
+    ref = 0.7 * ref_disjoint(ref_trim(tau.numpy().astype(np.float64), density))
+    assert torch.allclose(ours, torch.from_numpy(ref).float(), atol=1e-6)
+    peft = merge_utils.ties(list(tau), torch.full((4,), 0.7), density)
+    assert torch.allclose(ours, peft, atol=1e-6)
+
+
+def _peft_with_masks(fn, tau, keep, monkeypatch, **kw):
+    # PEFT draws DARE's masks from the global RNG; hand it ours, in the same order it prunes the experts
+    masks = iter(keep)
+    monkeypatch.setattr(merge_utils, "random_pruning",
+                        lambda t, density, rescale: t * next(masks) / density if rescale else t * next(masks))
+    return fn(list(tau), **kw)
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
+def test_dare_matches_reference_and_peft(tau, name, monkeypatch):
+    keep = M.dare_keep_masks(tau.shape[1:], 4, 0.4, torch.Generator().manual_seed(3))
+    assert 0.25 < keep.float().mean() < 0.55
+    ours = METHODS[name].merge(tau, {"scaling": 0.5, "density": 0.4, "seed": 0}, keep)
+    dropped = tau.numpy().astype(np.float64) * keep.numpy() / 0.4
+    ref = 0.5 * (dropped.sum(0) if name == "dare_linear" else ref_disjoint(dropped))
+    assert torch.allclose(ours, torch.from_numpy(ref).float(), atol=1e-5)
+    peft = _peft_with_masks(getattr(merge_utils, name), tau, keep, monkeypatch,
+                            weights=torch.full((4,), 0.5), density=0.4)
+    assert torch.allclose(ours, peft, atol=1e-6)
+
+
+def test_dare_masks_are_seeded():
+    a = M.dare_keep_masks(torch.Size([50]), 3, 0.5, torch.Generator().manual_seed(1))
+    b = M.dare_keep_masks(torch.Size([50]), 3, 0.5, torch.Generator().manual_seed(1))
+    c = M.dare_keep_masks(torch.Size([50]), 3, 0.5, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_consensus_matches_reference(tau, k):
+    ours = M.consensus(tau, scaling=0.3, k=k, tall_lambda=0.4)
+    ref = ref_consensus(tau.numpy().astype(np.float64), 0.3, k, 0.4)
+    assert torch.allclose(ours, torch.from_numpy(ref).float(), atol=1e-6)
+
+
+def test_consensus_removes_selfish_weights():
+    # entry 0: only expert 0 moves it (selfish) -> dropped at k=2; entry 1: all agree -> kept
+    tau = torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
+    assert torch.equal(M.consensus(tau, scaling=1.0, k=2, tall_lambda=0.4), torch.tensor([0.0, 3.0]))
+
+
+def test_registry_resolves_defaults_and_refuses_unknowns():
+    assert get_method("ties").resolve({}) == {"scaling": 1.0, "density": 0.2}
+    assert get_method("dare_ties").resolve({"density": 0.3}) == {"scaling": 1.0, "density": 0.3, "seed": 0}
+    with pytest.raises(TwinError, match="unknown shared.method 'tiez'"):
+        get_method("tiez")
+    with pytest.raises(TwinError, match="does not take density"):
+        get_method("task_arithmetic").resolve({"density": 0.5})
+    with pytest.raises(TwinError, match="in \\(0, 1\\]"):
+        get_method("ties").resolve({"density": 1.5})
