@@ -1,0 +1,148 @@
+"""`twinrt router train|eval`: the router's command line, registered into twinrt's parser.
+
+    twinrt router train ARTIFACT --data FILE.jsonl [--kind prototype|trained|hidden] [--holdout 0.2]
+                        [--seed 0] [--label-key expert] [--temperature 1] [--top-k K] [--min-weight W]
+                        [--fallback-threshold P] [--fallback uniform|core] [--hidden H] [--epochs E] ...
+    twinrt router eval ARTIFACT --data FILE.jsonl [--label-key expert]
+
+`train` writes ARTIFACT/router/ and prints held-out accuracy, the confusion matrix and ECE; `eval` prints
+the same for the saved router on any data file. User errors raise TwinError (printed as one line, exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from twinrt.errors import TwinError
+
+console = Console(width=None if sys.stdout.isatty() else 120)
+
+
+def confusion_table(confusion: list[list[int]], experts: list[str], title: str) -> Table:
+    """Rows: true expert; columns: predicted expert; diagonal in bold."""
+    t = Table(title=title)
+    t.add_column("true \\ predicted")
+    for e in experts:
+        t.add_column(e, justify="right")
+    t.add_column("recall", justify="right")
+    for i, (name, row) in enumerate(zip(experts, confusion)):
+        cells = [f"[bold]{v}[/bold]" if i == j else str(v) for j, v in enumerate(row)]
+        total = sum(row)
+        t.add_row(name, *cells, f"{row[i] / total:.1%}" if total else "-")
+    return t
+
+
+def print_evaluation(ev, experts: list[str], what: str) -> None:
+    console.print(f"{what}: top-1 accuracy [bold]{ev.accuracy:.1%}[/bold] on {ev.n} examples, "
+                  f"ECE {ev.ece:.3f}, NLL {ev.nll:.3f}")
+    console.print(confusion_table(ev.confusion, experts, f"confusion ({what})"))
+
+
+def _validated(model_cls, **kw):
+    try:
+        return model_cls(**kw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise TwinError(f"--{str(first['loc'][-1]).replace('_', '-')}: {first['msg']}") from None
+
+
+def _options(args: argparse.Namespace):
+    from router.options import RoutingOptions
+
+    return _validated(RoutingOptions, temperature=args.temperature, top_k=args.top_k,
+                      min_weight=args.min_weight, fallback_threshold=args.fallback_threshold,
+                      fallback=args.fallback)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from router.data import read_examples
+    from router.store import save_router
+    from router.train import TrainConfig, train_router
+    from twinrt.artifact import Artifact
+
+    cfg = _validated(TrainConfig, kind=args.kind, holdout=args.holdout, seed=args.seed, hidden=args.hidden,
+                     epochs=args.epochs, lr=args.lr, encoder=args.encoder, max_length=args.max_length,
+                     options=_options(args), device=args.device)
+    art = Artifact.open(args.artifact)
+    examples = read_examples(args.data, args.label_key)
+    t0 = time.perf_counter()
+    out = train_router(art, examples, cfg, source=str(args.data))
+    saved = save_router(out.router, art, out.training_record(cfg, Path(args.data).name, args.label_key))
+    console.print(f"[bold]{saved.kind}[/bold] router: fitted on {out.train_size} examples "
+                  f"({out.holdout_size} held out) in {time.perf_counter() - t0:.1f} s; "
+                  f"calibration temperature {saved.temperature:.3g}")
+    if out.evaluation is None:
+        console.print("no hold-out split (--holdout 0): accuracy and calibration not measured")
+    else:
+        print_evaluation(out.evaluation, art.experts, "held out")
+        if not math.isnan(out.nll_uncalibrated):
+            console.print(f"held-out NLL at temperature 1: {out.nll_uncalibrated:.3f}. The temperature is fitted "
+                          "on this split with a 1/(M+1) pseudo-error, so metrics here are optimistic; "
+                          "use `router eval` on other data")
+    console.print(f"wrote {art.router_dir}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from router.data import read_examples
+    from router.store import load_router
+    from router.train import evaluate_router
+    from twinrt.artifact import Artifact
+
+    art = Artifact.open(args.artifact)
+    router = load_router(art, device=args.device)
+    examples = read_examples(args.data, args.label_key)
+    ev = evaluate_router(router, examples, str(args.data))
+    console.print(f"{router.kind} router of {args.artifact} (calibration temperature {router.temperature:.3g})")
+    print_evaluation(ev, router.experts, Path(args.data).name)
+    return 0
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", help="twin artifact directory")
+    p.add_argument("--data", required=True, help='JSONL: {"text"|"messages": ..., "expert": ...} per line')
+    p.add_argument("--label-key", default="expert",
+                   help='field holding the expert name (e.g. "task" for an eval task suite)')
+    p.add_argument("--device", default="cpu", help="device of the encoder (cpu, cuda, ...)")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add `router train` and `router eval` to twinrt's subparsers; each sets `fn(args) -> exit code`."""
+    r = subparsers.add_parser("router", help="train or evaluate the router that picks each input's mix")
+    sub = r.add_subparsers(dest="router_command", required=True)
+
+    t = sub.add_parser("train", help="train a router on labelled examples and install it in ARTIFACT/router/")
+    _add_common(t)
+    t.add_argument("--kind", choices=["prototype", "trained", "hidden"], default="trained",
+                   help="prototype: MiniLM + centroids (no training); trained: MiniLM + trained head; "
+                        "hidden: the shared core's mean hidden state + MLP (Twin-Merging)")
+    t.add_argument("--holdout", type=float, default=0.2, help="share held out per expert for calibration "
+                   "and metrics (0 to 0.5; 0 = none)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--hidden", type=int, default=None, help="MLP width (0 = linear; default 0, hidden: 64)")
+    t.add_argument("--epochs", type=int, default=300, help="full-batch training steps")
+    t.add_argument("--lr", type=float, default=1e-2)
+    t.add_argument("--encoder", default=None, help="sentence-transformers dir (copied into the artifact); "
+                   "default all-MiniLM-L6-v2")
+    t.add_argument("--max-length", type=int, default=None, help="encoder token limit (longer inputs are truncated)")
+    t.add_argument("--temperature", type=float, default=1.0, help="routing temperature (on calibrated logits)")
+    t.add_argument("--top-k", type=int, default=None, help="keep the k largest weights")
+    t.add_argument("--min-weight", type=float, default=0.0, help="drop weights below this")
+    t.add_argument("--fallback-threshold", type=float, default=0.0,
+                   help="max probability below this uses the fallback")
+    t.add_argument("--fallback", choices=["uniform", "core"], default="uniform",
+                   help="uniform: all experts equal; core: the shared core alone")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="accuracy, confusion matrix and ECE of the saved router on a data file")
+    _add_common(e)
+    e.set_defaults(fn=cmd_eval)
+    return r
