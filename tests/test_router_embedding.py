@@ -96,6 +96,7 @@ def test_empty_inputs_take_the_fallback_row(outcomes) -> None:
     assert res.logits[:3].abs().sum() == 0
     core = r.route(batch, RoutingOptions(fallback="core"))
     assert core.weights[:3].abs().sum() == 0
+    assert r.route([]).weights.shape == (0, 3)
 
 
 def test_very_long_input_is_truncated_not_crashed(outcomes, minilm) -> None:
