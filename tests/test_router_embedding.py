@@ -157,6 +157,12 @@ def test_load_refuses_another_expert_order_and_broken_weights(saved, tmp_path) -
         load_router(path)                           # an edited router is caught by the manifest first
     with pytest.raises(TwinError, match=r"trained for experts \['code', 'math', 'chat'\]"):
         load_router(Artifact.open(path, verify=False))
+    cfg_file.write_text(json.dumps(cfg | {"kind": "hidden"}))
+    with pytest.raises(TwinError, match="malformed.*kind 'hidden' needs encoder 'core'"):
+        load_router(Artifact.open(path, verify=False))
+    cfg_file.write_text(json.dumps(cfg | {"format": "twinrt-router/9"}))
+    with pytest.raises(TwinError, match="not supported"):
+        load_router(Artifact.open(path, verify=False))
     cfg_file.write_text(json.dumps(cfg | {"head": cfg["head"] | {"dim": 100}}))
     with pytest.raises(TwinError, match="does not match the head"):
         load_router(Artifact.open(path, verify=False))

