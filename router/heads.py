@@ -90,7 +90,7 @@ def fit_prototypes(features: torch.Tensor, labels: torch.Tensor, n: int,
 def train_mlp(features: torch.Tensor, labels: torch.Tensor, n: int, hidden: int = 64, epochs: int = 300,
               lr: float = 1e-2, weight_decay: float = 1e-2, seed: int = 0) -> tuple[MLPHead, float]:
     """Fit an MLPHead full-batch; returns it (in eval mode) and the final training loss."""
-    x = features.float()                                          # [M, D]
+    x = features.float().clone()                                  # [M, D]; a normal tensor, even from inference mode
     mean, std = x.mean(dim=0), x.std(dim=0, unbiased=False).clamp(min=1e-6)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors.torch import load_file, save_file
 
 from router.encoders import CoreEncoder, SentenceEncoder
@@ -66,6 +66,14 @@ class RouterConfig(_C):
     temperature: float = Field(gt=0)          # calibration: logits are divided by it
     training: dict[str, Any] = {}             # data, split sizes, seed, held-out metrics
 
+    @model_validator(mode="after")
+    def _consistent(self) -> RouterConfig:
+        want = {"prototype": ("sentence-transformers", "prototype"), "trained": ("sentence-transformers", "mlp"),
+                "hidden": ("core", "mlp")}[self.kind]
+        if (self.encoder.type, self.head.type) != want:
+            raise ValueError(f"kind {self.kind!r} needs encoder {want[0]!r} and head {want[1]!r}")
+        return self
+
 
 def resolve_sentence_encoder(ref: str, router_dir: Path | None) -> Path:
     """The directory an encoder ref names: "minilm" or a relative path under router/."""
@@ -80,9 +88,8 @@ def resolve_sentence_encoder(ref: str, router_dir: Path | None) -> Path:
 def config_of(router: Router, encoder_ref: str, training: dict[str, Any] | None = None) -> RouterConfig:
     enc = router.encoder
     return RouterConfig(kind=router.kind, experts=router.experts, options=router.options,
-                        encoder=EncoderSpec(type="core" if isinstance(router, HiddenStateRouter)
-                                            else "sentence-transformers", ref=encoder_ref, dim=enc.dim,
-                                            max_length=enc.max_length),
+                        encoder=EncoderSpec(type="core" if isinstance(enc, CoreEncoder) else "sentence-transformers",
+                                            ref=encoder_ref, dim=enc.dim, max_length=enc.max_length),
                         head=HeadSpec(**router.head.spec()), temperature=router.temperature,
                         training=training or {})
 
@@ -91,12 +98,16 @@ def write_router_dir(router: Router, out: Path, training: dict[str, Any] | None 
     """Write router.json + weights.safetensors (+ a copy of a custom encoder) into the dir `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ref = "core"
-    if isinstance(router.encoder, SentenceEncoder):
+    enc = router.encoder
+    if isinstance(enc, CoreEncoder):
+        ref = "core"
+    elif isinstance(enc, SentenceEncoder) and enc.path.resolve() == minilm_dir().resolve():
         ref = MINILM
-        if router.encoder.path.resolve() != minilm_dir().resolve():
-            shutil.copytree(router.encoder.path, out / ENCODER_COPY)
-            ref = ENCODER_COPY
+    elif isinstance(enc, SentenceEncoder):
+        shutil.copytree(enc.path, out / ENCODER_COPY)
+        ref = ENCODER_COPY
+    else:
+        raise TypeError(f"cannot save a router whose encoder is a {type(enc).__name__}")
     cfg = config_of(router, ref, training)
     state = {k: v.detach().float().contiguous() for k, v in router.head.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format": ROUTER_FORMAT})
