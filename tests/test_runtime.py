@@ -1,0 +1,189 @@
+"""Acceptance of the runtime issue: exact per-row mixing, PEFT equivalence, materialized == factored, the layer
+against its plain-torch reference, greedy batched generation == per-row generation, and bad-input errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import EXPERTS
+from test_split_exact import core_plus_expert
+from twinrt.artifact import Artifact
+from twinrt.runtime import Engine, SamplingParams, TwinModel
+from twinrt.runtime.mixing import MixLinear, MixState, reference_forward_linear
+
+
+@pytest.fixture(scope="module")
+def tm(tiny_artifact) -> TwinModel:
+    return TwinModel.from_artifact(tiny_artifact)
+
+
+@pytest.fixture(scope="module")
+def ids() -> torch.Tensor:
+    return torch.randint(3, 300, (6, 10), generator=torch.Generator().manual_seed(1))
+
+
+MIXES = torch.tensor([
+    [0.0, 0.0, 0.0],  # core only
+    [1.0, 0.0, 0.0],  # one-hot experts
+    [0.0, 1.0, 0.0],
+    [0.0, 0.0, 1.0],
+    [0.5, 0.25, 0.25],  # blends
+    [0.0, 0.7, 0.3],
+])
+
+
+def test_mixed_batch_rows_equal_rows_alone(tm, ids):
+    together = tm.forward(ids, mix=MIXES)
+    for b in range(len(MIXES)):
+        alone = tm.forward(ids[b : b + 1], mix=MIXES[b : b + 1])
+        torch.testing.assert_close(together[b], alone[0], rtol=0, atol=1e-5)
+    # and the mixes really differ (the check has teeth)
+    assert (together[1] - together[0]).abs().max() > 1e-3 and (together[4] - together[1]).abs().max() > 1e-3
+
+
+def test_one_hot_equals_peft_expert_and_zero_row_equals_core(tm, tiny_artifact, ids):
+    art = Artifact.open(tiny_artifact)
+    for n, name in enumerate(EXPERTS):
+        mix = torch.zeros(len(ids), 3)
+        mix[:, n] = 1.0
+        want = core_plus_expert(art, name)(input_ids=ids).logits
+        torch.testing.assert_close(tm.forward(ids, mix=mix), want, rtol=0, atol=1e-5)
+    from transformers import AutoModelForCausalLM
+
+    core = AutoModelForCausalLM.from_pretrained(art.core_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = core(input_ids=ids).logits
+    torch.testing.assert_close(tm.forward(ids, mix=torch.zeros(len(ids), 3)), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(tm.forward(ids, mix=None), want, rtol=0, atol=1e-5)
+
+
+def test_dict_mix_equals_tensor_mix(tm, ids):
+    rows = [{"math": 0.5, "code": 0.25, "chat": 0.25}, {"code": 1.0}]
+    torch.testing.assert_close(tm.forward(ids[:2], mix=rows), tm.forward(ids[:2], mix=MIXES[[4, 2]]), rtol=0, atol=0)
+
+
+def test_materialized_equals_factored(tm, ids):
+    mix = MIXES[4:5].repeat(len(ids), 1)
+    plan = tm.plan(mix, tokens=10**6)
+    assert plan.path == "materialized", str(plan)
+    factored = tm.forward(ids, mix=mix, materialize=False)
+    materialized = tm.forward(ids, mix=mix, materialize=True)
+    assert tm.mix_key(mix[0]) in tm._materialized
+    torch.testing.assert_close(materialized, factored, rtol=0, atol=1e-5)
+    assert tm.plan(MIXES, tokens=10**6).path == "factored"  # different rows never materialize
+    assert tm.plan(torch.zeros(2, 3), tokens=10).path == "core"
+    assert tm.plan(MIXES[1:2], tokens=1).path in ("factored", "materialized")
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 0.06)])
+def test_mix_linear_matches_reference(dtype, atol):
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.Linear(24, 40, bias=True)
+    factors = {0: (torch.randn(3, 24, generator=g), torch.randn(40, 3, generator=g) * 0.1),
+               2: (torch.randn(5, 24, generator=g), torch.randn(40, 5, generator=g) * 0.1)}
+    mix = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.2, 0.5, 0.8], [0.0, 1.0, 0.3]])
+    x = torch.randn(4, 7, 24, generator=g)
+    ref = reference_forward_linear(x, base.weight.detach(), base.bias.detach(), factors, mix)
+    state = MixState(3)
+    layer = MixLinear(base.to(dtype), state, {k: (a.to(dtype), b.to(dtype)) for k, (a, b) in factors.items()})
+    state.set(mix)
+    got = layer(x.to(dtype)).float()
+    torch.testing.assert_close(got, ref, rtol=0, atol=atol)
+    state.set(mix[2:3])  # expert 1 has no factors here; experts 0 and 2 active
+    torch.testing.assert_close(layer(x[2:3].to(dtype)).float(), ref[2:3], rtol=0, atol=atol)
+    state.set(torch.tensor([[0.0, 0.0, 0.4]]))  # a subset of the factors: only expert 2's slots
+    sub = reference_forward_linear(x[:1], base.weight.detach().float(), base.bias.detach().float(), factors,
+                                   torch.tensor([[0.0, 0.0, 0.4]]))
+    torch.testing.assert_close(layer(x[:1].to(dtype)).float(), sub, rtol=0, atol=atol)
+
+
+PROMPTS = ["what is two plus three", "hello world", "def add(a, b):", "the capital of france is",
+           "5 + 7 =", "translate cat to french"]
+
+
+def test_greedy_mixed_batch_equals_per_row_generation(tm):
+    together = tm.generate(PROMPTS, mix=MIXES, max_new_tokens=12, materialize=False)
+    alone = [tm.generate([p], mix=MIXES[i : i + 1], max_new_tokens=12, materialize=False)[0]
+             for i, p in enumerate(PROMPTS)]
+    assert together == alone
+    assert len(set(together)) > 1
+
+
+def test_requests_joining_a_running_batch_match_solo_runs(tm):
+    params = SamplingParams(max_new_tokens=10)
+    solo = [tm.generate([p], mix=MIXES[i : i + 1], max_new_tokens=10, materialize=False)[0]
+            for i, p in enumerate(PROMPTS[:4])]
+    engine = Engine(tm, max_batch=8, materialize=False)
+    first = [engine.add(p, MIXES[i], params) for i, p in enumerate(PROMPTS[:2])]
+    engine.step()
+    engine.step()
+    later = [engine.add(p, MIXES[i + 2], params) for i, p in enumerate(PROMPTS[2:4])]
+    assert len(engine.running) == 2 and len(engine.waiting) == 2
+    engine.run_until_done()
+    assert [r.text for r in first + later] == solo
+
+
+def test_stop_strings_streaming_and_finish_reasons(tm):
+    engine = Engine(tm, materialize=False)
+    full = tm.generate([PROMPTS[0]], max_new_tokens=12)[0]
+    assert len(full) > 4
+    stop = full[3:5]
+    chunks: list[str] = []
+    req = engine.add(PROMPTS[0], None, SamplingParams(max_new_tokens=12, stop=(stop,)),
+                     on_token=lambda r, delta: chunks.append(delta))
+    short = engine.add(PROMPTS[1], None, SamplingParams(max_new_tokens=2))
+    engine.run_until_done()
+    assert req.text == full[: full.find(stop)] and req.finish_reason == "stop"
+    assert "".join(chunks) == req.text
+    assert short.finish_reason == "length" and short.completion_tokens == 2
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(tm):
+    a = tm.generate([PROMPTS[0]], max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5)
+    b = tm.generate([PROMPTS[0], PROMPTS[1]], max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5)
+    assert a[0] == b[0]
+
+
+def test_cancel_frees_the_row(tm):
+    engine = Engine(tm, materialize=False)
+    req = engine.add(PROMPTS[0], None, SamplingParams(max_new_tokens=50))
+    engine.step()
+    engine.cancel(req)
+    engine.step()
+    assert req.finish_reason == "cancelled" and not engine.busy
+
+
+@pytest.mark.parametrize("mix,message", [
+    (torch.ones(2, 4), r"mix must have shape \[2, 3\]"),
+    (torch.tensor([[0.5, -0.1, 0.0], [1.0, 0.0, 0.0]]), "weight of 'code' is negative"),
+    (torch.tensor([[float("nan"), 0.0, 0.0], [1.0, 0.0, 0.0]]), "NaN"),
+    ([{"math": 1.0}, {"poetry": 1.0}], "unknown expert 'poetry'"),
+    ([{"math": 1.0}], "mix has 1 rows for a batch of 2"),
+    ([{"math": "lots"}, {}], "must be a number"),
+])
+def test_bad_mixes_raise_value_errors(tm, ids, mix, message):
+    with pytest.raises(ValueError, match=message):
+        tm.forward(ids[:2], mix=mix)
+    with pytest.raises(ValueError, match=message):
+        tm.generate(PROMPTS[:2], mix=mix, max_new_tokens=2)
+
+
+def test_bad_generate_arguments(tm):
+    with pytest.raises(ValueError, match="prompts is empty"):
+        tm.generate([], max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+        tm.generate(["x"], max_new_tokens=0)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        tm.generate(["x"], temperature=-1.0)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        tm.generate([""], max_new_tokens=2)
+    with pytest.raises(ValueError, match="context length is 128"):
+        tm.generate(["hello " * 200], max_new_tokens=2)
+
+
+def test_bfloat16_runtime_is_close_to_float32(tiny_artifact, tm, ids):
+    bf = TwinModel.from_artifact(tiny_artifact, dtype="bfloat16")
+    got = bf.forward(ids, mix=MIXES).float()
+    want = tm.forward(ids, mix=MIXES)
+    assert (got - want).abs().max() / want.abs().max() < 0.05
