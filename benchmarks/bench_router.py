@@ -5,9 +5,10 @@ SmolLM2-135M-Instruct, dequantized from its GGUF to float32, passed in as an alr
 is fitted on synthetic prompts (math / code / chat, tests/test_router_synth.py); a routing call is
 `router.route(batch)`, end to end: tokenization, encoder, head, option rule.
 
-    python benchmarks/bench_router.py [--batch-sizes 1 8 32] [--seconds 4] [--train-per-expert 30]
+    python benchmarks/bench_router.py [--batch-sizes 1 8 32] [--seconds 4] [--train-per-expert 30] [--threads N]
 
-Throughput is batch size / p50 latency. Writes benchmarks/results/router.json and prints a markdown table.
+Throughput is batch size / p50 latency. On a CPU shared with other work, `--threads 1` avoids OpenMP
+oversubscription (measured here: MiniLM batch 1 at 16 ms with 1 thread vs 88 ms with 2 under load 3.8). Writes benchmarks/results/router.json and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -91,8 +92,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0, help="timing budget per (kind, batch size)")
     ap.add_argument("--min-reps", type=int, default=5)
     ap.add_argument("--train-per-expert", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "router.json")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
