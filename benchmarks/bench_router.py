@@ -73,7 +73,7 @@ def time_batches(router: Router, pool: list[str], batch: int, seconds: float, mi
 def machine() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(), "platform": platform.platform(),
-            "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}
+            "load_avg_1m_before": round(os.getloadavg()[0], 2)}
 
 
 def markdown(rows: list[dict]) -> str:
@@ -97,6 +97,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    info = machine()                              # the load average before this run adds its own
 
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
@@ -129,7 +130,7 @@ def main() -> None:
                          "p90_ms": round(1e3 * p90, 2), "throughput": round(b / p50, 1), "calls": len(times)})
             print(f"  batch {b}: p50 {1e3 * p50:.1f} ms, {b / p50:.1f} inputs/s", file=sys.stderr)
 
-    out = {"benchmark": "router", "machine": machine(), "fits": fits, "rows": rows,
+    out = {"benchmark": "router", "machine": info, "fits": fits, "rows": rows,
            "note": "route() end to end on CPU; throughput = batch / p50 latency; prompts 8-25 words"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))

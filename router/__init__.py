@@ -7,6 +7,11 @@
     res.rules       # per row: "router" | "top_k" | "min_weight" | "fallback"
     r.route(batch, RoutingOptions(top_k=1))                     # per-call options
 
+    art = Artifact.open("ARTIFACT")                             # training (what `twinrt router train` does)
+    cfg = TrainConfig(kind="hidden")
+    out = train_router(art, read_examples("data.jsonl"), cfg)
+    save_router(out.router, art, out.training_record(cfg, "data.jsonl", "expert"))
+
 Heavy dependencies (sentence-transformers, transformers models) load only when a router is built.
 """
 
