@@ -27,9 +27,10 @@ def smollm2_base(workdir: Path) -> Path:
 
 
 def synthetic_expert(base: Path, out: Path, seed: int, rel_norm: float = 0.01, rank: int = 8,
-                     noise_share: float = 0.3) -> Path:
+                     noise_share: float = 0.3, only: set[str] | None = None) -> Path:
     """base + a task vector per tensor: a rank-`rank` part plus dense noise (`noise_share` of the energy), with
-    ‖τ‖_F = rel_norm · ‖θ‖_F, the order of magnitude full fine-tuning moves a weight. 1-D tensors get noise."""
+    ‖τ‖_F = rel_norm · ‖θ‖_F, the order of magnitude full fine-tuning moves a weight. 1-D tensors get noise.
+    `only`: the tensor names to change (default: all, embeddings and norms included)."""
     if (out / "config.json").is_file():
         return out
     src = SafetensorsDir(base)
@@ -39,6 +40,9 @@ def synthetic_expert(base: Path, out: Path, seed: int, rel_norm: float = 0.01, r
     w = SafetensorsWriter(tmp, "model")
     for name in src.names():
         theta = src.get(name).float()
+        if only is not None and name not in only:
+            w.add(name, theta)
+            continue
         noise = torch.randn(theta.shape, generator=gen)
         if theta.ndim == 2:
             low = torch.randn(theta.shape[0], rank, generator=gen) @ torch.randn(rank, theta.shape[1], generator=gen)

@@ -11,6 +11,7 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: more threads only fight over a shared CPU
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import make_base, make_full_expert, make_lora_expert  # noqa: E402

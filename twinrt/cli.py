@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("artifact")
     i.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every file")
     i.set_defaults(fn=_cmd_inspect)
+
+    # The CLI is the one place that binds the packages together: twinrt imports router and serving only here.
+    from router.cli import register as register_router
+
+    register_router(sub)
     return p
 
 

@@ -181,7 +181,7 @@ class Artifact:
         files = {k: v for k, v in self.manifest.files.items() if not k.startswith(f"{part}/")}
         files.update({f"{part}/{k}": v for k, v in checksum_tree(target).items()})
         size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
-        sizes = self.manifest.sizes.model_copy(update={part: size}) if part in self.manifest.sizes.model_fields else self.manifest.sizes
+        sizes = self.manifest.sizes.model_copy(update={part: size}) if part in type(self.manifest.sizes).model_fields else self.manifest.sizes
         self.manifest = self.manifest.model_copy(update={"files": dict(sorted(files.items())), "sizes": sizes})
         write_manifest(self.path, self.manifest)
         shutil.rmtree(old, ignore_errors=True)
