@@ -61,12 +61,6 @@ def _per_row(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
 
-def _row_scale(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    # t: [B, T, R] or [B, R] (no time axis); s: [B, R]
-    s = s.to(t.dtype)
-    return t * (s[:, None, :] if t.dim() == 3 else s)
-
-
 class MixLinear(nn.Module):
     """nn.Linear plus per-expert low-rank factors and/or dense weight deltas, mixed per row."""
 
@@ -82,8 +76,8 @@ class MixLinear(nn.Module):
         b = [factors[e][1] for e in self.experts]  # [out, r_n]
         w = base.weight
         self.register_buffer("a_cat", torch.cat(a).to(w) if a else w.new_zeros(0, w.shape[1]), persistent=False)
-        self.register_buffer("b_cat", torch.cat(b, dim=1).to(w) if b else w.new_zeros(w.shape[0], 0),
-                             persistent=False)
+        b_cat = torch.cat(b, dim=1).to(w) if b else w.new_zeros(w.shape[0], 0)  # [out, R]
+        self.register_buffer("b_t", b_cat.T.contiguous(), persistent=False)  # [R, out]: addmm_'s layout
         self.dense = {e: d.to(w) for e, d in (dense or {}).items()}  # expert -> [out, in]
         self.dense_bias = {e: d.to(w) for e, d in (dense_bias or {}).items()}  # expert -> [out]
         self._subsets: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, tuple, tuple]] = OrderedDict()
@@ -99,17 +93,17 @@ class MixLinear(nn.Module):
         return self.base.out_features
 
     def _active_factors(self, active: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, tuple, tuple]:
-        """A_cat/B_cat restricted to the active experts (all of them: no copy)."""
+        """(A_cat [R, in], B_catᵀ [R, out]) restricted to the active experts (all of them: no copy)."""
         experts = tuple(e for e in self.experts if e in active)
         if experts == self.experts:
-            return self.a_cat, self.b_cat, self.experts, self.ranks
+            return self.a_cat, self.b_t, self.experts, self.ranks
         hit = self._subsets.get(experts)
         if hit is None:
             offsets = dict(zip(self.experts, torch.cumsum(torch.tensor((0,) + self.ranks), 0).tolist()))
             rows = [torch.arange(offsets[e], offsets[e] + r) for e, r in zip(self.experts, self.ranks) if e in active]
             idx = torch.cat(rows).to(self.a_cat.device) if rows else torch.zeros(0, dtype=torch.long)
             ranks = tuple(r for e, r in zip(self.experts, self.ranks) if e in active)
-            hit = (self.a_cat.index_select(0, idx), self.b_cat.index_select(1, idx), experts, ranks)
+            hit = (self.a_cat.index_select(0, idx), self.b_t.index_select(0, idx), experts, ranks)
             self._subsets[experts] = hit
             if len(self._subsets) > self._subset_cache:
                 self._subsets.popitem(last=False)
@@ -123,7 +117,7 @@ class MixLinear(nn.Module):
         if self.experts:
             idx = torch.tensor([e for e, r in zip(self.experts, self.ranks) for _ in range(r)], device=w.device)
             s = mix_row.float().index_select(0, idx)  # [R]
-            w += (self.b_cat.float() * s) @ self.a_cat.float()
+            w += (self.b_t.float().T * s) @ self.a_cat.float()
         for e, d in self.dense.items():
             w += float(mix_row[e]) * d.float()
         return w
@@ -136,13 +130,15 @@ class MixLinear(nn.Module):
                 extra = sum(st.mix[0, e] * d for e, d in self.dense_bias.items())
                 bias = extra if bias is None else bias + extra
             return F.linear(x, self.materialized[st.materialized], bias)
-        y = self.base(x)  # [B, T, out]
+        y = self.base(x)  # [B, T, out] (or [B, out])
         if not st.active:
             return y
-        a, b, experts, ranks = self._active_factors(st.active)
+        a, b_t, experts, ranks = self._active_factors(st.active)
         if ranks:
             u = F.linear(x, a)  # [B, T, R]
-            y = y + F.linear(_row_scale(u, st.columns(experts, ranks)), b)  # [B, T, out]
+            s = st.columns(experts, ranks).to(u.dtype)  # [B, R]
+            u.mul_(s[:, None, :] if u.dim() == 3 else s)
+            y.view(-1, y.shape[-1]).addmm_(u.view(-1, u.shape[-1]), b_t)  # y += (u ⊙ s) B_catᵀ, in place
         for e, d in self.dense.items():
             if e in st.active:
                 y = y + _per_row(st.mix[:, e], y) * F.linear(x, d)
