@@ -7,5 +7,6 @@ low-rank exclusive factors; at serving time every request mixes the experts it n
 __version__ = "0.1.0"
 
 from twinrt.errors import TwinError  # noqa: E402
+from twinrt.runtime.model import TwinModel  # noqa: E402
 
-__all__ = ["TwinError", "__version__"]
+__all__ = ["TwinError", "TwinModel", "__version__"]
