@@ -1,0 +1,195 @@
+"""What the HTTP layer needs from a generation backend, and the loop-side handle of one generation.
+
+    backend = LocalBackend(...)            # or, later, a vLLM backend: same interface
+    await backend.start()
+    gen = backend.submit(GenerationRequest(prompt, mix, max_tokens, temperature, top_p, stop, seed))
+    admission = await gen.admitted()       # prompt tokenized and accepted, or PromptError
+    async for delta in gen: ...            # text deltas as they are produced (stop strings held back)
+    gen.result                             # Finished(text, finish_reason, prompt_tokens, completion_tokens)
+    gen.cancel()                           # the client went away: free the row
+    await backend.stop()
+
+A backend owns tokenization (it is the only one that knows the prompt's token count) and the mixed model;
+routing, arms and the HTTP protocol are not its business. `submit` raises QueueFull when the backend holds
+`max_batch + max_queue` unfinished generations. Producers may live on another thread: every producer
+method of `Generation` (`admit`, `reject`, `push`, `finish`, `fail`) is called on the event loop thread,
+e.g. through `loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+Message = Mapping[str, str]
+Prompt = str | tuple[Message, ...]
+
+
+class BackendError(Exception):
+    """Base of the errors a backend reports for a request."""
+
+
+class QueueFull(BackendError):
+    """The backend holds as many unfinished generations as it may; retry later (HTTP 429)."""
+
+
+class PromptError(BackendError):
+    """The prompt or its token budget does not fit the model (HTTP 400). `param` names the request field."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class BackendFailure(BackendError):
+    """The backend failed while running a generation (a bug or a device error: HTTP 500)."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One completion to produce. `mix`: one weight per expert in the backend's `experts` order, or None for
+    the shared core alone. `max_tokens`: None = up to the end of the context."""
+
+    prompt: Prompt
+    mix: tuple[float, ...] | None
+    max_tokens: int | None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Admission:
+    prompt_tokens: int
+    max_tokens: int  # the budget the backend will honour (the request's, or what the context leaves)
+
+
+@dataclass(frozen=True)
+class Finished:
+    text: str
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+_END = object()
+
+
+class Generation:
+    """Loop-side handle of one generation: an admission future, a queue of text deltas, a final result."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_cancel: Callable[[Generation], None],
+                 on_done: Callable[[Generation], None] | None = None) -> None:
+        self._loop = loop
+        self._admission: asyncio.Future[Admission] = loop.create_future()
+        self._deltas: asyncio.Queue[object] = asyncio.Queue()
+        self._closed: asyncio.Future[None] = loop.create_future()
+        self._on_cancel = on_cancel
+        self._on_done = on_done
+        self.result: Finished | None = None
+        self.error: BackendError | None = None
+        self.cancelled = False
+        self.handle: object = None  # the backend's own request object
+
+    # ---- producer side (event loop thread) -------------------------------------------------------------------
+
+    def admit(self, admission: Admission) -> None:
+        if not self._admission.done():
+            self._admission.set_result(admission)
+
+    def reject(self, error: BackendError) -> None:
+        """Refuse before any token: `admitted()` raises `error`."""
+        self.error = error
+        if not self._admission.done():
+            self._admission.set_exception(error)
+        self._close()
+
+    def push(self, delta: str) -> None:
+        if delta:
+            self._deltas.put_nowait(delta)
+
+    def finish(self, result: Finished) -> None:
+        self.result = result
+        self._close()
+
+    def fail(self, error: BackendError) -> None:
+        """A failure after admission: iteration raises `error`."""
+        self.error = error
+        if not self._admission.done():
+            self._admission.set_exception(error)
+        self._close()
+
+    def _close(self) -> None:
+        self._deltas.put_nowait(_END)
+        if not self._closed.done():
+            self._closed.set_result(None)
+        if self._on_done is not None:
+            done, self._on_done = self._on_done, None
+            done(self)
+
+    # ---- consumer side ---------------------------------------------------------------------------------------
+
+    async def admitted(self) -> Admission:
+        return await asyncio.shield(self._admission)
+
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def __anext__(self) -> str:
+        item = await self._deltas.get()
+        if item is _END:
+            self._deltas.put_nowait(_END)  # later iterations end too
+            if self.error is not None and self.result is None:
+                raise self.error
+            raise StopAsyncIteration
+        return item  # type: ignore[return-value]
+
+    async def wait(self) -> Finished:
+        """All deltas consumed; the final result (raises the backend's error)."""
+        async for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+    async def closed(self) -> None:
+        """Wait until the generation finished, failed or was rejected (without consuming its deltas)."""
+        await asyncio.shield(self._closed)
+
+    def cancel(self) -> None:
+        """Free the row (idempotent; no effect once finished)."""
+        if not self.cancelled and self.result is None and self.error is None:
+            self.cancelled = True
+            self._on_cancel(self)
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None or self.error is not None
+
+
+@dataclass(frozen=True)
+class BackendStats:
+    queued: int   # accepted, waiting for a batch slot
+    running: int  # rows in the running batch
+    inflight: int  # all unfinished generations
+
+
+class Backend(Protocol):
+    """The interface the server drives (serving/backends/local.py: the twinrt Engine)."""
+
+    name: str
+    experts: Sequence[str]
+    context: int
+    max_batch: int
+    max_queue: int
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def submit(self, request: GenerationRequest) -> Generation: ...
+
+    def stats(self) -> BackendStats: ...

@@ -1,0 +1,116 @@
+"""`twinrt serve`: the OpenAI-compatible server's command line, registered into twinrt's parser.
+
+    twinrt serve ARTIFACT [--host 127.0.0.1] [--port 8000] [--backend local] [--api-key KEY]
+                 [--ab twin=50,core=50] [--ab-name ab] [--max-batch 32] [--max-queue 256]
+                 [--dtype float32] [--device cpu] [--log PATH | --no-log] [--no-router] [--no-materialize]
+
+Also runnable without twinrt's CLI: `python -m serving.cli serve ARTIFACT ...`. User errors raise TwinError
+(printed as one line, exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from twinrt.errors import TwinError
+
+
+def banner(server, host: str, port: int, prompt: str = "Hello!") -> str:
+    """What the server prints once it listens: the arms and a curl example."""
+    import json
+
+    from serving.server import API_KEY_ENV
+
+    auth = f' -H "Authorization: Bearer ${API_KEY_ENV}"' if server.api_key else ""
+    models = ", ".join(server.arms.model_ids())
+    log = server.log.path if server.log is not None else "off"
+    body = json.dumps({"model": "twin", "messages": [{"role": "user", "content": prompt}], "max_tokens": 32,
+                       "temperature": 0}).replace("'", "'\\''")
+    return (f"twinrt serving {server.name} on http://{host}:{port}  (backend {server.backend.name}, "
+            f"router {server.routing.kind}, log {log})\n"
+            f"models: {models}\n"
+            f"try:\n  curl -s http://{host}:{port}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
+            f"    -d '{body}'")
+
+
+def options_from_args(args: argparse.Namespace):
+    from serving.server import ServeOptions
+
+    try:
+        return ServeOptions(artifact=args.artifact, host=args.host, port=args.port, backend=args.backend,
+                            api_key=args.api_key, ab=args.ab, ab_name=args.ab_name, ab_seed=args.ab_seed,
+                            max_batch=args.max_batch, max_queue=args.max_queue, dtype=args.dtype, device=args.device,
+                            log=args.log, no_log=args.no_log, router=args.router, materialize=args.materialize,
+                            max_body_bytes=args.max_body_bytes)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise TwinError(f"--{str(first['loc'][-1]).replace('_', '-')}: {first['msg']}") from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serving.server import run
+
+    opts = options_from_args(args)
+    run(opts, on_ready=lambda server, port: print(banner(server, opts.host, port), flush=True))
+    return 0
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", help="twin artifact directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
+    p.add_argument("--backend", default="local", help="generation backend: local (twinrt's engine)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* "
+                   "(default: $TWINRT_API_KEY; none = open)")
+    p.add_argument("--ab", default=None, metavar="ARM=W,...", help="an A/B alias splitting traffic between arms "
+                   "by weight, e.g. twin=50,core=50 (sticky per `user`)")
+    p.add_argument("--ab-name", default="ab", help="the model name of the A/B alias (default: ab)")
+    p.add_argument("--ab-seed", type=int, default=None, help="seed of the A/B picks for requests without `user`")
+    p.add_argument("--max-batch", type=int, default=32, help="most rows decoded together")
+    p.add_argument("--max-queue", type=int, default=256, help="most requests waiting for a row; more get 429")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--log", default=None, help="routing log (JSONL); default ARTIFACT/logs/routing.jsonl")
+    p.add_argument("--no-log", action="store_true", help="do not write the routing log")
+    p.add_argument("--no-router", dest="router", action="store_false",
+                   help="ignore ARTIFACT/router/: `twin` then uses the uniform mix")
+    p.add_argument("--no-materialize", dest="materialize", action="store_false",
+                   help="never build merged weights W' (always the factored path)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add `serve` to twinrt's subparsers; it sets `fn(args) -> exit code`."""
+    s = subparsers.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API")
+    add_serve_arguments(s)
+    s.set_defaults(fn=cmd_serve)
+    return s
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m serving.cli serve ...` / `python -m serving.cli ab report ...` without twinrt's CLI."""
+    import logging
+
+    from serving.abreport import register as register_ab
+
+    p = argparse.ArgumentParser(prog="python -m serving.cli")
+    sub = p.add_subparsers(dest="command", required=True)
+    register(sub)
+    register_ab(sub)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except TwinError as e:
+        print(f"twinrt: error: {e}".replace("\n", " "), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""One completion request, from the parsed body to the response: arm, routing, backend, stream or whole.
+
+    arm, split = arms.resolve(body.model, body.user)           # 404 model_not_found
+    decision   = await routing.decide(arm, input, override)     # 400 on a bad override
+    gens       = [backend.submit(...) for each row]             # 429 when the queue is full
+    await every gen.admitted()                                  # 400 when the prompt does not fit
+    -> a JSONResponse, or an SSE StreamingResponse (routing extension in the first chunk, `data: [DONE]` last)
+
+With temperature 0 the n choices are equal, so one row is generated and copied n times; with sampling each
+choice is its own row with seed + i (or an unseeded generator when no seed was given). A client that goes
+away cancels its rows. Every routed request is logged and counted, whatever its outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from serving.arms import UnknownModel
+from serving.backends.base import (BackendError, Finished, Generation, GenerationRequest, PromptError,
+                                   QueueFull)
+from serving.errors import APIError, error_body
+from serving.responses import SSE_DONE, ChunkWriter, Shape, completion_body, new_id, sse
+from serving.routelog import user_hash
+from serving.routing import Decision, OverrideError
+from serving.schemas import ChatCompletionRequest, CompletionRequest
+
+DEFAULT_TEMPERATURE = 1.0  # the OpenAI API's default
+DISCONNECT_POLL_S = 0.1
+CLIENT_CLOSED = 499  # nginx's status for a request whose client went away
+
+
+@dataclass
+class Tracker:
+    """Timing and outcome of one request, for the log and the metrics."""
+
+    t0: float = field(default_factory=time.perf_counter)
+    ts: float = field(default_factory=time.time)
+    first: float | None = None
+
+    def token(self) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first is None else self.first - self.t0
+
+
+def _backend_error(err: BackendError, chat: bool) -> APIError:
+    if isinstance(err, QueueFull):
+        return APIError(429, str(err), code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(err, PromptError):
+        param = "messages" if chat and err.param == "prompt" else err.param
+        return APIError(400, str(err), param=param, code=err.code)
+    return APIError(500, str(err), code="backend_error")
+
+
+def _rows(body: ChatCompletionRequest | CompletionRequest, decision: Decision) -> list[GenerationRequest]:
+    temperature = DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
+    prompt = body.chat() if isinstance(body, ChatCompletionRequest) else body.prompt
+    rows = 1 if temperature == 0 else body.n
+    return [GenerationRequest(prompt=prompt, mix=decision.mix, max_tokens=body.max_completion(),
+                              temperature=temperature, top_p=1.0 if body.top_p is None else body.top_p,
+                              stop=body.stops(), seed=None if body.seed is None else body.seed + i)
+            for i in range(rows)]
+
+
+async def _submit(server: Any, rows: Sequence[GenerationRequest], chat: bool) -> tuple[list[Generation], int]:
+    """(the admitted generations, the prompt's token count)."""
+    gens: list[Generation] = []
+    try:
+        for r in rows:
+            gens.append(server.backend.submit(r))
+        admissions = await asyncio.gather(*(g.admitted() for g in gens))
+    except BackendError as e:
+        for g in gens:
+            g.cancel()
+        raise _backend_error(e, chat) from None
+    return gens, admissions[0].prompt_tokens
+
+
+async def complete(server: Any, shape: Shape, body: ChatCompletionRequest | CompletionRequest,
+                   request: Request) -> JSONResponse | StreamingResponse:
+    """Serve one /v1/chat/completions or /v1/completions request (see the module docstring)."""
+    track = Tracker()
+    chat = isinstance(body, ChatCompletionRequest)
+    try:
+        arm, split = server.arms.resolve(body.model, body.user)
+    except UnknownModel as e:
+        raise APIError(404, str(e), param="model", code="model_not_found") from None
+    router_input = list(body.chat()) if chat else body.prompt
+    try:
+        decision = await server.routing.decide(arm, router_input, body.routing, split)
+    except OverrideError as e:
+        raise APIError(400, str(e), param=e.param, code="unknown_expert") from None
+    gens, prompt_tokens = await _submit(server, _rows(body, decision), chat)
+    rid = new_id(shape)
+    record = {"ts": round(track.ts, 3), "id": rid, "endpoint": shape.endpoint, "model": body.model,
+              "arm": decision.arm, "ab": decision.ab, "user": user_hash(body.user), "router": decision.router,
+              "rule": decision.rule, "overridden": decision.overridden, "weights": decision.weights(server.experts),
+              "n": body.n, "stream": body.stream, "prompt_tokens": prompt_tokens}
+    if body.stream:
+        events = _stream(server, shape, body, decision, gens, rid, track, record)
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await _whole(server, shape, body, decision, gens, rid, track, record, request)
+
+
+_RECORDING: set[asyncio.Task] = set()  # strong references to records waiting for cancelled rows to end
+RECORD_WAIT_S = 10.0
+
+
+def _finish_record(server: Any, record: dict[str, Any], track: Tracker, status: str, gens: Sequence[Generation],
+                   n: int, prompt_tokens: int) -> None:
+    """Log and count the request once its rows have ended (a cancelled row ends at the engine's next step)."""
+    latency = time.perf_counter() - track.t0
+
+    def write() -> None:
+        done = [g.result for g in gens if g.result is not None]
+        copies = n // max(len(gens), 1)  # greedy: one row stands for n equal choices
+        record.update(status=status, finish_reasons=[r.finish_reason for r in done] * copies,
+                      prompt_tokens=prompt_tokens, completion_tokens=sum(r.completion_tokens for r in done) * copies,
+                      latency_s=round(latency, 4), ttft_s=None if track.ttft is None else round(track.ttft, 4))
+        server.record(record)
+
+    if all(g.done for g in gens):
+        write()
+        return
+
+    async def later() -> None:
+        try:
+            await asyncio.wait_for(asyncio.gather(*(g.closed() for g in gens)), RECORD_WAIT_S)
+        except TimeoutError:
+            pass
+        write()
+
+    task = asyncio.get_running_loop().create_task(later())
+    _RECORDING.add(task)
+    task.add_done_callback(_RECORDING.discard)
+
+
+async def _consume(gen: Generation, track: Tracker) -> Finished:
+    async for _ in gen:
+        track.token()
+    assert gen.result is not None
+    return gen.result
+
+
+async def _until_disconnected(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_S)
+
+
+async def _whole(server: Any, shape: Shape, body: ChatCompletionRequest | CompletionRequest, decision: Decision,
+                 gens: list[Generation], rid: str, track: Tracker, record: dict[str, Any],
+                 request: Request) -> JSONResponse:
+    collect = asyncio.ensure_future(asyncio.gather(*(_consume(g, track) for g in gens)))
+    watch = asyncio.ensure_future(_until_disconnected(request))
+    status = "cancelled"
+    try:
+        await asyncio.wait({collect, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if not collect.done():  # the client went away: nobody reads this answer
+            return JSONResponse(error_body(499, "client closed the request"), status_code=CLIENT_CLOSED)
+        try:
+            results: list[Finished] = collect.result()
+        except BackendError as e:
+            status = "error"
+            raise _backend_error(e, isinstance(body, ChatCompletionRequest)) from None
+        status = "ok"
+    finally:
+        watch.cancel()
+        if status != "ok":
+            collect.cancel()
+            for g in gens:
+                g.cancel()
+        _finish_record(server, record, track, status, gens, body.n, record["prompt_tokens"])
+    copies = body.n // len(results)
+    texts = [r.text for r in results] * copies
+    finishes = [r.finish_reason for r in results] * copies
+    out = completion_body(shape, rid, int(track.ts), body.model, texts, finishes, results[0].prompt_tokens,
+                          sum(r.completion_tokens for r in results) * copies, decision.extension(server.experts))
+    return JSONResponse(out)
+
+
+async def _stream(server: Any, shape: Shape, body: ChatCompletionRequest | CompletionRequest, decision: Decision,
+                  gens: list[Generation], rid: str, track: Tracker, record: dict[str, Any]) -> AsyncIterator[str]:
+    """SSE events; choices interleave in production order. With one greedy row, each delta goes to all n."""
+    writer = ChunkWriter(shape, rid, body.model, decision.extension(server.experts), body.include_usage(),
+                         created=int(track.ts))
+    copies = body.n // len(gens)
+    queue: asyncio.Queue[tuple[int, str | None]] = asyncio.Queue()
+
+    async def forward(i: int, gen: Generation) -> None:
+        try:
+            async for delta in gen:
+                await queue.put((i, delta))
+        except BackendError:
+            pass  # reported from gen.error below
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.ensure_future(forward(i, g)) for i, g in enumerate(gens)]
+    status = "cancelled"
+    try:
+        for k in range(body.n):  # the role chunk of every choice opens the stream
+            yield writer.delta(k, "", first=True)
+        open_rows = len(gens)
+        while open_rows:
+            i, delta = await queue.get()
+            if delta is None:
+                open_rows -= 1
+                continue
+            track.token()
+            for c in range(copies):
+                yield writer.delta(i + c * len(gens), delta)
+        failed = next((g.error for g in gens if g.result is None), None)
+        if failed is not None:
+            status = "error"
+            err = _backend_error(failed, isinstance(body, ChatCompletionRequest))
+            yield sse(error_body(err.status, err.message, err.param, err.code))
+        else:
+            for c in range(copies):
+                for i, g in enumerate(gens):
+                    yield writer.delta(i + c * len(gens), "", finish=g.result.finish_reason)  # type: ignore[union-attr]
+            if body.include_usage():
+                yield writer.usage(gens[0].result.prompt_tokens,  # type: ignore[union-attr]
+                                   sum(g.result.completion_tokens for g in gens) * copies)  # type: ignore[union-attr]
+            status = "ok"
+        yield SSE_DONE
+    finally:
+        for t in tasks:
+            t.cancel()
+        if status != "ok":
+            for g in gens:
+                g.cancel()
+        _finish_record(server, record, track, status, gens, body.n, record["prompt_tokens"])

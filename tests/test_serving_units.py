@@ -1,0 +1,232 @@
+"""The serving package's pure parts: arms and A/B splits, request schemas, the routing log and `ab report`,
+the local backend's cancel path, and the serve/ab command lines."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import pytest
+from pydantic import ValidationError
+
+from serving.abreport import percentile, summarize
+from serving.arms import ArmTable, UnknownModel, parse_ab, parse_arm, pick_by_point, sticky_point
+from serving.cli import main as serving_main
+from serving.routelog import LOG_FIELDS, RouteLog, read_log, user_hash
+from serving.routing import OverrideError, override_mix
+from serving.schemas import ChatCompletionRequest, CompletionRequest, RoutingOverride
+from twinrt.errors import TwinError
+
+EXPERTS = ["math", "code", "chat"]
+
+
+# ---- arms and A/B ---------------------------------------------------------------------------------------------
+
+
+def test_parse_arm() -> None:
+    assert parse_arm("twin", EXPERTS).kind == "twin"
+    assert parse_arm("core", EXPERTS).kind == "core"
+    arm = parse_arm("expert:code", EXPERTS)
+    assert (arm.kind, arm.expert, arm.name) == ("expert", "code", "expert:code")
+    for bad in ["expert:", "expert:poetry", "math", "Twin", ""]:
+        with pytest.raises(UnknownModel, match="Available: twin, core, expert:math"):
+            parse_arm(bad, EXPERTS)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("twin=50", "at least two arms"),
+    ("twin=50,core", "ARM=WEIGHT"),
+    ("twin=50,gpt=50", "unknown arm 'gpt'"),
+    ("twin=50,core=-1", "positive number"),
+    ("twin=50,core=nan", "positive number"),
+    ("twin=50,core=inf", "positive number"),
+    ("twin=50,twin=20", "listed twice"),
+    ("=1,core=1", "ARM=WEIGHT"),
+])
+def test_parse_ab_refuses_bad_specs(spec, message) -> None:
+    with pytest.raises(TwinError, match=message):
+        parse_ab(spec, EXPERTS)
+
+
+def test_parse_ab_refuses_arm_names_as_alias() -> None:
+    for name in ["twin", "core", "expert:math", "expert:x", "bad name"]:
+        with pytest.raises(TwinError, match="--ab-name"):
+            parse_ab("twin=1,core=1", EXPERTS, name)
+
+
+def test_ab_split_is_sticky_and_follows_the_weights() -> None:
+    split = parse_ab("twin=30, expert:math=70", EXPERTS, "exp1")
+    assert [a.name for a in split.arms] == ["twin", "expert:math"] and split.weights == (30.0, 70.0)
+    rng = random.Random(0)
+    picks = [split.pick(f"user{i}", rng).name for i in range(4000)]
+    assert picks == [split.pick(f"user{i}", random.Random(i)).name for i in range(4000)]   # no rng involved
+    assert 0.27 < picks.count("twin") / 4000 < 0.33
+    anonymous = [split.pick(None, rng).name for _ in range(4000)]
+    assert 0.27 < anonymous.count("twin") / 4000 < 0.33
+    assert sticky_point("a", "u") != sticky_point("b", "u")     # each alias splits users independently
+
+
+def test_pick_by_point_slices_in_order() -> None:
+    arms = [parse_arm(n, EXPERTS) for n in ("twin", "core", "expert:chat")]
+    assert [pick_by_point(arms, [1, 2, 1], p).name for p in (0.0, 0.249, 0.25, 0.74, 0.75, 0.9999)] == \
+        ["twin", "twin", "core", "core", "expert:chat", "expert:chat"]
+
+
+def test_arm_table_lists_and_resolves() -> None:
+    table = ArmTable(EXPERTS, [parse_ab("twin=1,core=1", EXPERTS, "ab")], seed=0)
+    assert table.model_ids() == ["twin", "core", "expert:math", "expert:code", "expert:chat", "ab"]
+    arm, split = table.resolve("ab", "someone")
+    assert split is not None and split.name == "ab" and arm.name in ("twin", "core")
+    assert table.resolve("expert:chat") == (parse_arm("expert:chat", EXPERTS), None)
+    with pytest.raises(UnknownModel, match="expert:chat, ab"):
+        table.resolve("gpt-4")
+
+
+# ---- schemas and overrides ------------------------------------------------------------------------------------
+
+
+def test_chat_request_normalises_messages_and_budget() -> None:
+    req = ChatCompletionRequest.model_validate({
+        "model": "twin", "max_tokens": 9, "max_completion_tokens": 5, "stop": "##",
+        "messages": [{"role": "developer", "content": "terse"},
+                     {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                     {"role": "assistant", "content": None, "tool_calls": []}]})
+    assert req.chat() == ({"role": "system", "content": "terse"}, {"role": "user", "content": "a\nb"},
+                          {"role": "assistant", "content": ""})
+    assert req.max_completion() == 5 and req.stops() == ("##",) and req.n == 1 and not req.include_usage()
+    assert ChatCompletionRequest(model="t", messages=[{"role": "user", "content": "x"}]).max_completion() is None
+    assert CompletionRequest(model="t", prompt=["only one"]).prompt == "only one"
+    assert CompletionRequest(model="t", prompt="x").max_completion() == 16          # the OpenAI default
+    assert CompletionRequest(model="t", prompt="x", stop=["", "a"]).stops() == ("a",)
+
+
+@pytest.mark.parametrize("field,value", [("logprobs", True), ("top_logprobs", 3), ("presence_penalty", 0.5),
+                                         ("logit_bias", {"1": 5}), ("tools", [{"type": "function"}]),
+                                         ("response_format", {"type": "json_object"}), ("best_of", 3)])
+def test_unsupported_fields_are_refused_unless_neutral(field, value) -> None:
+    base = {"model": "t", "messages": [{"role": "user", "content": "x"}]}
+    with pytest.raises(ValidationError, match=f"'{field}' is not supported"):
+        ChatCompletionRequest.model_validate({**base, field: value})
+
+
+def test_routing_override() -> None:
+    assert override_mix(RoutingOverride(expert="code"), EXPERTS) == (0.0, 1.0, 0.0)
+    assert override_mix(RoutingOverride(weights={"chat": 0.25, "math": 2.0}), EXPERTS) == (2.0, 0.0, 0.25)
+    assert override_mix(RoutingOverride(weights={}), EXPERTS) == (0.0, 0.0, 0.0)
+    with pytest.raises(OverrideError, match="unknown expert 'poetry'") as e:
+        override_mix(RoutingOverride(weights={"poetry": 1.0}), EXPERTS)
+    assert e.value.param == "routing.weights"
+    for bad in [{}, {"expert": "math", "weights": {}}, {"weights": {"math": -1}}, {"weights": {"math": float("inf")}},
+                {"weights": {"math": True}}, {"expert": "math", "top_k": 1}]:
+        with pytest.raises(ValidationError):
+            RoutingOverride.model_validate(bad)
+
+
+# ---- the routing log and `ab report` --------------------------------------------------------------------------
+
+
+def record(arm: str, latency: float, tokens: int, weights: dict[str, float], status: str = "ok") -> dict:
+    return {"ts": 1.0, "id": "x", "endpoint": "completions", "model": arm, "arm": arm, "ab": None, "user": None,
+            "router": "none", "rule": None, "overridden": False, "weights": weights, "n": 1, "stream": False,
+            "status": status, "finish_reasons": ["stop"], "prompt_tokens": 3, "completion_tokens": tokens,
+            "latency_s": latency, "ttft_s": latency / 4}
+
+
+def test_percentile_interpolates() -> None:
+    assert percentile([], 50) is None
+    assert percentile([3.0], 99) == 3.0
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert percentile(list(range(101)), 90) == 90
+    assert percentile([10, 0], 0) == 0 and percentile([10, 0], 100) == 10
+
+
+def test_summarize_per_arm() -> None:
+    rs = [record("twin", 1.0, 10, {"math": 0.8, "code": 0.2}), record("twin", 3.0, 30, {"math": 0.4, "code": 0.6}),
+          record("core", 2.0, 10, {"math": 0.0, "code": 0.0}), record("twin", 9.0, 1, {"math": 1}, "cancelled"),
+          record("core", 9.0, 1, {"math": 0}, "error")]
+    twin, core = summarize(rs)
+    assert (twin.arm, twin.requests, twin.cancelled, twin.errors) == ("twin", 2, 1, 0)
+    assert twin.latency_p50 == 2.0 and twin.tokens_per_s == pytest.approx(40 / 4.0)
+    assert twin.mean_weights == pytest.approx({"math": 0.6, "code": 0.4}) and twin.ttft_p50 == 0.5
+    assert (core.requests, core.errors, core.latency_p99, core.mean_weights) == (1, 1, 2.0, {"math": 0.0, "code": 0.0})
+
+
+def test_route_log_round_trip_and_ab_report_cli(tmp_path, capsys) -> None:
+    log = RouteLog(tmp_path / "logs" / "r.jsonl")
+    for i in range(12):
+        log.write(record(["twin", "core", "expert:math"][i % 3], 0.1 * (i + 1), 5 + i,
+                         {"math": i / 12, "code": 1 - i / 12, "chat": 0.0}))
+    log.close()
+    with (tmp_path / "logs" / "r.jsonl").open("a") as f:
+        f.write('{"cut short by a cra')
+    records, bad = read_log(tmp_path / "logs" / "r.jsonl")
+    assert len(records) == 12 and bad == 1 and list(records[0]) == list(LOG_FIELDS)
+    assert serving_main(["ab", "report", str(tmp_path / "logs" / "r.jsonl"), "--json", str(tmp_path / "s.json")]) == 0
+    out = capsys.readouterr().out
+    assert "twin" in out and "expert:math" in out and "w[code]" in out and "skipped 1" in out
+    png = (tmp_path / "logs" / "r.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert [s["arm"] for s in summary] == ["twin", "core", "expert:math"] and summary[0]["requests"] == 4
+    assert serving_main(["ab", "report", str(tmp_path / "missing.jsonl")]) == 2
+    assert user_hash("alice") == user_hash("alice") != user_hash("bob") and user_hash(None) is None
+
+
+# ---- the local backend and the command line -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tm(tiny_artifact):
+    from twinrt.runtime import TwinModel
+
+    return TwinModel.from_artifact(tiny_artifact)
+
+
+def test_local_backend_cancel_frees_the_row_and_checks_the_context(tm) -> None:
+    from serving.backends.base import GenerationRequest, PromptError, QueueFull
+    from serving.backends.local import LocalBackend
+
+    async def main():
+        backend = LocalBackend(tm, max_batch=1, max_queue=1, materialize=False)
+        await backend.start()
+        try:
+            long = backend.submit(GenerationRequest("hello world", None, max_tokens=100))
+            waiting = backend.submit(GenerationRequest("hello", (1.0, 0.0, 0.0), max_tokens=100))
+            with pytest.raises(QueueFull):
+                backend.submit(GenerationRequest("x", None, max_tokens=1))
+            assert (await long.admitted()).prompt_tokens == len(tm.tokenizer("hello world")["input_ids"])
+            await waiting.admitted()
+            async for _ in long:
+                break
+            long.cancel()
+            waiting.cancel()                      # still queued behind `long`: leaves without a prefill
+            await long.closed()
+            await waiting.closed()
+            assert long.result.finish_reason == "cancelled" and long.result.completion_tokens < 100
+            assert waiting.result.finish_reason == "cancelled" and waiting.result.completion_tokens == 0
+            assert backend.stats().inflight == 0
+            over = backend.submit(GenerationRequest("hello", None, max_tokens=backend.context))
+            with pytest.raises(PromptError, match="maximum context length is 128") as e:
+                await over.admitted()
+            assert e.value.param == "max_tokens" and e.value.code == "context_length_exceeded"
+            fits = backend.submit(GenerationRequest("hello", None, max_tokens=None))   # None: up to the context
+            admitted = await fits.admitted()
+            assert admitted.max_tokens == backend.context - admitted.prompt_tokens
+            fits.cancel()
+            await fits.closed()
+        finally:
+            await backend.stop()
+
+    asyncio.run(main())
+
+
+def test_serve_cli_reports_bad_options_as_one_line(tiny_artifact, tmp_path, capsys) -> None:
+    assert serving_main(["serve", str(tiny_artifact), "--ab", "twin=1,gpt=1", "--no-log"]) == 2
+    assert "unknown arm 'gpt'" in capsys.readouterr().err
+    assert serving_main(["serve", str(tiny_artifact), "--max-batch", "0"]) == 2
+    assert "--max-batch" in capsys.readouterr().err
+    assert serving_main(["serve", str(tmp_path / "nothing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert serving_main(["serve", str(tiny_artifact), "--backend", "vllm", "--no-log"]) == 2
+    assert "backend 'vllm' is not available" in capsys.readouterr().err
