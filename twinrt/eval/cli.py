@@ -1,0 +1,154 @@
+"""`twinrt eval ARTIFACT --tasks DIR`: the A/B table of experts, static merges, the core and the twin.
+
+    twinrt eval ARTIFACT --tasks DIR [--out DIR] [--limit N] [--val-limit N] [--batch-size 16]
+                [--max-new-tokens 24] [--methods average,task_arithmetic,ties,dare_ties,consensus | none]
+                [--grid quick|full] [--no-router] [--task-expert TASK=EXPERT ...]
+                [--base PATH] [--expert-path NAME=PATH ...] [--device cpu] [--dtype float32] [--no-verify] [-q]
+
+Prints the table (raw and normalized score per task, mean score, mean normalized score, stored MiB,
+tokens/s per arm), router accuracy and the merge parameters chosen on validation; `--out DIR` writes
+eval.json, eval.md and eval.png. User errors raise TwinError (one line, exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from twinrt.errors import TwinError
+
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+def parse_pairs(values: Sequence[str] | None, flag: str) -> dict[str, str]:
+    """["a=b", "c=d"] -> {"a": "b", "c": "d"}; a malformed or repeated key is an error naming `flag`."""
+    out: dict[str, str] = {}
+    for v in values or ():
+        key, sep, value = v.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise TwinError(f"{flag} expects KEY=VALUE, got {v!r}")
+        if key.strip() in out:
+            raise TwinError(f"{flag} gives {key.strip()!r} twice")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _options(args: argparse.Namespace):
+    from twinrt.eval.grid import parse_methods
+    from twinrt.eval.run import EvalOptions
+
+    return EvalOptions(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit,
+                       val_limit=args.val_limit, methods=parse_methods(args.methods), grid=args.grid,
+                       task_expert=parse_pairs(args.task_expert, "--task-expert"),
+                       base=Path(args.base) if args.base else None,
+                       expert_paths={k: Path(v) for k, v in parse_pairs(args.expert_path, "--expert-path").items()},
+                       check_fingerprints=not args.no_verify)
+
+
+def _progress(bar) -> Callable[[str, int], Callable[[int], None]]:
+    def start(label: str, total: int) -> Callable[[int], None]:
+        task = bar.add_task(label, total=total)
+        t0 = time.perf_counter()
+
+        def advance(k: int) -> None:
+            bar.update(task, advance=k)
+            if bar.tasks[bar.task_ids.index(task)].finished:
+                bar.remove_task(task)
+                bar.console.print(f"[dim]{label}: {total} examples in {time.perf_counter() - t0:.1f} s[/dim]")
+
+        return advance
+
+    return start
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from twinrt.artifact import Artifact
+    from twinrt.eval.report import notes, rich_table, write_outputs
+    from twinrt.eval.run import Routing, run_eval
+    from twinrt.eval.tasks import open_suite, task_experts
+    from twinrt.runtime.model import TwinModel
+
+    opts = _options(args)  # every user input is checked before a model is loaded
+    suite = open_suite(args.tasks)
+    suite.load("test", opts.limit)
+    art = Artifact.open(args.artifact, verify=not args.no_verify)
+    task_experts(suite.names, art.experts, opts.task_expert)
+    if not args.no_router and not art.router_dir.is_dir():
+        raise TwinError(f"artifact {args.artifact} has no trained router: train one with `twinrt router train "
+                        f"{args.artifact} --data FILE.jsonl`, or pass --no-router to leave out the twin:router arm")
+    t0 = time.perf_counter()
+    tm = TwinModel.from_artifact(args.artifact, device=args.device, dtype=args.dtype, verify=False)
+    routing = None
+    if not args.no_router:
+        from router import load_router  # the CLI binds the packages: twinrt's library code never imports router
+
+        router = load_router(art, model=tm.model, tokenizer=tm.tokenizer, device=args.device)
+        routing = Routing(router.kind, lambda prompts: router.route([list(p) for p in prompts]).weights,
+                          art.manifest.sizes.router)
+    bar = Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.description}"), console=console, transient=True,
+                   disable=args.quiet or not console.is_terminal)
+    with bar:
+        result = run_eval(tm, suite, opts, routing=routing, progress=None if args.quiet else _progress(bar))
+    console.print(rich_table(result))
+    for line in notes(result):
+        console.print(line, highlight=False)
+    if args.out:
+        paths = write_outputs(result, Path(args.out))
+        console.print(f"wrote {', '.join(str(p) for p in paths)}")
+    console.print(f"eval took {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add `eval` to twinrt's subcommands."""
+    e = subparsers.add_parser("eval", help="A/B table: the experts, static merges, the core and the twin on a "
+                                           "task suite")
+    e.add_argument("artifact", help="twin artifact directory")
+    e.add_argument("--tasks", required=True, metavar="DIR", help="task suite: DIR/suite.json + DIR/<task>/test.jsonl")
+    e.add_argument("--out", metavar="DIR", help="write eval.json, eval.md and eval.png here")
+    e.add_argument("--limit", type=int, metavar="N", help="first N test examples per task (default: all)")
+    e.add_argument("--val-limit", type=int, metavar="N",
+                   help="first N validation examples per task for the merge grids (default: --limit)")
+    e.add_argument("--batch-size", type=int, default=16, help="rows decoded together (default 16)")
+    e.add_argument("--max-new-tokens", type=int, default=24, help="greedy tokens per reply (default 24)")
+    e.add_argument("--methods", default="average,task_arithmetic,ties,dare_ties,consensus",
+                   help="static merge arms, comma-separated, or 'none' (default: %(default)s)")
+    e.add_argument("--grid", choices=("quick", "full"), default="quick",
+                   help="merge parameter grid searched on validation (see twinrt.eval.grid)")
+    e.add_argument("--no-router", action="store_true", help="leave out the twin:router arm")
+    e.add_argument("--task-expert", action="append", metavar="TASK=EXPERT",
+                   help="the own expert of a task whose name differs from the task's (repeatable)")
+    e.add_argument("--base", metavar="PATH", help="where the artifact's base model is, if it moved")
+    e.add_argument("--expert-path", action="append", metavar="NAME=PATH",
+                   help="where an original expert is, if it moved (repeatable)")
+    e.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+    e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    e.add_argument("--no-verify", action="store_true",
+                   help="skip the artifact's checksums and the base/expert fingerprint check")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(fn=_cmd_eval)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m twinrt.eval.cli eval ARTIFACT --tasks DIR ...`: the same command as `twinrt eval`, with the
+    same error contract (a TwinError prints one line and returns 2)."""
+    p = argparse.ArgumentParser(prog="twinrt")
+    register(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(argv)
+    try:
+        return args.fn(args)
+    except TwinError as e:
+        print(f"twinrt: error: {e}".replace("\n", " "), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

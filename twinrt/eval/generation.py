@@ -1,0 +1,124 @@
+"""Batched greedy generation for every arm through twinrt's continuous-batching `Engine`.
+
+The twin arms run a `TwinModel`; the plain arms (original experts, static merges) run a `PlainModel`: an HF
+causal LM with the TwinModel attributes the Engine drives (model, tokenizer, config, device, experts,
+set_mix, state) and no experts. Every arm thus shares one decoding loop (left-padded prefill, KV cache, the
+same EOS rule), so scores differ only by weights and tokens/s compare like with like.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from twinrt.errors import TwinError
+from twinrt.eval.tasks import Messages
+from twinrt.runtime.engine import Engine, SamplingParams
+from twinrt.runtime.model import DTYPES
+
+
+class _NoMix:
+    """The mix state of a model without experts: only "no mix" can be set."""
+
+    def set(self, mix: torch.Tensor | None, materialized: tuple | None = None) -> None:
+        if mix is not None:
+            raise ValueError("a plain model has no experts to mix")
+
+
+class PlainModel:
+    """An HF causal LM (one set of weights) that `Engine` runs like a TwinModel with no experts.
+
+    `assign(weights)` overwrites every weight in place, so one loaded model serves every plain arm in turn.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, device: torch.device, dtype: torch.dtype) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.dtype = dtype
+        self.config = model.config
+        self.experts: list[str] = []
+        self.state = _NoMix()
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str | torch.device = "cpu",
+             dtype: str | torch.dtype = "float32") -> PlainModel:
+        """Load an HF model dir (e.g. an artifact's core/, for its architecture and tokenizer)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if isinstance(dtype, str) and dtype not in DTYPES:
+            raise TwinError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        dt, dev = DTYPES[dtype] if isinstance(dtype, str) else dtype, torch.device(device)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dt).to(dev).eval()
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        tok.padding_side = "left"
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return cls(model, tok, dev, dt)
+
+    def set_mix(self, mix: torch.Tensor | None, tokens: int = 1, allow_materialize: bool = True) -> None:
+        self.state.set(mix)
+
+    def assign(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy every (name, tensor) into the model's weight of that name (cast to its dtype).
+
+        The names must cover every weight of the model (a tied weight counts as covered by its twin) and
+        name no weight it lacks: a partial assignment would leave an earlier arm's weights behind.
+        """
+        state = self.model.state_dict()
+        covered: set[int] = set()
+        with torch.no_grad():
+            for name, t in weights:
+                target = state.get(name)
+                if target is None:
+                    raise TwinError(f"weight {name} is not a weight of the {type(self.model).__name__} built from "
+                                    "the artifact's core config")
+                if tuple(target.shape) != tuple(t.shape):
+                    raise TwinError(f"weight {name} has shape {list(t.shape)}, the model's is {list(target.shape)}")
+                target.copy_(t)
+                covered.add(target.data_ptr())
+        missing = sorted(n for n, t in state.items() if t.data_ptr() not in covered)
+        if missing:
+            raise TwinError(f"the weights left {len(missing)} model tensor(s) unset, e.g. {missing[0]}")
+
+
+Runner = Any  # a TwinModel or a PlainModel: what Engine drives
+
+
+@dataclass(frozen=True)
+class Generated:
+    texts: list[str]
+    tokens: int  # tokens generated in all (an EOS that ended a row counts: it was decoded too)
+    seconds: float  # wall time from the first prefill to the last finished row
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def generate(runner: Runner, prompts: Sequence[Messages], mix: torch.Tensor | None = None, *,
+             max_new_tokens: int, batch_size: int, on_done: Callable[[int], None] | None = None) -> Generated:
+    """Greedy replies to every prompt, `batch_size` rows at a time with continuous batching.
+
+    mix: [B, N] (one row per prompt, TwinModel only) or None (core / plain weights). `on_done(k)` is called
+    as k more prompts finish.
+    """
+    if mix is not None and tuple(mix.shape) != (len(prompts), len(runner.experts)):
+        raise ValueError(f"mix has shape {list(mix.shape)}, expected [{len(prompts)}, {len(runner.experts)}]")
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    engine = Engine(runner, max_batch=batch_size)
+    reqs = [engine.add([dict(m) for m in p], None if mix is None else mix[i], params) for i, p in enumerate(prompts)]
+    t0 = time.perf_counter()
+    while engine.busy:
+        finished = engine.step()
+        if on_done and finished:
+            on_done(len(finished))
+    seconds = time.perf_counter() - t0
+    tokens = sum(r.completion_tokens + (r.finish_reason == "stop") for r in reqs)
+    return Generated([r.text for r in reqs], tokens, seconds)

@@ -1,0 +1,266 @@
+"""`twinrt eval`: every arm on every task of a suite's test split (the A/B table of issue 6).
+
+Arms, in table order:
+
+    expert:<name>     the original expert (base + its LoRA, or its full fine-tuned weights), exactly
+    merge:<method>    a static merge of the original experts, parameters chosen on the validation split
+                      (see `twinrt.eval.grid`)
+    core              the artifact's shared core (the static merge the split stored)
+    twin:oracle       the twin with each example's own expert, one-hot
+    twin:router       the twin with the artifact's trained router (when a `Routing` is given)
+
+All arms decode greedily through the same Engine (`twinrt.eval.generation`). Stored bytes per arm: an expert
+its own files (adapter, or full weights); a merge and the core one model (`sizes.core`); the twin its core
+plus every expert's factors and dense deltas, plus the router for twin:router.
+
+This module imports no router: the caller passes `Routing(label, route)`, so `twinrt` keeps to its one
+direction of imports (the CLI binds `router` in).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from twinrt.errors import TwinError
+from twinrt.eval.generation import Generated, PlainModel, Runner, generate
+from twinrt.eval.grid import DEFAULT_METHODS, best_point, grid_points
+from twinrt.eval.metrics import task_score
+from twinrt.eval.tasks import Example, Messages, Task, TaskSuite, task_experts
+from twinrt.eval.weights import Sources, expert_weights, merge_weights, sources_of
+from twinrt.merge.registry import get_method
+from twinrt.runtime.model import TwinModel
+
+Progress = Callable[[str, int], Callable[[int], None]]  # (label, total) -> advance(k)
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    max_new_tokens: int = 24
+    batch_size: int = 16
+    limit: int | None = None  # test examples per task (the first ones); None = all
+    val_limit: int | None = None  # validation examples per task for the grid; None = same as `limit`
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    grid: str = "quick"
+    task_expert: Mapping[str, str] = field(default_factory=dict)  # task -> expert where names differ
+    base: Path | None = None  # where the artifact's base is now, if it moved
+    expert_paths: Mapping[str, Path] = field(default_factory=dict)  # expert -> where it is now
+    check_fingerprints: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("max_new_tokens", "batch_size", "limit", "val_limit"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise TwinError(f"--{key.replace('_', '-')} must be an integer >= 1, got {v!r}")
+        for m in self.methods:
+            get_method(m)
+
+    @property
+    def validation_limit(self) -> int | None:
+        return self.val_limit if self.val_limit is not None else self.limit
+
+
+@dataclass(frozen=True)
+class Routing:
+    """A trained router as the eval sees it: `route(prompts) -> weights [B, N]` in the artifact's expert order."""
+
+    label: str
+    route: Callable[[Sequence[Messages]], torch.Tensor]
+    stored_bytes: int = 0
+
+
+@dataclass
+class ArmResult:
+    name: str
+    kind: str  # "expert" | "merge" | "core" | "twin"
+    scores: dict[str, float]  # task -> raw score on the test split
+    predictions: dict[str, list[str]]
+    tokens: int
+    seconds: float
+    stored_bytes: int
+    params: dict[str, Any] | None = None  # merge arms: the chosen parameters
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A merge method's grid on the validation split: one row of task scores per point."""
+
+    method: str
+    points: list[dict[str, Any]]
+    val_scores: list[dict[str, float]]  # empty when the grid has one point (nothing to choose)
+    chosen: int
+
+    @property
+    def val_means(self) -> list[float]:
+        return [sum(s.values()) / len(s) for s in self.val_scores]
+
+
+@dataclass(frozen=True)
+class RouterStats:
+    label: str
+    accuracy: float  # share of test examples whose own expert got strictly the largest weight
+    per_task: dict[str, float]
+    seconds: float  # routing time for the whole test split (not in twin:router's tokens/s)
+
+
+@dataclass
+class EvalResult:
+    artifact: str
+    tasks_dir: str
+    tasks: list[Task]
+    expert_of_task: dict[str, str]
+    examples: dict[str, int]  # test examples per task
+    arms: list[ArmResult]
+    selections: list[Selection]
+    router: RouterStats | None
+    options: EvalOptions
+
+    @property
+    def scores(self) -> dict[str, dict[str, float]]:
+        """arm -> task -> raw score."""
+        return {a.name: dict(a.scores) for a in self.arms}
+
+    @property
+    def own_arm(self) -> dict[str, str]:
+        """task -> the arm of its own expert (`expert:<name>`), the denominator of its normalized scores."""
+        return {t: f"expert:{e}" for t, e in self.expert_of_task.items()}
+
+
+def one_hot_mixes(labels: Sequence[str], experts: Sequence[str]) -> torch.Tensor:
+    """[B, N] with a 1 in each row's expert column."""
+    w = torch.zeros(len(labels), len(experts))
+    for i, e in enumerate(labels):
+        w[i, experts.index(e)] = 1.0
+    return w
+
+
+def router_hits(weights: torch.Tensor, labels: Sequence[str], experts: Sequence[str]) -> list[bool]:
+    """Per row: did the row's own expert get strictly the largest weight? (uniform or all-zero rows: no)."""
+    hits = []
+    for row, e in zip(weights, labels, strict=True):  # row: [N]
+        j = experts.index(e)
+        others = torch.cat([row[:j], row[j + 1:]])
+        hits.append(bool(row[j] > others.max()) if len(others) else bool(row[j] > 0))
+    return hits
+
+
+def _score(tasks: list[Task], data: Mapping[str, list[Example]], texts: list[str]) -> tuple[dict, dict]:
+    scores, preds, at = {}, {}, 0
+    for t in tasks:
+        exs = data[t.name]
+        preds[t.name] = texts[at:at + len(exs)]
+        scores[t.name] = task_score(t.metric, preds[t.name], [e.answer for e in exs])
+        at += len(exs)
+    return scores, preds
+
+
+class _Evaluator:
+    """The state of one eval run: the suite's examples, the options, the progress sink."""
+
+    def __init__(self, suite: TaskSuite, options: EvalOptions, n_experts: int, progress: Progress | None) -> None:
+        self.suite = suite
+        self.opts = options
+        self.progress = progress
+        self.tasks = list(suite.tasks)
+        self.test = suite.load("test", options.limit)
+        self.grids = {m: grid_points(m, options.grid, n_experts) for m in options.methods}
+        needs_validation = any(len(points) > 1 for points in self.grids.values())
+        self.validation = suite.load("validation", options.validation_limit) if needs_validation else {}
+
+    def run(self, runner: Runner, data: Mapping[str, list[Example]], label: str,
+            mix: torch.Tensor | None = None) -> tuple[dict[str, float], dict[str, list[str]], Generated]:
+        prompts = [e.messages for t in self.tasks for e in data[t.name]]
+        advance = self.progress(label, len(prompts)) if self.progress else None
+        out = generate(runner, prompts, mix, max_new_tokens=self.opts.max_new_tokens,
+                       batch_size=self.opts.batch_size, on_done=advance)
+        scores, preds = _score(self.tasks, data, out.texts)
+        return scores, preds, out
+
+    def arm(self, runner: Runner, name: str, kind: str, stored: int, mix: torch.Tensor | None = None,
+            params: dict[str, Any] | None = None) -> ArmResult:
+        scores, preds, out = self.run(runner, self.test, name, mix)
+        return ArmResult(name, kind, scores, preds, out.tokens, out.seconds, stored, params)
+
+    def merge(self, plain: PlainModel, src: Sources, method: str, stored: int) -> tuple[ArmResult, Selection]:
+        m = get_method(method)
+        points = self.grids[method]
+        val_scores: list[dict[str, float]] = []
+        if len(points) > 1:
+            for params in points:
+                plain.assign(merge_weights(src, m, params))
+                label = f"merge:{method} " + " ".join(f"{k}={v}" for k, v in params.items() if k != "seed")
+                val_scores.append(self.run(plain, self.validation, f"{label} (validation)")[0])
+        sel = Selection(method, points, val_scores, 0)
+        if val_scores:
+            sel = Selection(method, points, val_scores, best_point(sel.val_means))
+        if sel.chosen != len(points) - 1 or len(points) == 1:  # the last point built is still loaded otherwise
+            plain.assign(merge_weights(src, m, points[sel.chosen]))
+        return self.arm(plain, f"merge:{method}", "merge", stored, params=points[sel.chosen]), sel
+
+
+def run_eval(tm: TwinModel, suite: TaskSuite, options: EvalOptions = EvalOptions(), *,
+             routing: Routing | None = None, progress: Progress | None = None) -> EvalResult:
+    """Evaluate every arm on the suite's test split (see the module docstring)."""
+    art = tm.artifact
+    sizes = art.manifest.sizes
+    expert_of_task = task_experts(suite.names, tm.experts, options.task_expert)
+    ev = _Evaluator(suite, options, len(tm.experts), progress)  # reads every split it needs first
+    src = sources_of(art.manifest, base=options.base, experts=options.expert_paths,
+                     check_fingerprints=options.check_fingerprints)
+    arms: list[ArmResult] = []
+    selections: list[Selection] = []
+
+    plain = PlainModel.load(art.core_dir, tm.device, tm.dtype)
+    for e in tm.experts:
+        plain.assign(expert_weights(src, e))
+        arms.append(ev.arm(plain, f"expert:{e}", "expert", src.stored_bytes(e)))
+    for method in options.methods:
+        result, sel = ev.merge(plain, src, method, sizes.core)
+        arms.append(result)
+        selections.append(sel)
+    del plain
+
+    twin_bytes = sizes.core + sum(s.factors + s.dense for s in sizes.experts.values())
+    labels = [expert_of_task[t.name] for t in ev.tasks for _ in ev.test[t.name]]
+    arms.append(ev.arm(tm, "core", "core", sizes.core))
+    arms.append(ev.arm(tm, "twin:oracle", "twin", twin_bytes, one_hot_mixes(labels, tm.experts)))
+    stats = None
+    if routing is not None:
+        weights, stats = _route(routing, ev, labels, tm.experts)
+        arms.append(ev.arm(tm, "twin:router", "twin", twin_bytes + routing.stored_bytes, weights))
+    return EvalResult(artifact=str(art.path), tasks_dir=str(suite.root), tasks=ev.tasks,
+                      expert_of_task=expert_of_task, examples={t: len(v) for t, v in ev.test.items()}, arms=arms,
+                      selections=selections, router=stats, options=options)
+
+
+def _route(routing: Routing, ev: _Evaluator, labels: list[str],
+           experts: list[str]) -> tuple[torch.Tensor, RouterStats]:
+    prompts = [e.messages for t in ev.tasks for e in ev.test[t.name]]
+    t0 = time.perf_counter()
+    rows = []
+    for i in range(0, len(prompts), ev.opts.batch_size):
+        w = routing.route(prompts[i:i + ev.opts.batch_size])
+        rows.append(torch.as_tensor(w, dtype=torch.float32).detach().cpu())
+    seconds = time.perf_counter() - t0
+    weights = torch.cat(rows)  # [B, N]
+    if tuple(weights.shape) != (len(prompts), len(experts)):
+        raise TwinError(f"the router gave weights of shape {list(weights.shape)}, expected "
+                        f"[{len(prompts)}, {len(experts)}] (experts {experts})")
+    if not torch.isfinite(weights).all() or (weights < 0).any():
+        raise TwinError("the router gave negative or non-finite weights")
+    hits = router_hits(weights, labels, experts)
+    per_task, at = {}, 0
+    for t in ev.tasks:
+        n = len(ev.test[t.name])
+        per_task[t.name] = sum(hits[at:at + n]) / n
+        at += n
+    return weights, RouterStats(routing.label, sum(hits) / len(hits), per_task, seconds)
