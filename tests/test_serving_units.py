@@ -230,3 +230,44 @@ def test_serve_cli_reports_bad_options_as_one_line(tiny_artifact, tmp_path, caps
     assert "does not exist" in capsys.readouterr().err
     assert serving_main(["serve", str(tiny_artifact), "--backend", "vllm", "--no-log"]) == 2
     assert "backend 'vllm' is not available" in capsys.readouterr().err
+
+
+# ---- the demo's build steps -----------------------------------------------------------------------------------
+
+
+def test_demo_finds_adapters_and_notices_when_they_change(tiny_models, tmp_path) -> None:
+    import shutil
+
+    from serving.demo import demo_experts, router_examples, stale_reason
+    from twinrt.config import parse_config
+    from twinrt.split.run import split
+
+    lora = tmp_path / "lora"
+    with pytest.raises(TwinError, match="no demo experts yet"):
+        demo_experts(lora)
+    for name, src in (("alpha", "lora_a"), ("beta", "lora_b")):
+        shutil.copytree(tiny_models[src], lora / name)
+    (lora / "not_an_adapter").mkdir()
+    assert demo_experts(lora) == ["alpha", "beta"]
+    cfg = parse_config({"base": str(tiny_models["base"]), "shared": {"method": "task_arithmetic"},
+                        "experts": [{"name": n, "path": str(lora / n)} for n in ("alpha", "beta")],
+                        "exclusive": {"rank": 4}})
+    split(cfg, tmp_path / "art")
+    assert stale_reason(tmp_path / "art", lora) is None
+    shutil.copytree(tiny_models["lora_a"], lora / "gamma")
+    assert "differ from the adapters now present" in stale_reason(tmp_path / "art", lora)
+    shutil.rmtree(lora / "gamma")
+    with (lora / "beta" / "adapter_config.json").open("a") as f:    # retrained: any byte differs
+        f.write("\n")
+    assert stale_reason(tmp_path / "art", lora) == "the adapter 'beta' changed since it was built"
+
+    tasks = tmp_path / "tasks"
+    for name in ("alpha", "beta"):
+        (tasks / name).mkdir(parents=True)
+        (tasks / name / "train.jsonl").write_text("".join(
+            json.dumps({"task": name, "messages": [{"role": "user", "content": f"{name} question {i}"}],
+                        "answer": "x"}) + "\n" for i in range(5)))
+    got = router_examples(["alpha", "beta"], per_task=3, tasks_dir=tasks)
+    assert [e.label for e in got] == ["alpha"] * 3 + ["beta"] * 3
+    with pytest.raises(TwinError, match="no router training data for expert 'gamma'"):
+        router_examples(["gamma"], per_task=3, tasks_dir=tasks)
