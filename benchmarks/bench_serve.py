@@ -11,8 +11,10 @@ when the experts are those tasks, else synthetic math/code/chat prompts). Measur
     requests/s, output tokens/s          completed requests (usage from the stream) / wall time of the run
     latency p50 / p99                    request sent -> last event
     ttft p50 / p99                       request sent -> first chunk with content
+    tpot p50                             (latency - ttft) / (tokens - 1): time per output token after the first
 
-and twin's output tokens/s as a ratio of core's at the same N in the same run. Clients are plain httpx (light
+and twin's output tokens/s as a ratio of core's at the same N in the same run. Arms stop at different lengths
+(EOS), so tokens/s also reflects answer lengths; core/twin of TPOT compares the cost per decoded token. Clients are plain httpx (light
 SSE parsing) in this process; on a small shared CPU they take cycles from the server, so compare arms within
 a run, not across machines. Writes JSON (default benchmarks/results/serve.json, keyed by --label) and prints a
 markdown table.
@@ -112,7 +114,9 @@ async def one_request(client: httpx.AsyncClient, arm: str, messages: list[dict],
                 ttft = time.perf_counter() - t0
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-    return {"latency": time.perf_counter() - t0, "ttft": ttft, "tokens": tokens}
+    latency = time.perf_counter() - t0
+    tpot = (latency - ttft) / (tokens - 1) if ttft is not None and tokens > 1 else None
+    return {"latency": latency, "ttft": ttft, "tokens": tokens, "tpot": tpot}
 
 
 async def run_level(url: str, arm: str, clients: int, seconds: float, prompts: list, max_tokens: int) -> dict:
@@ -132,30 +136,36 @@ async def run_level(url: str, arm: str, clients: int, seconds: float, prompts: l
         wall = time.perf_counter() - t0
     lat = [r["latency"] for r in results]
     ttft = [r["ttft"] for r in results if r["ttft"] is not None]
+    tpot = [r["tpot"] for r in results if r["tpot"] is not None]
     tokens = sum(r["tokens"] for r in results)
     return {"arm": arm, "clients": clients, "requests": len(results), "seconds": round(wall, 3),
             "requests_per_s": round(len(results) / wall, 3), "output_tokens_per_s": round(tokens / wall, 2),
             "mean_output_tokens": round(tokens / max(len(results), 1), 2),
             "latency_p50": percentile(lat, 50), "latency_p99": percentile(lat, 99),
-            "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99)}
+            "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99), "tpot_p50": percentile(tpot, 50)}
 
 
-def ratios(rows: list[dict]) -> dict[str, float]:
-    """twin's output tokens/s over core's, per concurrency level."""
+def ratios(rows: list[dict], key: str = "output_tokens_per_s") -> dict[str, float]:
+    """twin's `key` over core's, per concurrency level."""
     by = {(r["arm"], r["clients"]): r for r in rows}
-    return {str(c): round(by[("twin", c)]["output_tokens_per_s"] / by[("core", c)]["output_tokens_per_s"], 3)
-            for (arm, c) in by if arm == "twin" and ("core", c) in by and by[("core", c)]["output_tokens_per_s"]}
+    return {str(c): round(by[("twin", c)][key] / by[("core", c)][key], 3)
+            for (arm, c) in by if arm == "twin" and ("core", c) in by and by[("core", c)].get(key)
+            and by[("twin", c)].get(key) is not None}
 
 
-def markdown(rows: list[dict], twin_over_core: dict[str, float]) -> str:
+def markdown(rows: list[dict]) -> str:
     f = lambda x, k=3: "-" if x is None else f"{x:.{k}f}"  # noqa: E731
-    lines = ["| arm | clients | req/s | out tok/s | tok/req | p50 s | p99 s | ttft p50 s | ttft p99 s | twin/core tok/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    tok, tpot = ratios(rows), ratios(rows, "tpot_p50")
+    lines = ["| arm | clients | req/s | out tok/s | tok/req | p50 s | p99 s | ttft p50 s | ttft p99 s | tpot p50 s "
+             "| twin/core tok/s | core/twin tpot |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        ratio = twin_over_core.get(str(r["clients"])) if r["arm"] == "twin" else None
+        twin = r["arm"] == "twin"
+        inv = tpot.get(str(r["clients"])) if twin else None
         lines.append(f"| {r['arm']} | {r['clients']} | {f(r['requests_per_s'], 2)} | {f(r['output_tokens_per_s'], 1)} "
                      f"| {f(r['mean_output_tokens'], 1)} | {f(r['latency_p50'])} | {f(r['latency_p99'])} "
-                     f"| {f(r['ttft_p50'])} | {f(r['ttft_p99'])} | {f(ratio, 2)} |")
+                     f"| {f(r['ttft_p50'])} | {f(r['ttft_p99'])} | {f(r.get('tpot_p50'))} "
+                     f"| {f(tok.get(str(r['clients'])) if twin else None, 2)} | {f(1 / inv if inv else None, 2)} |")
     return "\n".join(lines)
 
 
@@ -164,7 +174,8 @@ def main() -> int:
     p.add_argument("artifact", type=Path)
     p.add_argument("--arms", nargs="+", default=None, help="default: twin core expert:<first expert>")
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
-    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--seconds", type=float, default=10.0, help="per level; at least one request round at the "
+                   "highest concurrency (wall time of a level is this plus the requests in flight at the end)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=1, help="the server's OMP/torch threads")
     p.add_argument("--max-batch", type=int, default=32)
@@ -174,7 +185,7 @@ def main() -> int:
     args = p.parse_args()
     if args.table:
         run = json.loads(args.out.read_text())[args.label or args.artifact.name]
-        print(markdown(run["rows"], run["twin_over_core_tokens_per_s"]))
+        print(markdown(run["rows"]))
         return 0
 
     log = Path(tempfile.mkdtemp(prefix="bench_serve_")) / "routing.jsonl"
@@ -196,16 +207,17 @@ def main() -> int:
     finally:
         server.stop()
     twin_over_core = ratios(rows)
+    tpot_ratio = {c: round(1 / v, 3) for c, v in ratios(rows, "tpot_p50").items() if v}
     result = {"artifact": str(args.artifact), "experts": experts, "router": health["router"],
               "seconds_per_level": args.seconds, "max_tokens": args.max_tokens, "server_threads": args.threads,
               "max_batch": args.max_batch, "load_average_before": round(load_before, 2), "machine": machine(),
-              "rows": rows, "twin_over_core_tokens_per_s": twin_over_core}
+              "rows": rows, "twin_over_core_tokens_per_s": twin_over_core, "core_over_twin_tpot": tpot_ratio}
     data = json.loads(args.out.read_text()) if args.out.is_file() else {}
     data[args.label or args.artifact.name] = result
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=1))
     print()
-    print(markdown(rows, twin_over_core))
+    print(markdown(rows))
     print(f"\nwrote {args.out} [{args.label or args.artifact.name}]")
     return 0
 

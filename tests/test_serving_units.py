@@ -221,6 +221,33 @@ def test_local_backend_cancel_frees_the_row_and_checks_the_context(tm) -> None:
     asyncio.run(main())
 
 
+def test_a_failing_step_fails_its_requests_and_the_backend_recovers(tm) -> None:
+    from serving.backends.base import BackendFailure, GenerationRequest
+    from serving.backends.local import LocalBackend
+
+    async def main():
+        backend = LocalBackend(tm, max_batch=4, max_queue=4, materialize=False)
+        real_step = backend.engine.step
+
+        def broken_step():          # the real engine, whose step raises once (a device error, say)
+            real_step()
+            raise RuntimeError("device lost")
+
+        backend.engine.step = broken_step
+        await backend.start()
+        try:
+            doomed = backend.submit(GenerationRequest("hello", None, max_tokens=20))
+            with pytest.raises(BackendFailure, match="RuntimeError: device lost"):
+                await doomed.wait()
+            ok = backend.submit(GenerationRequest("hello", (0.0, 1.0, 0.0), max_tokens=5))   # a fresh engine
+            assert (await ok.wait()).completion_tokens == 5
+            assert backend.stats().inflight == 0
+        finally:
+            await backend.stop()
+
+    asyncio.run(main())
+
+
 def test_serve_cli_reports_bad_options_as_one_line(tiny_artifact, tmp_path, capsys) -> None:
     assert serving_main(["serve", str(tiny_artifact), "--ab", "twin=1,gpt=1", "--no-log"]) == 2
     assert "unknown arm 'gpt'" in capsys.readouterr().err

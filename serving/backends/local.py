@@ -8,7 +8,8 @@
 
 Requests join the running batch between decode steps, each with its own mix row, whatever its arm. The
 worker sleeps on an Event when the engine is idle. If a step raises (a bug or a device error), every
-unfinished generation fails with BackendFailure and the engine is rebuilt empty; the server keeps serving.
+generation the engine holds fails with BackendFailure and the engine is rebuilt empty; requests not yet
+admitted go to the new engine, and the server keeps serving.
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ class LocalBackend:
                 finished = self.engine.step()
             except Exception as e:  # noqa: BLE001 - a failed step must not kill the server
                 log.exception("engine step failed; failing its requests and resetting the engine")
-                self._fail_all(BackendFailure(f"generation failed: {type(e).__name__}: {e}"))
+                self._fail_engine(BackendFailure(f"generation failed: {type(e).__name__}: {e}"))
                 self.engine = Engine(self.tm, max_batch=self.max_batch, materialize=self.materialize)
                 continue
             for req in finished:
@@ -198,12 +199,17 @@ class LocalBackend:
             self._post(gen.finish, Finished(req.text, req.finish_reason or "stop", req.prompt_tokens,
                                             req.completion_tokens))
 
-    def _fail_all(self, error: BackendFailure) -> None:
+    def _fail_engine(self, error: BackendFailure) -> None:
+        """Fail every request the engine holds (running or waiting); the inbox is left for the next engine."""
         for gen in self._gens.values():
             self._post(gen.fail, error)
         self._gens.clear()
         self.engine.waiting.clear()
-        while True:  # requests not yet admitted
+
+    def _fail_all(self, error: BackendFailure) -> None:
+        """Shutting down: fail the engine's requests and refuse those not yet admitted."""
+        self._fail_engine(error)
+        while True:
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
