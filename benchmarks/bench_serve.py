@@ -14,9 +14,9 @@ when the experts are those tasks, else synthetic math/code/chat prompts). Measur
     tpot p50                             (latency - ttft) / (tokens - 1): time per output token after the first
 
 and twin's output tokens/s as a ratio of core's at the same N in the same run. Arms stop at different lengths
-(EOS), so tokens/s also reflects answer lengths; core/twin of TPOT compares the cost per decoded token. Clients are plain httpx (light
-SSE parsing) in this process; on a small shared CPU they take cycles from the server, so compare arms within
-a run, not across machines. Writes JSON (default benchmarks/results/serve.json, keyed by --label) and prints a
+(EOS), so tokens/s also reflects answer lengths; core/twin of TPOT compares the cost per decoded token.
+Clients are plain httpx (light SSE parsing) in this process; on a small shared CPU they take cycles from the
+server, so compare arms within a run, not across machines. Writes JSON (default benchmarks/results/serve.json, keyed by --label) and prints a
 markdown table.
 """
 
