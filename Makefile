@@ -27,7 +27,7 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''
 
 demo: $(STAMP)
-	$(BIN)/python -m twinrt.demo
+	$(BIN)/python -m serving.demo
 
 bench-split: $(STAMP)
 	$(BIN)/python benchmarks/bench_split.py

@@ -80,8 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     # The CLI is the one place that binds the packages together: twinrt imports router and serving only here.
     from router.cli import register as register_router
+    from serving.abreport import register as register_ab
+    from serving.cli import register as register_serve
+    from twinrt.eval.cli import register as register_eval
 
     register_router(sub)
+    register_serve(sub)
+    register_ab(sub)
+    register_eval(sub)
     return p
 
 
