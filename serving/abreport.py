@@ -139,7 +139,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from serving.routelog import read_log
 
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    console = Console(width=None if sys.stdout.isatty() else 300)
     records, bad = read_log(args.log)
     if not records:
         raise TwinError(f"routing log {args.log} has no requests")
