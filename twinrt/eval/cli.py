@@ -22,7 +22,7 @@ from rich.console import Console
 
 from twinrt.errors import TwinError
 
-console = Console(width=None if sys.stdout.isatty() else 160)
+console = Console(width=None if sys.stdout.isatty() else 200)  # logs get the whole table on one line per arm
 
 
 def parse_pairs(values: Sequence[str] | None, flag: str) -> dict[str, str]:
@@ -140,9 +140,15 @@ def register(subparsers) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m twinrt.eval.cli eval ARTIFACT --tasks DIR ...`: the same command as `twinrt eval`, with the
     same error contract (a TwinError prints one line and returns 2)."""
+    import os
+
+    from transformers.utils import logging as hf_logging
+
     p = argparse.ArgumentParser(prog="twinrt")
     register(p.add_subparsers(dest="command", required=True))
     args = p.parse_args(argv)
+    hf_logging.disable_progress_bar()  # as `twinrt` does: the GGUF reader and weight loading have their own bars
+    os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         return args.fn(args)
     except TwinError as e:

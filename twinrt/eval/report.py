@@ -133,14 +133,15 @@ def rich_table(result: EvalResult) -> Any:
     head, body = rows(result)
     t = Table(title="twinrt eval (test split)")
     for i, h in enumerate(head):
-        t.add_column(h, justify="left" if i == 0 else "right")
+        t.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for r in body:
         t.add_row(*r)
     return t
 
 
 def write_chart(result: EvalResult, path: Path) -> None:
-    """`eval.png`: mean normalized score per arm, and normalized score per task and arm."""
+    """`eval.png`: mean normalized score per arm (top), and per task for every arm but the experts (bottom:
+    an expert is 1.0 on its own task by definition, and its other tasks are in the table)."""
     try:
         import matplotlib
     except ImportError:
@@ -152,21 +153,28 @@ def write_chart(result: EvalResult, path: Path) -> None:
     table = table_of(result)
     arms = [a.name for a in result.arms]
     tasks = [t.name for t in result.tasks]
+    zero_nan = lambda v: 0.0 if math.isnan(v) else v  # noqa: E731
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, 0.9 * len(arms) + 2), 9))
-    means = [0.0 if math.isnan(table.mean[a]) else table.mean[a] for a in arms]
-    top.bar(range(len(arms)), means, color=[_colour(a.kind) for a in result.arms])
+    means = [zero_nan(table.mean[a]) for a in arms]
+    bars = top.bar(range(len(arms)), means, color=[_colour(a.kind) for a in result.arms])
+    top.bar_label(bars, labels=[_fmt(table.mean[a], 2) for a in arms], fontsize="small")
     top.set_xticks(range(len(arms)), arms, rotation=30, ha="right")
     top.axhline(1.0, color="grey", lw=0.8, ls="--")
     top.set_ylabel("mean normalized score")
     top.set_title("mean normalized score per arm (1.0 = each task's own expert)")
-    width = 0.8 / max(len(arms), 1)
-    for i, a in enumerate(arms):
-        vals = [0.0 if math.isnan(table.per_task[a][t]) else table.per_task[a][t] for t in tasks]
-        bottom.bar([j + (i - (len(arms) - 1) / 2) * width for j in range(len(tasks))], vals, width, label=a)
+    shown = [a for a in result.arms if a.kind != "expert"]
+    width = 0.8 / max(len(shown), 1)
+    colours = plt.get_cmap("tab20").colors
+    for i, a in enumerate(shown):
+        vals = [zero_nan(table.per_task[a.name][t]) for t in tasks]
+        bottom.bar([j + (i - (len(shown) - 1) / 2) * width for j in range(len(tasks))], vals, width,
+                   label=a.name, color=colours[i % len(colours)])
     bottom.set_xticks(range(len(tasks)), tasks)
+    bottom.axhline(1.0, color="grey", lw=0.8, ls="--")
     bottom.set_ylabel("normalized score")
-    bottom.set_title("normalized score per task")
-    bottom.legend(fontsize="small", ncol=max(1, len(arms) // 6), loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    bottom.set_title("normalized score per task (n/a drawn as 0)")
+    if shown:
+        bottom.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
