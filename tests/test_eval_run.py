@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from conftest import write_config
 from test_router_synth import make_prompts
 from twinrt.artifact import Artifact
-from twinrt.eval.cli import main as twinrt_main
+from twinrt.cli import main as twinrt_main
 from twinrt.eval.generation import PlainModel, generate
 from twinrt.eval.metrics import task_score
 from twinrt.eval.run import EvalOptions, Routing, run_eval

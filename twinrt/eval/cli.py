@@ -136,25 +136,3 @@ def register(subparsers) -> None:
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     e.set_defaults(fn=_cmd_eval)
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m twinrt.eval.cli eval ARTIFACT --tasks DIR ...`: the same command as `twinrt eval`, with the
-    same error contract (a TwinError prints one line and returns 2)."""
-    import os
-
-    from transformers.utils import logging as hf_logging
-
-    p = argparse.ArgumentParser(prog="twinrt")
-    register(p.add_subparsers(dest="command", required=True))
-    args = p.parse_args(argv)
-    hf_logging.disable_progress_bar()  # as `twinrt` does: the GGUF reader and weight loading have their own bars
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    try:
-        return args.fn(args)
-    except TwinError as e:
-        print(f"twinrt: error: {e}".replace("\n", " "), file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
