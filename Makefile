@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.twinrt-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-all demo bench-split clean
+.PHONY: venv test test-all demo bench-split bench-serve clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,11 @@ demo: $(STAMP)
 
 bench-split: $(STAMP)
 	$(BIN)/python benchmarks/bench_split.py
+
+# builds the demo artifact if needed, then N concurrent clients per arm against a live server
+bench-serve: $(STAMP)
+	$(BIN)/python -m serving.demo --build-only
+	$(BIN)/python benchmarks/bench_serve.py artifacts/demo --seconds 15 --max-tokens 16 --label smollm2-demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info
