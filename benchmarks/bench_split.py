@@ -4,7 +4,7 @@ For each N and each SVD path (full, and the fast randomized path that `svd: auto
 it runs `twinrt split` in a child process and reports wall time, the child's peak RSS, the artifact size,
 bytes per expert, and the mean kept energy. One more run splits the GGUF file directly (N = 2).
 
-    python benchmarks/bench_split.py [--workdir /tmp/twinrt-bench] [--ns 2 4 8] [--rank 16]
+    python benchmarks/bench_split.py [--workdir /tmp/twinrt-bench] [--ns 2 4 8] [--rank 16] [--full-max-n 8]
 
 Writes benchmarks/results/split.json and prints a markdown table.
 """
@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--ns", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--method", default="ties")
+    ap.add_argument("--full-max-n", type=int, default=8, help="run the full-SVD comparison only up to this N")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "split.json")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -58,15 +59,18 @@ def main() -> None:
     experts = [synthetic_expert(base, args.workdir / f"expert{i}", seed=i) for i in range(max(args.ns))]
     rows = []
     for n in args.ns:
-        for svd in ("full", "randomized"):
+        for svd in ("full", "randomized") if n <= args.full_max_n else ("randomized",):
             row = split_once(base, experts[:n], args.workdir / f"art-n{n}-{svd}", args.rank, svd, args.method)
             rows.append(row)
             print(json.dumps(row), flush=True)
+            write_json(args.out, {"benchmark": "split", "model": "SmolLM2-135M-Instruct", "rank": args.rank,
+                                  "method": args.method, "machine": machine(), "rows": rows, "complete": False})
     gguf = split_once(smollm2_gguf(), experts[:2], args.workdir / "art-gguf", args.rank, "auto", args.method)
     gguf["base"] = "gguf"
     print(json.dumps(gguf), flush=True)
     write_json(args.out, {"benchmark": "split", "model": "SmolLM2-135M-Instruct", "rank": args.rank,
-                          "method": args.method, "machine": machine(), "rows": rows, "gguf_base": gguf})
+                          "method": args.method, "machine": machine(), "rows": rows, "gguf_base": gguf,
+                          "complete": True})
     print(f"\n| N | SVD | time (s) | peak RSS (MiB) | artifact (MiB) | per expert (MiB, % of full) | mean energy |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
