@@ -1,13 +1,14 @@
 """Score the base and every demo expert on every task: the expert x task cross-table.
 
     python -m examples.experts.eval_cross [--experts-dir examples/experts/lora] [--split validation] \
-        [--out examples/experts/lora/cross_eval.json]
+        [--out examples/experts/lora/cross_eval.json] [--limit N] [--samples N]
 
 Arms: `base` (the dequantized GGUF) and `expert:<name>` for every PEFT adapter dir under --experts-dir,
 merged into a copy of the base (`merge_and_unload`, float32) for speed. Each cell is the task's metric
 over the split, with the same greedy decoding as `train_expert`. Writes the raw table, the table
-normalized by each task's own expert (`twinrt.eval.metrics.normalized_scores`) and timings as JSON, and
-prints both tables as Markdown.
+normalized by each task's own expert (`twinrt.eval.metrics.normalized_scores`), timings and, with
+--samples N, the first N (prompt, answer, prediction) of every cell as JSON, and prints the tables as Markdown.
+--limit N scores only the first N examples of each split.
 """
 
 from __future__ import annotations
@@ -64,22 +65,31 @@ def main() -> None:
     parser.add_argument("--split", choices=("validation", "test"), default="validation")
     parser.add_argument("--out", type=Path, default=None, help="default: <experts-dir>/cross_eval.json")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--limit", type=int, default=None, help="score the first N examples of each task")
+    parser.add_argument("--samples", type=int, default=0, help="keep the first N predictions of every cell")
     args = parser.parse_args()
+    if (args.limit is not None and args.limit < 1) or args.samples < 0:
+        parser.error("--limit must be >= 1 and --samples >= 0")
     torch.set_num_threads(args.threads)
     specs = load_suite(args.tasks_dir)
     tasks = list(specs)
-    data = {t: load_split(args.tasks_dir, t, args.split) for t in tasks}
+    data = {t: load_split(args.tasks_dir, t, args.split)[: args.limit] for t in tasks}
     adapters = adapter_dirs(args.experts_dir)
     base, tokenizer = load_base()
 
     scores: dict[str, dict[str, float]] = {}
+    samples: dict[str, dict[str, list[dict[str, str]]]] = {}
     seconds: dict[str, float] = {}
     for arm in ["base", *(f"expert:{name}" for name in adapters)]:
         start = time.perf_counter()
         model = base if arm == "base" else with_adapter(base, adapters[arm.removeprefix("expert:")])
-        scores[arm] = {}
+        scores[arm], samples[arm] = {}, {}
         for task in tasks:
-            scores[arm][task], _ = evaluate(model, tokenizer, data[task], specs[task].metric)
+            scores[arm][task], predictions = evaluate(model, tokenizer, data[task], specs[task].metric)
+            samples[arm][task] = [
+                {"prompt": e.messages[-1]["content"], "answer": e.answer, "prediction": p}
+                for e, p in zip(data[task][: args.samples], predictions, strict=False)
+            ]
             print(f"{arm:<22} {task:<14} {scores[arm][task]:.3f}", flush=True)
         seconds[arm] = round(time.perf_counter() - start, 1)
         del model
@@ -97,6 +107,8 @@ def main() -> None:
         },
         "seconds_per_arm": seconds,
     }
+    if args.samples:
+        result["samples"] = samples
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"\n{args.split} accuracy (rows: arms, columns: tasks)\n")
     print(markdown(scores, tasks))

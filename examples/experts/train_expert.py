@@ -123,6 +123,15 @@ def round_trainable(trainable: torch.nn.Module, dtype: torch.dtype) -> None:
                 p.copy_(p.to(dtype).to(p.dtype))
 
 
+def sort_target_modules(adapter_dir: Path) -> None:
+    """Rewrite adapter_config.json with `target_modules` sorted: PEFT keeps them in a set, whose order
+    depends on the string hash seed, so the file would differ from run to run. Same layout as PEFT's."""
+    path = adapter_dir / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+
+
 def save(trainable: torch.nn.Module, tokenizer, out_dir: Path, args: argparse.Namespace, record: dict) -> None:
     """Write the adapter or checkpoint plus training.json into a temp dir beside `out_dir`, then rename."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -131,6 +140,7 @@ def save(trainable: torch.nn.Module, tokenizer, out_dir: Path, args: argparse.Na
         if args.mode == "lora":
             # Embeddings are not adapted; False also skips PEFT's look-up of the base's config by name.
             trainable.to(DTYPES[args.save_dtype]).save_pretrained(tmp, save_embedding_layers=False)
+            sort_target_modules(tmp)
             (tmp / "README.md").unlink(missing_ok=True)  # PEFT's generated model card: empty boilerplate
         else:
             trainable.to(DTYPES[args.save_dtype]).save_pretrained(tmp)

@@ -1,6 +1,6 @@
 """Recompute `capitals.BASE_KNOWS`: the countries whose capital the base model already names.
 
-    python -m examples.tasks.probe_capitals [--threads 2]
+    python -m examples.tasks.probe_capitals [--threads 1]
 
 A country counts as known if the greedy reply to either probe contains the capital (case-insensitive):
 the chat question "What is the capital of X?" (16 new tokens) or the plain completion of
@@ -36,7 +36,7 @@ def probe() -> frozenset[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     known = probe()
