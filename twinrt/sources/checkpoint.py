@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,13 @@ def refuse_pickles(path: Path, what: str) -> None:
         )
 
 
+def read_header(file: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's JSON header and the byte offset where its data starts."""
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)), 8 + n
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -85,6 +93,7 @@ class SafetensorsDir:
         except json.JSONDecodeError as e:
             raise TwinError(f"{config} is not valid JSON: {e}") from None
         self._handles: dict[Path, Any] = {}
+        self._headers: dict[Path, tuple[dict[str, Any], int]] = {}
         self._where = self._index(what)  # tensor name -> file
         self._meta: dict[str, TensorMeta] = {}
         for file in sorted(set(self._where.values())):
@@ -136,7 +145,23 @@ class SafetensorsDir:
         return self._meta[name]
 
     def get(self, name: str) -> torch.Tensor:
-        return self._open(self._where[name]).get_tensor(name)
+        """Read one tensor with plain file reads: no memory map stays resident, so reading N experts tensor by
+        tensor holds one tensor per expert, not N mapped files."""
+        file = self._where[name]
+        if file not in self._headers:
+            self._headers[file] = read_header(file)
+        header, start = self._headers[file]
+        info = header[name]
+        begin, end = info["data_offsets"]
+        dtype, shape = _st_dtype(info["dtype"], file), info["shape"]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        buf = bytearray(end - begin)
+        with open(file, "rb") as f:
+            f.seek(start + begin)
+            if f.readinto(buf) != len(buf):
+                raise TwinError(f"{file} is truncated: tensor {name} extends past the end of the file")
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
     def files(self) -> list[Path]:
         return sorted(set(self._where.values()))
