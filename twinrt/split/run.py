@@ -168,20 +168,23 @@ def split(cfg: SplitConfig, out: Path, *, force: bool = False, device: str = "cp
             base_t = base.get(name)
             _finite(base_t, name, f"base {base.label}")
             full_bytes += base_t.numel() * (store.itemsize if base_t.is_floating_point() else base_t.element_size())
-            thetas = [e.get(name, base_t) for e in experts]
-            for e, t in zip(experts, thetas):
-                _finite(t, name, e.label)
             if not base_t.is_floating_point():
-                for e, t in zip(experts, thetas):
-                    if not torch.equal(t, base_t):
+                for e in experts:
+                    if not torch.equal(e.get(name, base_t), base_t):
                         raise TwinError(f"{e.label}: non-float tensor {name} differs from the base")
                 core_w.add(name, base_t)
                 if tick:
                     tick(name)
                 continue
             base32 = base_t.to(device=device, dtype=torch.float32)
-            tau = torch.stack([t.to(device=device, dtype=torch.float32) for t in thetas]) - base32  # [N, ...]
-            del thetas
+            # τ filled one expert at a time: memory holds the base, one τ per expert and the merged result
+            tau = torch.empty((len(experts), *base_t.shape), dtype=torch.float32, device=device)  # [N, ...]
+            for i, e in enumerate(experts):
+                theta = e.get(name, base_t)
+                _finite(theta, name, e.label)
+                tau[i] = theta.to(device=device, dtype=torch.float32)
+                del theta
+                tau[i] -= base32
             if any(r.search(name) for r in excluded_re):
                 excluded.append(name)
                 merged = torch.zeros_like(base32)
@@ -193,8 +196,8 @@ def split(cfg: SplitConfig, out: Path, *, force: bool = False, device: str = "cp
                 merged = method.merge(tau, params, keep)
             core_t = (base32 + merged).to(store)
             core_w.add(name, core_t)
-            deltas = tau + base32 - core_t.float()  # d_i = θ_i − θ_core(stored): [N, ...]
-            del tau, merged
+            del merged
+            deltas = tau.sub_(core_t.float() - base32)  # in place: d_i = θ_i − θ_core(stored) = τ_i − (θ_core − θ_base)
             per_expert: dict[str, FactorInfo | DenseInfo] = {}
             if name in linear:
                 for spec, d in zip(cfg.experts, deltas):
@@ -210,7 +213,7 @@ def split(cfg: SplitConfig, out: Path, *, force: bool = False, device: str = "cp
                 role = "factored"
             else:
                 for spec, d in zip(cfg.experts, deltas):
-                    norm = float(d.double().norm())
+                    norm = float(torch.linalg.vector_norm(d, dtype=torch.float64))
                     per_expert[spec.name] = DenseInfo(stored=norm > 0.0, norm=norm)
                     if norm > 0.0:
                         outs[spec.name].dense.add(name, d.to(store))
