@@ -29,7 +29,6 @@ import yaml
 from common import ROOT, machine, run_child, smollm2_base, synthetic_expert, write_json
 
 from twinrt.runtime import TwinModel
-from twinrt.runtime.mixing import MixLinear
 from twinrt.split.run import decoder_linear_weights
 
 PROMPT_LEN, DECODE_STEPS = 64, 16

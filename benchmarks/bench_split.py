@@ -71,7 +71,7 @@ def main() -> None:
     write_json(args.out, {"benchmark": "split", "model": "SmolLM2-135M-Instruct", "rank": args.rank,
                           "method": args.method, "machine": machine(), "rows": rows, "gguf_base": gguf,
                           "complete": True})
-    print(f"\n| N | SVD | time (s) | peak RSS (MiB) | artifact (MiB) | per expert (MiB, % of full) | mean energy |")
+    print("\n| N | SVD | time (s) | peak RSS (MiB) | artifact (MiB) | per expert (MiB, % of full) | mean energy |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['n']} | {r['svd']} | {r['seconds']} | {r['peak_rss_mib']} | {r['artifact_mib']} | "

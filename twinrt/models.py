@@ -49,19 +49,15 @@ def materialize_gguf(gguf: Path, out: Path) -> Path:
     The weights are the GGUF's dequantized values, so experts fine-tuned over this dir and the twin split of
     the GGUF itself see the same base. Written to a temp dir and renamed into place.
     """
-    import shutil
-    import tempfile
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     out = Path(out)
     if (out / "config.json").is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    from twinrt.artifact.store import atomic_dir
+
+    with atomic_dir(out, force=True) as tmp:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model.hf_quantizer = None
@@ -70,8 +66,4 @@ def materialize_gguf(gguf: Path, out: Path) -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         GenerationConfig.from_model_config(model.config).save_pretrained(tmp)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

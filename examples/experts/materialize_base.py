@@ -12,29 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 from examples.experts.smollm import base_info, load_base
+from twinrt.artifact import atomic_dir
 
 
 def materialize(out_dir: Path) -> None:
     """Save the dequantized GGUF model and tokenizer to `out_dir` (built in a temp dir, then renamed)."""
     model, tokenizer = load_base()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir, force=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "base.json").write_text(json.dumps(base_info(), indent=2) + "\n", encoding="utf-8")
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def main() -> None:

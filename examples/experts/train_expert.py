@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from transformers import PreTrainedModel
 
 from examples.experts.smollm import BASE_SOURCE, base_info, load_base
 from examples.experts.taskdata import IGNORE, collate, encode, evaluate, load_split, load_suite
+from twinrt.artifact import atomic_dir
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_LR = {"lora": 2e-3, "full": 5e-5}
@@ -134,9 +133,7 @@ def sort_target_modules(adapter_dir: Path) -> None:
 
 def save(trainable: torch.nn.Module, tokenizer, out_dir: Path, args: argparse.Namespace, record: dict) -> None:
     """Write the adapter or checkpoint plus training.json into a temp dir beside `out_dir`, then rename."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir, force=True) as tmp:
         if args.mode == "lora":
             # Embeddings are not adapted; False also skips PEFT's look-up of the base's config by name.
             trainable.to(DTYPES[args.save_dtype]).save_pretrained(tmp, save_embedding_layers=False)
@@ -146,13 +143,6 @@ def save(trainable: torch.nn.Module, tokenizer, out_dir: Path, args: argparse.Na
             trainable.to(DTYPES[args.save_dtype]).save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def parse_args() -> argparse.Namespace:

@@ -25,7 +25,7 @@ from twinrt.merge.methods import dare_keep_masks
 from twinrt.merge.registry import MergeMethod
 from twinrt.sources.checkpoint import GGUFFile, SafetensorsDir, open_base
 from twinrt.sources.experts import FullExpert, LoraExpert, check_compatible, open_expert
-from twinrt.split.run import _tensor_seed
+from twinrt.split.run import tensor_seed
 
 Weights = Iterator[tuple[str, torch.Tensor]]
 
@@ -109,6 +109,6 @@ def merge_weights(src: Sources, method: MergeMethod, params: Mapping[str, Any]) 
         del thetas
         keep = None
         if method.random:
-            gen = torch.Generator().manual_seed(_tensor_seed(params["seed"], name))
+            gen = torch.Generator().manual_seed(tensor_seed(params["seed"], name))
             keep = dare_keep_masks(tau.shape[1:], len(experts), params["density"], gen)
         yield name, base32 + method.merge(tau, params, keep)

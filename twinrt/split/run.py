@@ -29,7 +29,7 @@ from twinrt.errors import TwinError
 from twinrt.merge import get_method
 from twinrt.merge.methods import dare_keep_masks
 from twinrt.sources.checkpoint import GGUFFile, SafetensorsDir, open_base
-from twinrt.sources.experts import FullExpert, LoraExpert, check_compatible, open_expert
+from twinrt.sources.experts import check_compatible, open_expert
 from twinrt.split.svd import truncated_svd
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -86,7 +86,7 @@ def _write_core_extras(base: SafetensorsDir | GGUFFile, config: Any, core: Path,
     (gen or GenerationConfig.from_model_config(config)).save_pretrained(core)
 
 
-def _tensor_seed(seed: int, name: str) -> int:
+def tensor_seed(seed: int, name: str) -> int:
     # per-tensor seeds make random merges independent of the order tensors are processed in
     return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") & (2**63 - 1)
 
@@ -191,7 +191,7 @@ def split(cfg: SplitConfig, out: Path, *, force: bool = False, device: str = "cp
             else:
                 keep = None
                 if method.random:
-                    gen = torch.Generator().manual_seed(_tensor_seed(params["seed"], name))
+                    gen = torch.Generator().manual_seed(tensor_seed(params["seed"], name))
                     keep = dare_keep_masks(tau.shape[1:], len(experts), params["density"], gen).to(tau.device)
                 merged = method.merge(tau, params, keep)
             core_t = (base32 + merged).to(store)
@@ -202,7 +202,7 @@ def split(cfg: SplitConfig, out: Path, *, force: bool = False, device: str = "cp
             if name in linear:
                 for spec, d in zip(cfg.experts, deltas):
                     f = truncated_svd(d, rank=ex.rank, energy=ex.energy, method=ex.svd,
-                                      seed=_tensor_seed(0, spec.name + name))
+                                      seed=tensor_seed(0, spec.name + name))
                     per_expert[spec.name] = FactorInfo(rank=f.rank, energy=round(f.energy, 6), path=f.path)
                     if f.rank:
                         module = name.removesuffix(".weight")
