@@ -125,3 +125,28 @@ def test_registry_resolves_defaults_and_refuses_unknowns():
         get_method("task_arithmetic").resolve({"density": 0.5})
     with pytest.raises(TwinError, match="in \\(0, 1\\]"):
         get_method("ties").resolve({"density": 1.5})
+
+
+@pytest.mark.parametrize("name,given", [
+    ("average", {}), ("task_arithmetic", {}), ("ties", {"density": 0.3}), ("dare_linear", {}),
+    ("dare_ties", {"density": 0.4}), ("consensus", {"k": 2}), ("consensus", {"base": "ties", "density": 0.5}),
+])
+def test_chunked_merge_equals_whole_tensor_merge(tau, name, given):
+    # the split merges large tensors a slice of columns at a time (bounded memory); trim thresholds come
+    # from the whole tensor, so every chunk size must give the same core, bit for bit
+    m = get_method(name)
+    params = m.resolve(given)
+    keep = M.dare_keep_masks(tau.shape[1:], 4, params["density"], torch.Generator().manual_seed(5)) if m.random else None
+    whole = m.merge(tau, params, keep)
+    kw = {k: v for k, v in params.items() if k != "seed"}
+    if m.random:
+        kw["keep"] = keep
+    assert torch.equal(whole, m.fn(tau, **kw))
+    for chunk in (1, 7, 50, 107):
+        assert torch.equal(m.merge(tau, params, keep, chunk=chunk), whole), chunk
+
+
+def test_trim_keeps_nothing_at_density_that_rounds_to_zero(tau):
+    assert torch.equal(M.magnitude_trim(tau, 0.001), torch.zeros_like(tau))
+    assert torch.equal(get_method("ties").merge(tau, {"scaling": 1.0, "density": 0.001}, chunk=10),
+                       torch.zeros(tau.shape[1:]))

@@ -21,21 +21,37 @@ def task_arithmetic(tau: torch.Tensor, *, scaling: float) -> torch.Tensor:
     return scaling * tau.sum(dim=0)
 
 
-def magnitude_trim(tau: torch.Tensor, density: float) -> torch.Tensor:
+def trim_thresholds(tau: torch.Tensor, density: float) -> torch.Tensor | None:
+    """Per-expert magnitude thresholds for `magnitude_trim`: the k-th largest |τ_i|, k = int(density · numel).
+
+    -> [N, 1] (+inf where k == 0, so nothing is kept), or None when density >= 1 (nothing is trimmed).
+    Found one expert at a time by quickselect, several times faster than a top-k sort on embedding-sized
+    tensors, with one tensor-sized temporary whatever N is.
+    """
+    if density >= 1.0:
+        return None
+    flat = tau.reshape(tau.shape[0], -1)  # [N, P]
+    p = flat.shape[1]
+    k = int(density * p)
+    out = torch.full((flat.shape[0], 1), float("inf"), dtype=flat.dtype, device=flat.device)
+    if k > 0:
+        for i in range(flat.shape[0]):
+            out[i, 0] = flat[i].abs().kthvalue(p - k + 1).values
+    return out
+
+
+def magnitude_trim(tau: torch.Tensor, density: float, threshold: torch.Tensor | None = None) -> torch.Tensor:
     """Keep, in every τ_i separately, its top `int(density · numel)` entries by magnitude; zero the rest.
 
-    Selection is by threshold (the k-th largest magnitude, found by quickselect, several times faster than a
-    top-k sort on embedding-sized tensors); entries tied exactly at the threshold are all kept.
+    Selection is by threshold (see `trim_thresholds`); entries tied exactly at the threshold are all kept.
+    `threshold` ([N, 1], from the whole tensor) lets a caller trim a slice of columns of a larger τ.
     """
     if density >= 1.0:
         return tau
     flat = tau.reshape(tau.shape[0], -1)  # [N, P]
-    k = int(density * flat.shape[1])
-    if k == 0:
-        return torch.zeros_like(tau)
-    mag = flat.abs()
-    threshold = mag.kthvalue(flat.shape[1] - k + 1, dim=1, keepdim=True).values  # [N, 1]: k-th largest
-    return (flat * (mag >= threshold)).reshape(tau.shape)
+    if threshold is None:
+        threshold = trim_thresholds(flat, density)
+    return (flat * (flat.abs() >= threshold)).reshape(tau.shape)
 
 
 def elect_sign(tau: torch.Tensor) -> torch.Tensor:
@@ -51,16 +67,25 @@ def disjoint_mean(tau: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     return total / count
 
 
-def ties(tau: torch.Tensor, *, scaling: float, density: float) -> torch.Tensor:
-    """TIES (Yadav et al., 2023): trim to `density`, elect sign by total mass, disjoint mean, times λ."""
-    trimmed = magnitude_trim(tau, density)
+def ties(tau: torch.Tensor, *, scaling: float, density: float, threshold: torch.Tensor | None = None) -> torch.Tensor:
+    """TIES (Yadav et al., 2023): trim to `density`, elect sign by total mass, disjoint mean, times λ.
+
+    `threshold`: the trim thresholds of the whole tensor when `tau` is a slice of its columns.
+    """
+    trimmed = magnitude_trim(tau, density, threshold)
     return scaling * disjoint_mean(trimmed, elect_sign(trimmed))
 
 
 def dare_keep_masks(shape: torch.Size, n: int, density: float, generator: torch.Generator) -> torch.Tensor:
-    """Bernoulli(density) keep-masks for DARE, one per expert: -> bool [n, *shape]."""
-    probs = torch.full((n, *shape), density, dtype=torch.float32)
-    return torch.bernoulli(probs, generator=generator).bool()
+    """Bernoulli(density) keep-masks for DARE, one per expert: -> bool [n, *shape].
+
+    Drawn one expert at a time, so the float temporary is one tensor whatever n is.
+    """
+    probs = torch.full(tuple(shape), density, dtype=torch.float32)
+    keep = torch.empty((n, *shape), dtype=torch.bool)
+    for i in range(n):
+        keep[i] = torch.bernoulli(probs, generator=generator).bool()
+    return keep
 
 
 def dare_drop(tau: torch.Tensor, keep: torch.Tensor, density: float) -> torch.Tensor:
@@ -89,7 +114,7 @@ def tall_masks(tau: torch.Tensor, merged: torch.Tensor, tall_lambda: float) -> t
 
 def consensus(
     tau: torch.Tensor, *, scaling: float, k: int, tall_lambda: float, base: str = "task_arithmetic",
-    density: float = 1.0,
+    density: float = 1.0, threshold: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Consensus merging (TALL-mask consensus, Wang et al., 2024).
 
@@ -100,5 +125,5 @@ def consensus(
     """
     masks = tall_masks(tau, tau.sum(dim=0), tall_lambda)  # [N, ...]
     agree = masks.sum(dim=0) >= k
-    merged = ties(tau, scaling=scaling, density=density) if base == "ties" else task_arithmetic(tau, scaling=scaling)
+    merged = ties(tau, scaling=scaling, density=density, threshold=threshold) if base == "ties" else task_arithmetic(tau, scaling=scaling)
     return merged * agree

@@ -73,14 +73,41 @@ class MergeMethod:
             raise TwinError(f"shared.method {self.name!r} does not take {', '.join(unknown)} (it takes {takes})")
         return {k: p.check(k, given[k]) if k in given else p.default for k, p in self.params.items()}
 
-    def merge(self, tau: torch.Tensor, params: Mapping[str, Any], keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Apply the method to `tau: [N, ...]` with resolved params (and keep-masks if random)."""
+    def trim_density(self, params: Mapping[str, Any]) -> float | None:
+        """The density this method magnitude-trims each τ_i to (a whole-tensor statistic), or None."""
+        if self.name == "ties" or (self.name == "consensus" and params.get("base") == "ties"):
+            return float(params["density"])
+        return None
+
+    def merge(self, tau: torch.Tensor, params: Mapping[str, Any], keep: torch.Tensor | None = None,
+              *, chunk: int = 1 << 20) -> torch.Tensor:
+        """Apply the method to `tau: [N, ...]` with resolved params (and keep-masks if random).
+
+        Large tensors are merged `chunk` columns (of the flattened tensor) at a time, so the method's
+        [N, ...]-sized temporaries stay small whatever the tensor's size: every method is elementwise once
+        the magnitude-trim thresholds, the only whole-tensor statistic, are computed on the whole τ first.
+        """
         kwargs = {k: v for k, v in params.items() if k != "seed"}
         if self.random:
             if keep is None:
                 raise ValueError(f"merge method {self.name} needs keep masks")
-            kwargs["keep"] = keep
-        return self.fn(tau, **kwargs)
+        n, shape = tau.shape[0], tau.shape[1:]
+        flat = tau.reshape(n, -1)  # [N, P]
+        density = self.trim_density(params)
+        if density is not None and density < 1.0:
+            kwargs["threshold"] = methods.trim_thresholds(flat, density)
+        keep_flat = keep.reshape(n, -1) if keep is not None else None
+        p = flat.shape[1]
+        if p <= chunk:
+            if keep_flat is not None:
+                kwargs["keep"] = keep_flat
+            return self.fn(flat, **kwargs).reshape(shape)
+        out = torch.empty(p, dtype=tau.dtype, device=tau.device)
+        for s in range(0, p, chunk):
+            if keep_flat is not None:
+                kwargs["keep"] = keep_flat[:, s:s + chunk]
+            out[s:s + chunk] = self.fn(flat[:, s:s + chunk], **kwargs)
+        return out.reshape(shape)
 
 
 _SCALING_1 = Param(1.0, _scaling)
