@@ -7,6 +7,8 @@ model next to the FLOP-count limit 1 / (1 + extra_flops / base_flops).
 Part 2 (end to end, the BENCHMARKS.md anchor setting): 32 chat requests, 16 greedy new tokens, fp32, N=4,
 rank 16: HF `generate` on the static model at batch 32, twinrt `generate` with a different mix per row, and
 the reference way.
+Top-1 columns: every row routed to one expert (row b to expert b mod N), run with all active experts' factors
+concatenated on every row, and with the grouped path (each expert's GEMMs on its own rows only).
 
 Synthetic experts change only the decoder's linear weights (as LoRA experts do), so the twin's extra cost is
 its factors alone; see bench_split.py for experts that also move embeddings and norms.
@@ -61,6 +63,13 @@ def random_mix(batch: int, n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     e = -torch.log(torch.rand(batch, n, generator=g))  # Exp(1) draws, normalised: a Dirichlet(1) sample
     return e / e.sum(1, keepdim=True)
+
+
+def top1_mix(batch: int, n: int) -> torch.Tensor:
+    """Top-1 routing: row b uses expert b mod n alone (the case the grouped path is for)."""
+    mix = torch.zeros(batch, n)
+    mix[torch.arange(batch), torch.arange(batch) % n] = 1.0
+    return mix
 
 
 class Runner:
@@ -137,6 +146,11 @@ def bench_kernels(arts: dict, batches: list[int], dtypes: list[str], repeats: in
                     "twin_factored": Runner(tm.model, lambda m=mix: tm.state.set(m)),
                     "twin_materialized": Runner(tm.model, lambda s=same, k=key: tm.state.set(s, k)),
                 }
+                top1 = top1_mix(b, n)
+                top1_plan = tm.plan(top1, tokens=b * (PROMPT_LEN + DECODE_STEPS))
+                if b > 1:  # top-1 rows: all experts' GEMMs on every row, or each expert's on its own rows
+                    methods["twin_top1_concat"] = Runner(tm.model, lambda m=top1: tm.state.set(m))
+                    methods["twin_top1_grouped"] = Runner(tm.model, lambda m=top1: tm.state.set(m, grouped=True))
                 for phase in ("prefill", "decode"):
                     times = {k: [] for k in (*methods, "reference")}
                     for _ in range(repeats):  # round-robin: every method sees the same machine noise
@@ -156,7 +170,8 @@ def bench_kernels(arts: dict, batches: list[int], dtypes: list[str], repeats: in
                     row = {"dtype": dtype_name, "n": n, "rank": r, "batch": b, "phase": phase,
                            "tok_s": {k: round(v, 1) for k, v in tps.items()},
                            "ratio_to_static": {k: round(v / tps["static"], 3) for k, v in tps.items()},
-                           "flop_limit": round(plan.flop_limit_ratio, 3)}
+                           "flop_limit": round(plan.flop_limit_ratio, 3),
+                           "top1_plan": top1_plan.path, "top1_flop_limit": round(top1_plan.flop_limit_ratio, 3)}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
             del tm, static, ref
@@ -251,12 +266,16 @@ def main() -> None:
     write_json(args.out, {"benchmark": "fusion", "model": "SmolLM2-135M-Instruct", "prompt_len": PROMPT_LEN,
                           "decode_steps": DECODE_STEPS, "machine": machine(), "kernels": rows, "end_to_end": e2e})
     if rows:
-        print("\n| dtype | N | rank | batch | phase | static tok/s | factored | materialized | reference | FLOP limit |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("\n| dtype | N | rank | batch | phase | static tok/s | factored | materialized | reference | FLOP limit "
+              "| top-1 concat | top-1 grouped | top-1 limit |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             q = r["ratio_to_static"]
+            t1 = (f"{q['twin_top1_concat']:.2f}x | {q['twin_top1_grouped']:.2f}x | {r['top1_flop_limit']:.2f}x"
+                  if "twin_top1_grouped" in q else "– | – | –")
             print(f"| {r['dtype']} | {r['n']} | {r['rank']} | {r['batch']} | {r['phase']} | {r['tok_s']['static']} | "
-                  f"{q['twin_factored']:.2f}x | {q['twin_materialized']:.2f}x | {q['reference']:.2f}x | {r['flop_limit']:.2f}x |")
+                  f"{q['twin_factored']:.2f}x | {q['twin_materialized']:.2f}x | {q['reference']:.2f}x | "
+                  f"{r['flop_limit']:.2f}x | {t1} |")
     print("\nend to end (32 chat requests, 16 new tokens, fp32, N=4, rank 16):")
     for k, v in e2e["tok_s"].items():
         print(f"  {k}: {v} tok/s ({e2e['ratio_to_static'][k]:.2f}x static)")

@@ -71,9 +71,32 @@ def test_materialized_equals_factored(tm, ids):
     materialized = tm.forward(ids, mix=mix, materialize=True)
     assert tm.mix_key(mix[0]) in tm._materialized
     torch.testing.assert_close(materialized, factored, rtol=0, atol=1e-5)
-    assert tm.plan(MIXES, tokens=10**6).path == "factored"  # different rows never materialize
+    assert tm.plan(MIXES, tokens=10**6).path == "grouped"  # different rows never materialize; 8/18 pairs used
+    assert tm.plan(torch.rand(6, 3) + 0.1, tokens=10**6).path == "factored"  # every pair used
     assert tm.plan(torch.zeros(2, 3), tokens=10).path == "core"
     assert tm.plan(MIXES[1:2], tokens=1).path in ("factored", "materialized")
+
+
+def test_grouped_path_equals_concatenated_path(tm, ids):
+    # top-1 / top-2 style mixes: the grouped path (per-expert GEMMs on each expert's rows) must give the
+    # concatenated path's logits, and must really be the path taken
+    try:
+        tm.grouped_density = 0.0
+        assert tm.plan(MIXES, tokens=10).path == "factored"
+        concatenated = tm.forward(ids, mix=MIXES)
+        tm.grouped_density = 1.0
+        plan = tm.plan(MIXES, tokens=10)
+        assert plan.path == "grouped", str(plan)
+        grouped = tm.forward(ids, mix=MIXES)
+    finally:
+        tm.grouped_density = 0.5
+    torch.testing.assert_close(grouped, concatenated, rtol=0, atol=1e-5)
+    tm.grouped_density = 0.0
+    try:
+        dense_extra = tm.plan(MIXES, tokens=10).extra_flops_per_token
+    finally:
+        tm.grouped_density = 0.5
+    assert tm.plan(MIXES, tokens=10).extra_flops_per_token < dense_extra  # the cost model counts the savings
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 0.06)])
@@ -96,6 +119,10 @@ def test_mix_linear_matches_reference(dtype, atol):
     sub = reference_forward_linear(x[:1], base.weight.detach().float(), base.bias.detach().float(), factors,
                                    torch.tensor([[0.0, 0.0, 0.4]]))
     torch.testing.assert_close(layer(x[:1].to(dtype)).float(), sub, rtol=0, atol=atol)
+    state.set(mix, grouped=True)  # the grouped path: each expert's GEMMs on its own rows
+    torch.testing.assert_close(layer(x.to(dtype)).float(), ref, rtol=0, atol=atol)
+    state.set(mix[:, None, :].expand(4, 1, 3)[:, 0], grouped=True)
+    torch.testing.assert_close(layer(x[:, -1].to(dtype)).float(), ref[:, -1], rtol=0, atol=atol)  # [B, in] input
 
 
 PROMPTS = ["what is two plus three", "hello world", "def add(a, b):", "the capital of france is",

@@ -8,8 +8,10 @@ For a batch whose row b has mix weights `mix[b, :]` over N experts, every wrappe
 
 The factored path concatenates the active experts' factors, `A_cat: [R, in]`, `B_cat: [out, R]`, and does two
 skinny GEMMs with a per-row rank scale `s[b, k] = mix[b, expert(k)]`:  y = x Wᵀ + ((x A_catᵀ) ⊙ s) B_catᵀ.
-Experts with zero weight in every row of the batch are left out of the GEMMs. A materialized path uses a cached
-`W' = W + B_cat diag(s) A_cat` when every row shares one mix.
+Experts with zero weight in every row of the batch are left out of the GEMMs. When most (row, expert) pairs of
+a batch are zero (top-k routing: each row uses a few of many experts), the grouped path instead runs each
+active expert's two GEMMs on just the rows that use it (gather, GEMMs, index_add), so a row pays only for its
+own experts. A materialized path uses a cached `W' = W + B_cat diag(s) A_cat` when every row shares one mix.
 """
 
 from __future__ import annotations
@@ -34,16 +36,24 @@ class MixState:
     mix: torch.Tensor | None = None
     active: tuple[int, ...] = ()  # experts with a non-zero weight in some row
     materialized: tuple | None = None  # key of the cached W' to use, when all rows share one mix
+    groups: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # grouped path: expert -> (rows, weights)
     _cols: dict = field(default_factory=dict)
 
-    def set(self, mix: torch.Tensor | None, materialized: tuple | None = None) -> None:
+    def set(self, mix: torch.Tensor | None, materialized: tuple | None = None, grouped: bool = False) -> None:
         self.mix = mix
         self.materialized = materialized
         self._cols = {}
+        self.groups = None
         if mix is None:
             self.active = ()
-        else:
-            self.active = tuple(int(i) for i in torch.nonzero((mix != 0).any(dim=0)).flatten())
+            return
+        nz = mix != 0  # [B, N]
+        self.active = tuple(int(i) for i in torch.nonzero(nz.any(dim=0)).flatten())
+        if grouped:
+            self.groups = {}
+            for e in self.active:
+                rows = torch.nonzero(nz[:, e]).flatten()  # [b_e]
+                self.groups[e] = (rows, mix[rows, e])
 
     def columns(self, experts: tuple[int, ...], ranks: tuple[int, ...]) -> torch.Tensor:
         """Per-row rank scale `s: [B, Σ ranks]` for the given experts' slots (cached per layout)."""
@@ -83,6 +93,8 @@ class MixLinear(nn.Module):
         self._subsets: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, tuple, tuple]] = OrderedDict()
         self._subset_cache = subset_cache
         self.materialized: dict[tuple, torch.Tensor] = {}  # mix key -> W' (owned by the model's LRU)
+        starts = torch.cumsum(torch.tensor((0,) + self.ranks), 0).tolist()
+        self.slots = {e: (st, r) for e, st, r in zip(self.experts, starts, self.ranks)}  # expert -> rows of a_cat
 
     @property
     def in_features(self) -> int:
@@ -133,12 +145,10 @@ class MixLinear(nn.Module):
         y = self.base(x)  # [B, T, out] (or [B, out])
         if not st.active:
             return y
-        a, b_t, experts, ranks = self._active_factors(st.active)
-        if ranks:
-            u = F.linear(x, a)  # [B, T, R]
-            s = st.columns(experts, ranks).to(u.dtype)  # [B, R]
-            u.mul_(s[:, None, :] if u.dim() == 3 else s)
-            y.view(-1, y.shape[-1]).addmm_(u.view(-1, u.shape[-1]), b_t)  # y += (u ⊙ s) B_catᵀ, in place
+        if st.groups is not None:
+            self._grouped(x, y, st)
+        else:
+            self._concatenated(x, y, st)
         for e, d in self.dense.items():
             if e in st.active:
                 y = y + _per_row(st.mix[:, e], y) * F.linear(x, d)
@@ -146,6 +156,32 @@ class MixLinear(nn.Module):
             if e in st.active:
                 y = y + _per_row(st.mix[:, e], y) * d
         return y
+
+    def _grouped(self, x: torch.Tensor, y: torch.Tensor, st: MixState) -> None:
+        """y[rows_e] += ((x[rows_e] A_eᵀ) ⊙ w_e) B_eᵀ for each active expert e, on its rows only."""
+        batch = x.shape[0]
+        for e, (rows, w) in st.groups.items():  # type: ignore[union-attr]
+            slot = self.slots.get(e)
+            if slot is None:
+                continue
+            start, r = slot
+            a, b_t = self.a_cat[start:start + r], self.b_t[start:start + r]  # [r, in], [r, out]: views
+            if rows.numel() == batch:
+                u = F.linear(x, a)
+                u.mul_(_per_row(w, u))
+                y.view(-1, y.shape[-1]).addmm_(u.view(-1, r), b_t)
+            else:
+                u = F.linear(x.index_select(0, rows), a)  # [b_e, T, r]
+                u.mul_(_per_row(w, u))
+                y.index_add_(0, rows, torch.matmul(u, b_t))
+
+    def _concatenated(self, x: torch.Tensor, y: torch.Tensor, st: MixState) -> None:
+        a, b_t, experts, ranks = self._active_factors(st.active)
+        if ranks:
+            u = F.linear(x, a)  # [B, T, R]
+            s = st.columns(experts, ranks).to(u.dtype)  # [B, R]
+            u.mul_(s[:, None, :] if u.dim() == 3 else s)
+            y.view(-1, y.shape[-1]).addmm_(u.view(-1, u.shape[-1]), b_t)  # y += (u ⊙ s) B_catᵀ, in place
 
 
 class MixEmbedding(nn.Module):

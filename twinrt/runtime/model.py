@@ -23,7 +23,7 @@ MixLike = torch.Tensor | Sequence[Mapping[str, float]] | None
 class Plan:
     """How a batch will be run, and why (see TwinModel.plan)."""
 
-    path: str  # "core" | "factored" | "materialized"
+    path: str  # "core" | "factored" | "grouped" | "materialized"
     reason: str
     rows: int
     active_experts: tuple[str, ...]
@@ -72,6 +72,10 @@ class TwinModel:
         self.experts: list[str] = list(artifact.experts)
         self.state = MixState(len(self.experts))
         self.materialize_budget_bytes = materialize_budget_bytes
+        # the grouped path's threshold: at most this share of (row, active expert) pairs with weight. Below
+        # it, skipping the zero pairs saves more than the per-expert gathers cost (benchmarks/bench_fusion.py
+        # measures both paths on top-1 mixes)
+        self.grouped_density = 0.5
         self._materialized: OrderedDict[tuple, int] = OrderedDict()  # mix key -> bytes, LRU order
         self.mix_linears: list[MixLinear] = []
         self._attach()
@@ -182,15 +186,19 @@ class TwinModel:
     def mix_key(row: torch.Tensor) -> tuple:
         return tuple(round(float(v), 7) for v in row)
 
-    def _flops(self, active: tuple[int, ...]) -> tuple[int, int, int]:
-        """(base, extra factored, materialize) FLOPs: per token for the first two, once for the last."""
+    def _flops(self, active: tuple[int, ...], share: dict[int, float] | None = None) -> tuple[int, int, int]:
+        """(base, extra factored, materialize) FLOPs: per token for the first two, once for the last.
+
+        `share`: the fraction of rows each expert runs on (grouped path); default all rows.
+        """
         base = extra = mat = 0
         for layer in self.mix_linears:
             i, o = layer.in_features, layer.out_features
-            r = sum(rk for e, rk in zip(layer.experts, layer.ranks) if e in active)
+            r = sum(rk * (1.0 if share is None else share[e]) for e, rk in zip(layer.experts, layer.ranks)
+                    if e in active)
             r_dense = sum(1 for e in layer.dense if e in active)
-            extra += 2 * r * (i + o) + 2 * r_dense * i * o
-            mat += 2 * r * i * o + 2 * r_dense * i * o
+            extra += round(2 * r * (i + o)) + 2 * r_dense * i * o
+            mat += round(2 * r * i * o) + 2 * r_dense * i * o
         for name, mod in self.model.named_modules():
             if isinstance(mod, nn.Linear):
                 base += 2 * mod.in_features * mod.out_features
@@ -200,7 +208,9 @@ class TwinModel:
         """Choose the path for a batch with this mix that will process about `tokens` tokens in all.
 
         core: no expert has weight. materialized: every row shares one mix, and building W' costs less than
-        the factored GEMMs over `tokens` (or W' is cached) and fits the memory budget. factored: otherwise.
+        the factored GEMMs over `tokens` (or W' is cached) and fits the memory budget. grouped: rows have
+        different mixes and at most `grouped_density` of the (row, active expert) pairs have weight (top-k
+        routing), so each expert's GEMMs run on its own rows only. factored: otherwise.
         """
         rows = 0 if mix is None else mix.shape[0]
         active = () if mix is None else tuple(int(i) for i in torch.nonzero((mix != 0).any(0)).flatten())
@@ -212,6 +222,14 @@ class TwinModel:
         if not active:
             return mk("core", "no expert has weight", 0)
         if not bool((mix == mix[0]).all()):
+            nz = (mix[:, list(active)] != 0).float()  # [B, A]
+            density = float(nz.mean())
+            if rows > 1 and len(active) > 1 and density <= self.grouped_density:
+                share = nz.mean(0).tolist()  # fraction of rows using each active expert
+                extra_g = self._flops(active, share=dict(zip(active, share)))[1]
+                return Plan("grouped", f"rows have different mixes; {density:.0%} of (row, expert) pairs have "
+                            f"weight: GEMMs per expert on its rows", rows, names, base, extra_g, mat, mat_bytes,
+                            tokens)
             return mk("factored", "rows have different mixes")
         if self.mix_key(mix[0]) in self._materialized:
             return mk("materialized", "all rows share a mix whose W' is cached", 0)
@@ -249,7 +267,7 @@ class TwinModel:
         if plan.path == "core":
             self.state.set(None)
         else:
-            self.state.set(mix.to(self.device), key)
+            self.state.set(mix.to(self.device), key, grouped=plan.path == "grouped")
         return plan
 
     # ---- running ---------------------------------------------------------------------------------------------
