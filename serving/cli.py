@@ -1,8 +1,10 @@
 """`twinrt serve`: the OpenAI-compatible server's command line, registered into twinrt's parser.
 
-    twinrt serve ARTIFACT [--host 127.0.0.1] [--port 8000] [--backend local] [--api-key KEY]
+    twinrt serve ARTIFACT [--host 127.0.0.1] [--port 8000] [--backend local|vllm] [--api-key KEY]
                  [--ab twin=50,core=50] [--ab-name ab] [--max-batch 32] [--max-queue 256]
                  [--dtype float32] [--device cpu] [--log PATH | --no-log] [--no-router] [--no-materialize]
+                 [--tensor-parallel-size N] [--max-loras N] [--max-lora-rank R] [--gpu-memory-utilization F]
+                 [--mix-top-k K] [--mix-step S] [--adapter-cache N] [--vllm-arg KEY=VALUE ...]   (vllm backend)
 
 Also runnable without twinrt's CLI: `python -m serving.cli serve ARTIFACT ...`. User errors raise TwinError
 (printed as one line, exit 2).
@@ -45,7 +47,12 @@ def options_from_args(args: argparse.Namespace):
                             api_key=args.api_key, ab=args.ab, ab_name=args.ab_name, ab_seed=args.ab_seed,
                             max_batch=args.max_batch, max_queue=args.max_queue, dtype=args.dtype, device=args.device,
                             log=args.log, no_log=args.no_log, router=args.router, materialize=args.materialize,
-                            max_body_bytes=args.max_body_bytes)
+                            max_body_bytes=args.max_body_bytes, tensor_parallel_size=args.tensor_parallel_size,
+                            gpu_memory_utilization=args.gpu_memory_utilization, max_loras=args.max_loras,
+                            max_cpu_loras=args.max_cpu_loras, max_lora_rank=args.max_lora_rank,
+                            max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
+                            mix_top_k=args.mix_top_k, mix_step=args.mix_step, adapter_cache=args.adapter_cache,
+                            vllm_args=tuple(args.vllm_arg))
     except ValidationError as e:
         first = e.errors()[0]
         raise TwinError(f"--{str(first['loc'][-1]).replace('_', '-')}: {first['msg']}") from None
@@ -63,7 +70,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", help="twin artifact directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
-    p.add_argument("--backend", default="local", help="generation backend: local (twinrt's engine)")
+    p.add_argument("--backend", choices=["local", "vllm"], default="local",
+                   help="generation backend: local (twinrt's engine) or vllm (experts and mixes as vLLM LoRA adapters)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* "
                    "(default: $TWINRT_API_KEY; none = open)")
     p.add_argument("--ab", default=None, metavar="ARM=W,...", help="an A/B alias splitting traffic between arms "
@@ -81,7 +89,23 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-materialize", dest="materialize", action="store_false",
                    help="never build merged weights W' (always the factored path)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
-
+    v = p.add_argument_group("vllm backend", "passed to vLLM's engine; a mix is served as one adapter of its top-k "
+                             "experts with weights rounded to --mix-step")
+    v.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to shard the model over")
+    v.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="fraction of GPU memory for vLLM (on CPU: of RAM; default there: --kv-cache-gib 1)")
+    v.add_argument("--max-loras", type=int, default=4, help="different adapters in one batch")
+    v.add_argument("--max-cpu-loras", type=int, default=None, help="adapters vLLM keeps loaded "
+                   "(default: --adapter-cache + experts)")
+    v.add_argument("--max-lora-rank", type=int, default=None,
+                   help="vLLM's max LoRA rank (default: the smallest that holds a top-k mix)")
+    v.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    v.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size in GiB")
+    v.add_argument("--mix-top-k", type=int, default=2, help="experts kept in a served mix (default 2)")
+    v.add_argument("--mix-step", type=float, default=0.05, help="weight grid of a served mix (default 0.05)")
+    v.add_argument("--adapter-cache", type=int, default=64, help="mix adapters kept built (LRU)")
+    v.add_argument("--vllm-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other vLLM engine argument, e.g. --vllm-arg enforce_eager=true (repeatable)")
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add `serve` to twinrt's subparsers; it sets `fn(args) -> exit code`."""

@@ -17,7 +17,7 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -55,14 +55,57 @@ class ServeOptions(BaseModel):
     router: bool = True                      # False: serve `twin` without the artifact's router
     materialize: bool = True                 # let the engine build W' for batches that share one mix
     max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1024)
+    # --backend vllm (passed to vLLM as is; see serving/backends/vllm_backend.py)
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    max_loras: int = Field(4, ge=1)
+    max_cpu_loras: int | None = Field(None, ge=1)
+    max_lora_rank: int | None = None
+    max_model_len: int | None = Field(None, ge=2)
+    kv_cache_gib: float | None = Field(None, gt=0)
+    mix_top_k: int = Field(2, ge=1)
+    mix_step: float = Field(0.05, gt=0, le=1)
+    adapter_cache: int = Field(64, ge=1)
+    vllm_args: tuple[str, ...] = ()          # KEY=VALUE: any other vLLM engine argument (VALUE parsed as JSON)
 
 
-def _local(opts: ServeOptions) -> LocalBackend:
+def _local(opts: ServeOptions):
     return LocalBackend.from_artifact(opts.artifact, device=opts.device, dtype=opts.dtype, max_batch=opts.max_batch,
                                       max_queue=opts.max_queue, materialize=opts.materialize)
 
 
-BACKENDS: dict[str, Callable[[ServeOptions], LocalBackend]] = {"local": _local}
+def parse_vllm_args(items: tuple[str, ...]) -> dict[str, Any]:
+    """["enforce_eager=true", "block_size=32", "quantization=fp8"] -> {...}: JSON values, else strings."""
+    import json
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        if not sep or not key:
+            raise TwinError(f"--vllm-arg takes KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def _vllm(opts: ServeOptions):
+    from serving.backends.vllm_backend import VLLMBackend, VLLMOptions
+
+    if opts.device != "cpu" and not opts.device.startswith("cuda"):
+        raise TwinError(f"--device {opts.device!r}: the vllm backend runs where vLLM was built for (cpu or cuda)")
+    vopts = VLLMOptions(dtype=opts.dtype, tensor_parallel_size=opts.tensor_parallel_size,
+                        gpu_memory_utilization=opts.gpu_memory_utilization, max_loras=opts.max_loras,
+                        max_cpu_loras=opts.max_cpu_loras, max_lora_rank=opts.max_lora_rank,
+                        max_model_len=opts.max_model_len, kv_cache_gib=opts.kv_cache_gib, top_k=opts.mix_top_k,
+                        step=opts.mix_step, adapter_cache=opts.adapter_cache,
+                        engine_args=parse_vllm_args(opts.vllm_args))
+    return VLLMBackend(opts.artifact, max_batch=opts.max_batch, max_queue=opts.max_queue, options=vopts)
+
+
+BACKENDS: dict[str, Callable[[ServeOptions], Any]] = {"local": _local, "vllm": _vllm}
 
 
 def build_server(opts: ServeOptions) -> Server:

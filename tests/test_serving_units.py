@@ -256,7 +256,8 @@ def test_serve_cli_reports_bad_options_as_one_line(tiny_artifact, tmp_path, caps
     assert serving_main(["serve", str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert serving_main(["serve", str(tiny_artifact), "--backend", "vllm", "--no-log"]) == 2
-    assert "backend 'vllm' is not available" in capsys.readouterr().err
+    # full fine-tuned experts carry dense deltas (norms, embeddings) that vLLM LoRA adapters cannot apply
+    assert "dense deltas" in capsys.readouterr().err
 
 
 # ---- the demo's build steps -----------------------------------------------------------------------------------

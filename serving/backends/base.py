@@ -74,6 +74,7 @@ class Finished:
     finish_reason: str  # "stop" | "length" | "cancelled"
     prompt_tokens: int
     completion_tokens: int
+    token_ids: tuple[int, ...] = ()  # the completion's tokens (what backends are compared on)
 
 
 _END = object()

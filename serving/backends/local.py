@@ -197,7 +197,7 @@ class LocalBackend:
         gen = self._gens.pop(req.id, None)
         if gen is not None:
             self._post(gen.finish, Finished(req.text, req.finish_reason or "stop", req.prompt_tokens,
-                                            req.completion_tokens))
+                                            req.completion_tokens, tuple(req.output_ids)))
 
     def _fail_engine(self, error: BackendFailure) -> None:
         """Fail every request the engine holds (running or waiting); the inbox is left for the next engine."""

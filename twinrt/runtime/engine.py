@@ -23,6 +23,23 @@ if TYPE_CHECKING:
     from twinrt.runtime.model import TwinModel
 
 Prompt = str | Sequence[Mapping[str, str]]
+
+
+def encode_prompt(tok, prompt: Prompt) -> list[int]:
+    """Token ids of a prompt with a transformers tokenizer: a string as is (with the tokenizer's special
+    tokens), chat messages through the chat template with a generation prompt. Every backend encodes this way,
+    so the same request is the same tokens on each."""
+    if isinstance(prompt, str):
+        ids = tok(prompt)["input_ids"]
+    else:
+        messages = list(prompt)
+        if not messages or not all(isinstance(m, Mapping) and "role" in m and "content" in m for m in messages):
+            raise ValueError("chat prompts must be a non-empty list of {'role', 'content'} messages")
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError("prompt is empty (no tokens)")
+    return ids
 TokenCallback = Callable[["Request", str], None]
 
 
@@ -107,18 +124,7 @@ class Engine:
 
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt: chat messages go through the chat template with a generation prompt."""
-        tok = self.tm.tokenizer
-        if isinstance(prompt, str):
-            ids = tok(prompt)["input_ids"]
-        else:
-            messages = list(prompt)
-            if not messages or not all(isinstance(m, Mapping) and "role" in m and "content" in m for m in messages):
-                raise ValueError("chat prompts must be a non-empty list of {'role', 'content'} messages")
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise ValueError("prompt is empty (no tokens)")
-        return ids
+        return encode_prompt(self.tm.tokenizer, prompt)
 
     def add(self, prompt: Prompt | list[int], mix: torch.Tensor | None, params: SamplingParams,
             on_token: TokenCallback | None = None) -> Request:

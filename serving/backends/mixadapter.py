@@ -1,0 +1,153 @@
+"""A routed mix as one exact PEFT LoRA adapter, for engines that serve adapters (vLLM).
+
+For a mix w over N experts, every factored module gets
+
+    A_mix = [A_1; A_2; ...]                  rows of the active experts' A factors       [Σ r_i, in]
+    B_mix = [w_1 B_1, w_2 B_2, ...]          their B factors, each scaled by its weight  [out, Σ r_i]
+
+so B_mix A_mix = Σ w_i B_i A_i exactly: the adapter's rank is the sum of the active experts' ranks, and
+`lora_alpha == r` per module (scaling 1), with `rank_pattern`/`alpha_pattern` where modules' ranks differ.
+
+An engine caches adapters by a key, so mixes are quantised first (MixQuantizer): keep the `top_k` largest
+weights, rescale them to the mix's total weight, round each to a multiple of `step`, and drop those that
+round to zero. The key is the tuple of (expert index, multiple of step). The quantisation error of a mix is
+reported as `Σ_i |w_i − ŵ_i|` (L1 over experts): at most `step / 2` per kept expert from rounding, plus the
+mass moved off the experts top-k dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from twinrt.artifact import Artifact
+
+LORA_PREFIX = "base_model.model."
+MixKey = tuple[tuple[int, int], ...]  # ((expert index, weight in steps), ...), ascending expert index
+
+
+@dataclass(frozen=True)
+class MixQuantizer:
+    """Top-k then rounding to a grid of `step` (see the module docstring)."""
+
+    top_k: int = 2
+    step: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError(f"mix top_k must be >= 1, got {self.top_k}")
+        if not 0.0 < self.step <= 1.0:
+            raise ValueError(f"mix step must be in (0, 1], got {self.step}")
+
+    def key(self, mix: Sequence[float]) -> MixKey:
+        """The quantised mix of `mix` ([N] non-negative weights) as a cache key; () is the core alone."""
+        ranked = sorted((i for i, w in enumerate(mix) if w > 0), key=lambda i: (-mix[i], i))[: self.top_k]
+        kept = sum(mix[i] for i in ranked)
+        if kept <= 0:
+            return ()
+        scale = sum(w for w in mix if w > 0) / kept  # the dropped experts' mass goes to the kept ones
+        out = []
+        for i in sorted(ranked):
+            steps = round(mix[i] * scale / self.step)
+            if steps > 0:
+                out.append((i, steps))
+        return tuple(out)
+
+    def weights(self, key: MixKey, n: int) -> tuple[float, ...]:
+        """The [N] weights a key stands for."""
+        w = [0.0] * n
+        for i, steps in key:
+            w[i] = steps * self.step
+        return tuple(w)
+
+    def error(self, mix: Sequence[float]) -> float:
+        """Σ_i |w_i − ŵ_i|: how far the served (quantised) mix is from the requested one."""
+        q = self.weights(self.key(mix), len(mix))
+        return float(sum(abs(a - b) for a, b in zip(mix, q)))
+
+
+def is_single_expert(key: MixKey, quantizer: MixQuantizer) -> int | None:
+    """The expert index when the key is one expert at weight 1 (served by its own adapter), else None."""
+    if len(key) == 1 and math.isclose(key[0][1] * quantizer.step, 1.0, abs_tol=1e-9):
+        return key[0][0]
+    return None
+
+
+class MixAdapterBuilder:
+    """Writes the mix adapter of a key from an artifact's experts' factors (loaded once, float32)."""
+
+    def __init__(self, art: Artifact, dtype: torch.dtype = torch.float32) -> None:
+        self.art = art
+        self.dtype = dtype
+        self.experts = list(art.experts)
+        # expert index -> module ("model.layers.0.self_attn.q_proj") -> (A [r, in], B [out, r])
+        self.factors: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
+        for name in self.experts:
+            loaded = art.load_factors(name, dtype=torch.float32)
+            self.factors.append({w.removesuffix(".weight"): ab for w, ab in loaded.items()})
+        self.modules = sorted({m for f in self.factors for m in f})
+
+    def rank(self, key: MixKey) -> int:
+        """The largest per-module rank of a key's adapter (what an engine's max LoRA rank must hold)."""
+        return max((sum(self.factors[i][m][0].shape[0] for i, _ in key if m in self.factors[i])
+                    for m in self.modules), default=0)
+
+    def max_rank(self, top_k: int) -> int:
+        """The largest rank any quantised mix with at most `top_k` experts can need."""
+        per_module = [sorted((f[m][0].shape[0] for f in self.factors if m in f), reverse=True)[:top_k]
+                      for m in self.modules]
+        return max((sum(r) for r in per_module), default=0)
+
+    def tensors(self, key: MixKey, weights: Sequence[float]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """(adapter tensors in PEFT's naming, module -> rank) of the mix `weights` over the key's experts."""
+        tensors: dict[str, torch.Tensor] = {}
+        ranks: dict[str, int] = {}
+        for m in self.modules:
+            parts = [(self.factors[i][m], weights[i]) for i, _ in key if m in self.factors[i]]
+            if not parts:
+                continue
+            a = torch.cat([ab[0] for ab, _ in parts])  # [Σ r, in]
+            b = torch.cat([ab[1] * w for ab, w in parts], dim=1)  # [out, Σ r]
+            tensors[f"{LORA_PREFIX}{m}.lora_A.weight"] = a.to(self.dtype).contiguous()
+            tensors[f"{LORA_PREFIX}{m}.lora_B.weight"] = b.to(self.dtype).contiguous()
+            ranks[m] = a.shape[0]
+        return tensors, ranks
+
+    def write_zero(self, out: Path) -> Path:
+        """An adapter of rank 1 whose factors are all zero: the core, exactly, as an adapter (see vllm_backend)."""
+        tensors: dict[str, torch.Tensor] = {}
+        for m in self.modules:
+            a, b = next(f[m] for f in self.factors if m in f)
+            tensors[f"{LORA_PREFIX}{m}.lora_A.weight"] = torch.zeros(1, a.shape[1], dtype=self.dtype)
+            tensors[f"{LORA_PREFIX}{m}.lora_B.weight"] = torch.zeros(b.shape[0], 1, dtype=self.dtype)
+        out.mkdir(parents=True)
+        save_file(tensors, str(out / "adapter_model.safetensors"))
+        (out / "adapter_config.json").write_text(json.dumps(adapter_config({m: 1 for m in self.modules}), indent=2))
+        return out
+
+    def write(self, key: MixKey, weights: Sequence[float], out: Path) -> Path:
+        """Write the adapter to the new directory `out` (adapter_model.safetensors + adapter_config.json)."""
+        tensors, ranks = self.tensors(key, weights)
+        if not tensors:
+            raise ValueError("a mix adapter needs at least one expert with factors")
+        out.mkdir(parents=True)
+        save_file(tensors, str(out / "adapter_model.safetensors"))
+        (out / "adapter_config.json").write_text(json.dumps(adapter_config(ranks), indent=2))
+        return out
+
+
+def adapter_config(ranks: dict[str, int]) -> dict:
+    """A PEFT LoRA config with scaling 1 for every module (lora_alpha == r, per module where ranks differ)."""
+    r = max(ranks.values())
+    pattern = {m: k for m, k in sorted(ranks.items()) if k != r}
+    targets = sorted({m.rsplit(".", 1)[-1] for m in ranks})
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r, "target_modules": targets,
+            "rank_pattern": pattern, "alpha_pattern": dict(pattern), "lora_dropout": 0.0, "bias": "none",
+            "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+            "inference_mode": True, "modules_to_save": None}

