@@ -306,6 +306,7 @@ class VLLMBackend:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self.engine.shutdown()
         self.engine = None
+        self.cache = None  # the last reference to the engine: it is collected now, not at interpreter exit
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
