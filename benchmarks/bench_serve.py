@@ -2,8 +2,11 @@
 
     python benchmarks/bench_serve.py ARTIFACT [--arms twin core expert:NAME] [--concurrency 1 8 32]
            [--seconds 10] [--max-tokens 32] [--threads 1] [--max-batch 32] [--label NAME] [--out FILE]
+           [--backend local|vllm] [--compare-local]
 
 The server runs in a child process (`python -m serving.cli serve ARTIFACT --port P`, OMP threads = --threads).
+`--backend vllm` serves with vLLM; `--compare-local` then also runs the local backend on the same arms and
+levels in the same run (one server at a time, so they never share the CPU) and prints vllm/local per arm.
 Each of N clients sends streamed, greedy chat requests back to back until the time is up (requests in flight
 then finish and count); prompts cycle through the artifact's task prompts (examples/tasks/<expert>/test.jsonl
 when the experts are those tasks, else synthetic math/code/chat prompts). Measured per (arm, N):
@@ -69,11 +72,12 @@ def task_prompts(experts: list[str], per_task: int = 40) -> list[list[dict]]:
 
 
 class ServerProcess:
-    def __init__(self, artifact: Path, threads: int, max_batch: int, log: Path) -> None:
+    def __init__(self, artifact: Path, threads: int, max_batch: int, log: Path, backend: str = "local") -> None:
         self.port = free_port()
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+               "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}" if threads > 1 else "0"}
         cmd = [sys.executable, "-m", "serving.cli", "serve", str(artifact), "--port", str(self.port),
-               "--max-batch", str(max_batch), "--max-queue", "1024", "--log", str(log)]
+               "--max-batch", str(max_batch), "--max-queue", "1024", "--log", str(log), "--backend", backend]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -146,26 +150,40 @@ async def run_level(url: str, arm: str, clients: int, seconds: float, prompts: l
 
 
 def ratios(rows: list[dict], key: str = "output_tokens_per_s") -> dict[str, float]:
-    """twin's `key` over core's, per concurrency level."""
+    """twin's `key` over core's, per concurrency level (rows of one backend)."""
     by = {(r["arm"], r["clients"]): r for r in rows}
     return {str(c): round(by[("twin", c)][key] / by[("core", c)][key], 3)
             for (arm, c) in by if arm == "twin" and ("core", c) in by and by[("core", c)].get(key)
             and by[("twin", c)].get(key) is not None}
 
 
+def backend_ratios(rows: list[dict], key: str = "output_tokens_per_s") -> dict[str, float]:
+    """vllm's `key` over local's, per arm and concurrency level ("arm@clients")."""
+    by = {(r.get("backend", "local"), r["arm"], r["clients"]): r for r in rows}
+    return {f"{arm}@{c}": round(r[key] / by[("local", arm, c)][key], 3)
+            for (b, arm, c), r in by.items() if b == "vllm" and ("local", arm, c) in by
+            and by[("local", arm, c)].get(key) and r.get(key) is not None}
+
+
 def markdown(rows: list[dict]) -> str:
     f = lambda x, k=3: "-" if x is None else f"{x:.{k}f}"  # noqa: E731
-    tok, tpot = ratios(rows), ratios(rows, "tpot_p50")
-    lines = ["| arm | clients | req/s | out tok/s | tok/req | p50 s | p99 s | ttft p50 s | ttft p99 s | tpot p50 s "
-             "| twin/core tok/s | core/twin tpot |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        twin = r["arm"] == "twin"
-        inv = tpot.get(str(r["clients"])) if twin else None
-        lines.append(f"| {r['arm']} | {r['clients']} | {f(r['requests_per_s'], 2)} | {f(r['output_tokens_per_s'], 1)} "
-                     f"| {f(r['mean_output_tokens'], 1)} | {f(r['latency_p50'])} | {f(r['latency_p99'])} "
-                     f"| {f(r['ttft_p50'])} | {f(r['ttft_p99'])} | {f(r.get('tpot_p50'))} "
-                     f"| {f(tok.get(str(r['clients'])) if twin else None, 2)} | {f(1 / inv if inv else None, 2)} |")
+    backends = list(dict.fromkeys(r.get("backend", "local") for r in rows))
+    cross = backend_ratios(rows)
+    lines = ["| backend | arm | clients | req/s | out tok/s | tok/req | p50 s | p99 s | ttft p50 s | ttft p99 s "
+             "| tpot p50 s | twin/core tok/s | core/twin tpot | vllm/local tok/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for b in backends:
+        mine = [r for r in rows if r.get("backend", "local") == b]
+        tok, tpot = ratios(mine), ratios(mine, "tpot_p50")
+        for r in mine:
+            twin = r["arm"] == "twin"
+            inv = tpot.get(str(r["clients"])) if twin else None
+            x = cross.get(f"{r['arm']}@{r['clients']}") if b == "vllm" else None
+            lines.append(f"| {b} | {r['arm']} | {r['clients']} | {f(r['requests_per_s'], 2)} "
+                         f"| {f(r['output_tokens_per_s'], 1)} | {f(r['mean_output_tokens'], 1)} | {f(r['latency_p50'])} "
+                         f"| {f(r['latency_p99'])} | {f(r['ttft_p50'])} | {f(r['ttft_p99'])} | {f(r.get('tpot_p50'))} "
+                         f"| {f(tok.get(str(r['clients'])) if twin else None, 2)} | {f(1 / inv if inv else None, 2)} "
+                         f"| {f(x, 2)} |")
     return "\n".join(lines)
 
 
@@ -181,6 +199,8 @@ def main() -> int:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--label", default=None, help="key of this run in the JSON file (default: artifact dir name)")
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--backend", choices=["local", "vllm"], default="local")
+    p.add_argument("--compare-local", action="store_true", help="with --backend vllm: also run the local backend")
     p.add_argument("--table", action="store_true", help="only print the table of the --label run stored in --out")
     args = p.parse_args()
     if args.table:
@@ -188,30 +208,41 @@ def main() -> int:
         print(markdown(run["rows"]))
         return 0
 
-    log = Path(tempfile.mkdtemp(prefix="bench_serve_")) / "routing.jsonl"
-    server = ServerProcess(args.artifact, args.threads, args.max_batch, log)
-    try:
-        health = server.wait_ready()
-        experts = health["experts"]
-        arms = args.arms or ["twin", "core", f"expert:{experts[0]}"]
-        prompts = task_prompts(experts)
-        load_before = os.getloadavg()[0]
-        asyncio.run(run_level(server.url, arms[0], 2, 0.5, prompts, 4))  # warm-up: first-call costs
-        rows = []
-        for clients in args.concurrency:
-            for arm in arms:
-                row = asyncio.run(run_level(server.url, arm, clients, args.seconds, prompts, args.max_tokens))
-                rows.append(row)
-                print(f"{arm:>16} x{clients:<3} {row['requests_per_s']:7.2f} req/s {row['output_tokens_per_s']:8.1f} "
-                      f"tok/s  p50 {row['latency_p50']:.3f} s  ttft p50 {row['ttft_p50'] or 0:.3f} s", flush=True)
-    finally:
-        server.stop()
-    twin_over_core = ratios(rows)
-    tpot_ratio = {c: round(1 / v, 3) for c, v in ratios(rows, "tpot_p50").items() if v}
-    result = {"artifact": str(args.artifact), "experts": experts, "router": health["router"],
-              "seconds_per_level": args.seconds, "max_tokens": args.max_tokens, "server_threads": args.threads,
-              "max_batch": args.max_batch, "load_average_before": round(load_before, 2), "machine": machine(),
-              "rows": rows, "twin_over_core_tokens_per_s": twin_over_core, "core_over_twin_tpot": tpot_ratio}
+    backends = [args.backend] + (["local"] if args.compare_local and args.backend != "local" else [])
+    rows: list[dict] = []
+    health: dict = {}
+    load_before = os.getloadavg()[0]
+    for backend in backends:
+        log = Path(tempfile.mkdtemp(prefix="bench_serve_")) / "routing.jsonl"
+        t0 = time.perf_counter()
+        server = ServerProcess(args.artifact, args.threads, args.max_batch, log, backend)
+        try:
+            health = server.wait_ready()
+            print(f"{backend} server ready in {time.perf_counter() - t0:.1f} s", flush=True)
+            experts = health["experts"]
+            arms = args.arms or ["twin", "core", f"expert:{experts[0]}"]
+            prompts = task_prompts(experts)
+            for arm in arms:  # warm-up: first-call costs (a vLLM adapter's first load, W' builds)
+                asyncio.run(run_level(server.url, arm, 2, 0.5, prompts, 4))
+            for clients in args.concurrency:
+                for arm in arms:
+                    row = {"backend": backend,
+                           **asyncio.run(run_level(server.url, arm, clients, args.seconds, prompts, args.max_tokens))}
+                    rows.append(row)
+                    print(f"{backend:>6} {arm:>16} x{clients:<3} {row['requests_per_s']:7.2f} req/s "
+                          f"{row['output_tokens_per_s']:8.1f} tok/s  p50 {row['latency_p50']:.3f} s  "
+                          f"ttft p50 {row['ttft_p50'] or 0:.3f} s", flush=True)
+        finally:
+            server.stop()
+    per_backend = {b: [r for r in rows if r["backend"] == b] for b in backends}
+    result = {"artifact": str(args.artifact), "experts": health.get("experts"), "router": health.get("router"),
+              "backends": backends, "seconds_per_level": args.seconds, "max_tokens": args.max_tokens,
+              "server_threads": args.threads, "max_batch": args.max_batch,
+              "load_average_before": round(load_before, 2), "machine": machine(), "rows": rows,
+              "twin_over_core_tokens_per_s": {b: ratios(v) for b, v in per_backend.items()},
+              "core_over_twin_tpot": {b: {c: round(1 / x, 3) for c, x in ratios(v, "tpot_p50").items() if x}
+                                      for b, v in per_backend.items()},
+              "vllm_over_local_tokens_per_s": backend_ratios(rows)}
     data = json.loads(args.out.read_text()) if args.out.is_file() else {}
     data[args.label or args.artifact.name] = result
     args.out.parent.mkdir(parents=True, exist_ok=True)
