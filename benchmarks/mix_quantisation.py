@@ -117,7 +117,7 @@ def main() -> int:
                 print(json.dumps(row), flush=True)
     write_json(args.out, {"benchmark": "mix_quantisation", "artifact": str(args.artifact), "machine": machine(),
                           "experts": tm.experts, "rows": rows})
-    print("\n| mixes | top-k | step | weight L1 mean / max | ΔW rel. error | max |Δlogit| mean / max | next-token agree |")
+    print("\n| mixes | top-k | step | weight L1 mean / max | ΔW rel. error | max abs Δlogit mean / max | next-token agree |")
     print("|---|---:|---:|---|---:|---|---:|")
     for r in rows:
         print(f"| {r['mixes_from']} | {r['top_k']} | {r['step']} | {r['weight_l1_mean']:.4f} / {r['weight_l1_max']:.4f} "
