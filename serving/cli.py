@@ -103,7 +103,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     v.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size in GiB")
     v.add_argument("--mix-top-k", type=int, default=2, help="experts kept in a served mix (default 2)")
     v.add_argument("--mix-step", type=float, default=0.05, help="weight grid of a served mix (default 0.05)")
-    v.add_argument("--adapter-cache", type=int, default=64, help="mix adapters kept built (LRU)")
+    v.add_argument("--adapter-cache", type=int, default=16, help="mix adapters kept built (LRU)")
     v.add_argument("--vllm-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="any other vLLM engine argument, e.g. --vllm-arg enforce_eager=true (repeatable)")
 

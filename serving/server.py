@@ -65,7 +65,7 @@ class ServeOptions(BaseModel):
     kv_cache_gib: float | None = Field(None, gt=0)
     mix_top_k: int = Field(2, ge=1)
     mix_step: float = Field(0.05, gt=0, le=1)
-    adapter_cache: int = Field(64, ge=1)
+    adapter_cache: int = Field(16, ge=1)
     vllm_args: tuple[str, ...] = ()          # KEY=VALUE: any other vLLM engine argument (VALUE parsed as JSON)
 
 

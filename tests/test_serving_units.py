@@ -16,6 +16,7 @@ from serving.cli import main as serving_main
 from serving.routelog import LOG_FIELDS, RouteLog, read_log, user_hash
 from serving.routing import OverrideError, override_mix
 from serving.schemas import ChatCompletionRequest, CompletionRequest, RoutingOverride
+from twinrt.artifact import Artifact
 from twinrt.errors import TwinError
 
 EXPERTS = ["math", "code", "chat"]
@@ -299,3 +300,45 @@ def test_demo_finds_adapters_and_notices_when_they_change(tiny_models, tmp_path)
     assert [e.label for e in got] == ["alpha"] * 3 + ["beta"] * 3
     with pytest.raises(TwinError, match="no router training data for expert 'gamma'"):
         router_examples(["gamma"], per_task=3, tasks_dir=tasks)
+
+
+# ---- vLLM backend pieces that need no engine ------------------------------------------------------------------
+
+
+def test_mix_quantizer_keys_weights_and_errors() -> None:
+    from serving.backends.mixadapter import MixQuantizer, is_single_expert
+
+    q = MixQuantizer(top_k=2, step=0.05)
+    assert q.key((0.0, 0.0, 0.0)) == () and q.key((0.0, 0.0)) == ()
+    assert q.key((0.0, 1.0, 0.0)) == ((1, 20),) and is_single_expert(q.key((0.0, 1.0, 0.0)), q) == 1
+    assert q.key((0.5, 0.3, 0.2)) == ((0, 12), (1, 8))  # top-2, rescaled to 0.625 / 0.375, rounded
+    assert q.weights(((0, 12), (1, 8)), 3) == pytest.approx((0.6, 0.4, 0.0))
+    assert q.key((0.97, 0.02, 0.01)) == ((0, 20),)  # code's 0.02 rescaled is 0.0206: rounds to zero, dropped
+    assert q.key((0.3, 0.3, 0.3)) == ((0, 9), (1, 9))  # ties go to the lower index; the total 0.9 is kept: 0.45 each
+    assert q.error((0.6, 0.4, 0.0)) == pytest.approx(0.0) and q.error((0.5, 0.3, 0.2)) == pytest.approx(0.4)
+    assert MixQuantizer(top_k=3, step=0.01).key((0.5, 0.3, 0.2)) == ((0, 50), (1, 30), (2, 20))
+    assert is_single_expert(((0, 10),), q) is None  # one expert at weight 0.5 is a mix adapter, not the expert's
+    with pytest.raises(ValueError, match="top_k"):
+        MixQuantizer(top_k=0)
+    with pytest.raises(ValueError, match="step"):
+        MixQuantizer(step=0.0)
+
+
+def test_vllm_backend_refuses_what_lora_cannot_serve(tiny_artifact) -> None:
+    from serving.backends.vllm_backend import check_servable, pick_lora_rank
+    from serving.server import parse_vllm_args
+
+    with pytest.raises(TwinError, match="dense deltas in .* tensors .*--backend local"):
+        check_servable(Artifact.open(tiny_artifact))
+    assert pick_lora_rank(12, None) == 16 and pick_lora_rank(16, None) == 16 and pick_lora_rank(1, None) == 1
+    assert pick_lora_rank(12, 64) == 64
+    with pytest.raises(TwinError, match="below the rank a served mix needs"):
+        pick_lora_rank(40, 32)
+    with pytest.raises(TwinError, match="must be one of"):
+        pick_lora_rank(4, 12)
+    with pytest.raises(TwinError, match="above vLLM's largest"):
+        pick_lora_rank(600, None)
+    assert parse_vllm_args(("enforce_eager=true", "--block-size=32", "quantization=fp8")) == {
+        "enforce_eager": True, "block_size": 32, "quantization": "fp8"}
+    with pytest.raises(TwinError, match="KEY=VALUE"):
+        parse_vllm_args(("enforce_eager",))

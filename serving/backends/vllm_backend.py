@@ -61,7 +61,8 @@ class VLLMOptions:
     kv_cache_gib: float | None = None  # KV cache size; default: 1 GiB on CPU, vLLM's memory fraction on GPU
     top_k: int = 2                     # experts kept in a served mix
     step: float = 0.05                 # weight grid of a served mix
-    adapter_cache: int = 64            # mix adapters kept on disk and in the engine
+    adapter_cache: int = 16            # mix adapters kept on disk and loaded in the engine (each is
+                                       # Σ ranks × (in + out) × 4 bytes per layer: 37 MiB for SmolLM2 at top-2 × r16)
     seed: int = 0
     zero_core: bool | None = None      # serve the core through an all-zero adapter (default: on CPU)
     engine_args: Mapping[str, Any] = field(default_factory=dict)
@@ -145,7 +146,7 @@ class AdapterCache:
 
     async def acquire(self, key: MixKey) -> Any:
         """The LoRARequest of a key (None or the zero adapter for the core), in use until `release(key)`."""
-        if not key:
+        if not key or self.builder.rank(key) == 0:  # the core, or experts without any factors
             return self.core
         single = is_single_expert(key, self.quantizer)
         if single is not None:
