@@ -136,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--device", default="cpu")
     p.add_argument("--build-only", action="store_true", help="build the artifact and router, do not serve")
+    p.add_argument("--backend", choices=["local", "vllm"], default="local",
+                   help="serve with twinrt's engine (local) or on vLLM (the demo's experts are LoRA: it can)")
     args = p.parse_args(argv)
 
     import logging
@@ -163,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.build_only:
             return 0
         opts = ServeOptions(artifact=args.artifact, host=args.host, port=args.port, max_batch=args.max_batch,
-                            device=args.device)
+                            device=args.device, backend=args.backend)
         prompt = example_prompt(args.artifact)
         run(opts, on_ready=lambda server, port: print(banner(server, opts.host, port, prompt), flush=True))
     except TwinError as e:
