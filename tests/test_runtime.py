@@ -71,8 +71,7 @@ def test_materialized_equals_factored(tm, ids):
     materialized = tm.forward(ids, mix=mix, materialize=True)
     assert tm.mix_key(mix[0]) in tm._materialized
     torch.testing.assert_close(materialized, factored, rtol=0, atol=1e-5)
-    assert tm.plan(MIXES, tokens=10**6).path == "grouped"  # different rows never materialize; 8/18 pairs used
-    assert tm.plan(torch.rand(6, 3) + 0.1, tokens=10**6).path == "factored"  # every pair used
+    assert tm.plan(MIXES, tokens=10**6).path == "factored"  # different rows never materialize
     assert tm.plan(torch.zeros(2, 3), tokens=10).path == "core"
     assert tm.plan(MIXES[1:2], tokens=1).path in ("factored", "materialized")
 
@@ -80,23 +79,22 @@ def test_materialized_equals_factored(tm, ids):
 def test_grouped_path_equals_concatenated_path(tm, ids):
     # top-1 / top-2 style mixes: the grouped path (per-expert GEMMs on each expert's rows) must give the
     # concatenated path's logits, and must really be the path taken
+    step = ids.numel()  # 60 tokens, 8 of 18 (row, expert) pairs used; the tiny experts' ranks are 4
+    assert tm.plan(MIXES, tokens=10, step_tokens=step).path == "factored"  # too few tokens, too low a rank
+    concatenated = tm.forward(ids, mix=MIXES)
+    dense_extra = tm.plan(MIXES, tokens=10).extra_flops_per_token
     try:
-        tm.grouped_density = 0.0
-        assert tm.plan(MIXES, tokens=10).path == "factored"
-        concatenated = tm.forward(ids, mix=MIXES)
-        tm.grouped_density = 1.0
-        plan = tm.plan(MIXES, tokens=10)
+        tm.grouped_min_tokens, tm.grouped_min_rank = 16, 1
+        plan = tm.plan(MIXES, tokens=10, step_tokens=step)
         assert plan.path == "grouped", str(plan)
+        assert plan.extra_flops_per_token < dense_extra  # the cost model counts the skipped pairs
+        assert tm.plan(torch.rand(6, 3) + 0.1, tokens=10, step_tokens=step).path == "factored"  # every pair used
+        assert tm.plan(MIXES, tokens=10, step_tokens=6).path == "factored"  # a decode step: launch-bound
+        assert tm.plan(MIXES, tokens=10).path == "factored"  # unknown step size: the safe path
         grouped = tm.forward(ids, mix=MIXES)
     finally:
-        tm.grouped_density = 0.5
+        tm.grouped_min_tokens, tm.grouped_min_rank = 64, 32
     torch.testing.assert_close(grouped, concatenated, rtol=0, atol=1e-5)
-    tm.grouped_density = 0.0
-    try:
-        dense_extra = tm.plan(MIXES, tokens=10).extra_flops_per_token
-    finally:
-        tm.grouped_density = 0.5
-    assert tm.plan(MIXES, tokens=10).extra_flops_per_token < dense_extra  # the cost model counts the savings
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 0.06)])

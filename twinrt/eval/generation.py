@@ -62,7 +62,8 @@ class PlainModel:
             tok.pad_token = tok.eos_token
         return cls(model, tok, dev, dt)
 
-    def set_mix(self, mix: torch.Tensor | None, tokens: int = 1, allow_materialize: bool = True) -> None:
+    def set_mix(self, mix: torch.Tensor | None, tokens: int = 1, allow_materialize: bool = True,
+                step_tokens: int | None = None) -> None:
         self.state.set(mix)
 
     def assign(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -164,7 +164,8 @@ class Engine:
         dev = self.tm.device
         mask = mask.to(dev)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-        self.tm.set_mix(self._mix_matrix(reqs), tokens=tokens, allow_materialize=self.materialize)
+        self.tm.set_mix(self._mix_matrix(reqs), tokens=tokens, allow_materialize=self.materialize,
+                        step_tokens=ids.numel())
         try:
             with torch.no_grad():
                 out = self.tm.model(input_ids=ids.to(dev), attention_mask=mask, position_ids=positions,

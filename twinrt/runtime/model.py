@@ -72,10 +72,14 @@ class TwinModel:
         self.experts: list[str] = list(artifact.experts)
         self.state = MixState(len(self.experts))
         self.materialize_budget_bytes = materialize_budget_bytes
-        # the grouped path's threshold: at most this share of (row, active expert) pairs with weight. Below
-        # it, skipping the zero pairs saves more than the per-expert gathers cost (benchmarks/bench_fusion.py
-        # measures both paths on top-1 mixes)
+        # When the grouped path pays (benchmarks/bench_fusion.py times both paths on top-1 mixes): at most
+        # `grouped_density` of the (row, active expert) pairs have weight, each active expert gets at least
+        # `grouped_min_tokens` tokens of this forward on average (so its GEMMs are not launch-bound: prefill
+        # yes, decode of a few rows no), and the active experts' mean rank is at least `grouped_min_rank`
+        # (at rank 16 the skipped FLOPs are too few to pay for the gathers on a CPU).
         self.grouped_density = 0.5
+        self.grouped_min_tokens = 64
+        self.grouped_min_rank = 32
         self._materialized: OrderedDict[tuple, int] = OrderedDict()  # mix key -> bytes, LRU order
         self.mix_linears: list[MixLinear] = []
         self._attach()
@@ -204,13 +208,15 @@ class TwinModel:
                 base += 2 * mod.in_features * mod.out_features
         return base, extra, mat
 
-    def plan(self, mix: torch.Tensor | None, tokens: int) -> Plan:
+    def plan(self, mix: torch.Tensor | None, tokens: int, step_tokens: int | None = None) -> Plan:
         """Choose the path for a batch with this mix that will process about `tokens` tokens in all.
 
         core: no expert has weight. materialized: every row shares one mix, and building W' costs less than
         the factored GEMMs over `tokens` (or W' is cached) and fits the memory budget. grouped: rows have
-        different mixes and at most `grouped_density` of the (row, active expert) pairs have weight (top-k
-        routing), so each expert's GEMMs run on its own rows only. factored: otherwise.
+        different mixes, at most `grouped_density` of the (row, active expert) pairs have weight (top-k
+        routing), and this forward (`step_tokens` tokens) gives each active expert enough tokens at a high
+        enough rank that running each expert's GEMMs on its own rows only beats the concatenated GEMMs.
+        factored: otherwise.
         """
         rows = 0 if mix is None else mix.shape[0]
         active = () if mix is None else tuple(int(i) for i in torch.nonzero((mix != 0).any(0)).flatten())
@@ -224,7 +230,10 @@ class TwinModel:
         if not bool((mix == mix[0]).all()):
             nz = (mix[:, list(active)] != 0).float()  # [B, A]
             density = float(nz.mean())
-            if rows > 1 and len(active) > 1 and density <= self.grouped_density:
+            mean_rank = sum(sum(r for e, r in zip(layer.experts, layer.ranks) if e in active)
+                            for layer in self.mix_linears) / max(len(self.mix_linears) * len(active), 1)
+            if (rows > 1 and len(active) > 1 and density <= self.grouped_density and step_tokens is not None
+                    and step_tokens * density >= self.grouped_min_tokens and mean_rank >= self.grouped_min_rank):
                 share = nz.mean(0).tolist()  # fraction of rows using each active expert
                 extra_g = self._flops(active, share=dict(zip(active, share)))[1]
                 return Plan("grouped", f"rows have different mixes; {density:.0%} of (row, expert) pairs have "
@@ -258,9 +267,13 @@ class TwinModel:
                 layer.materialized.pop(old, None)
         return key
 
-    def set_mix(self, mix: torch.Tensor | None, tokens: int = 1, allow_materialize: bool = True) -> Plan:
-        """Make every mixing layer use `mix` ([B, N], validated) for the next forward passes."""
-        plan = self.plan(mix, tokens)
+    def set_mix(self, mix: torch.Tensor | None, tokens: int = 1, allow_materialize: bool = True,
+                step_tokens: int | None = None) -> Plan:
+        """Make every mixing layer use `mix` ([B, N], validated) for the next forward pass(es).
+
+        `tokens`: what the batch will process in all (for materializing); `step_tokens`: this forward's.
+        """
+        plan = self.plan(mix, tokens, step_tokens)
         key = None
         if plan.path == "materialized" and allow_materialize:
             key = self.materialize(mix[0])
@@ -283,7 +296,7 @@ class TwinModel:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(self.device)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        self.set_mix(w, tokens=input_ids.numel(), allow_materialize=materialize)
+        self.set_mix(w, tokens=input_ids.numel(), allow_materialize=materialize, step_tokens=input_ids.numel())
         try:
             with torch.no_grad():
                 return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
