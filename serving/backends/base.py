@@ -171,6 +171,17 @@ class Generation:
         return self.result is not None or self.error is not None
 
 
+def check_submit(request: GenerationRequest, running: bool, inflight: int, max_batch: int, max_queue: int,
+                 n_experts: int) -> None:
+    """What every backend's `submit` checks first: it runs, it has room, the mix fits its experts."""
+    if not running:
+        raise BackendFailure("the backend is not running")
+    if inflight >= max_batch + max_queue:
+        raise QueueFull(f"the server is at capacity ({max_batch} running + {max_queue} queued requests); retry later")
+    if request.mix is not None and len(request.mix) != n_experts:
+        raise ValueError(f"mix has {len(request.mix)} weights for {n_experts} experts")
+
+
 @dataclass(frozen=True)
 class BackendStats:
     queued: int   # accepted, waiting for a batch slot

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from serving.backends.base import (Admission, BackendFailure, BackendStats, Finished, Generation, GenerationRequest,
-                                   PromptError, QueueFull)
+                                   PromptError, check_submit)
 from twinrt.runtime import Engine, Request, SamplingParams, TwinModel
 
 log = logging.getLogger(__name__)
@@ -93,13 +93,8 @@ class LocalBackend:
         self._thread = None
 
     def submit(self, request: GenerationRequest) -> Generation:
-        if self._thread is None or self._loop is None or self._stopping:
-            raise BackendFailure("the backend is not running")
-        if self._inflight >= self.max_batch + self.max_queue:
-            raise QueueFull(f"the server is at capacity ({self.max_batch} running + {self.max_queue} queued "
-                            "requests); retry later")
-        if request.mix is not None and len(request.mix) != len(self.experts):
-            raise ValueError(f"mix has {len(request.mix)} weights for {len(self.experts)} experts")
+        check_submit(request, self._thread is not None and self._loop is not None and not self._stopping,
+                     self._inflight, self.max_batch, self.max_queue, len(self.experts))
         gen = Generation(self._loop, on_cancel=self._request_cancel, on_done=self._done)
         self._inflight += 1
         self._inbox.put(("add", gen, request))

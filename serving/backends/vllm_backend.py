@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.backends.base import (Admission, BackendFailure, BackendStats, Finished, Generation, GenerationRequest,
-                                   PromptError, QueueFull)
+                                   PromptError, check_submit)
 from serving.backends.local import SEED_MASK, context_error
 from serving.backends.mixadapter import MixAdapterBuilder, MixKey, MixQuantizer, is_single_expert
 from twinrt.artifact import Artifact
@@ -313,13 +313,8 @@ class VLLMBackend:
             self._workdir = None
 
     def submit(self, request: GenerationRequest) -> Generation:
-        if self.engine is None or self._stopping:
-            raise BackendFailure("the backend is not running")
-        if self._inflight >= self.max_batch + self.max_queue:
-            raise QueueFull(f"the server is at capacity ({self.max_batch} running + {self.max_queue} queued "
-                            "requests); retry later")
-        if request.mix is not None and len(request.mix) != len(self.experts):
-            raise ValueError(f"mix has {len(request.mix)} weights for {len(self.experts)} experts")
+        check_submit(request, self.engine is not None and not self._stopping, self._inflight, self.max_batch,
+                     self.max_queue, len(self.experts))
         loop = asyncio.get_running_loop()
         gen = Generation(loop, on_cancel=self._cancel, on_done=self._done)
         self._inflight += 1
