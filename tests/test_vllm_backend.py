@@ -218,3 +218,25 @@ def test_mix_adapter_is_exact_in_peft(lora_artifact):
     tm = TwinModel.from_artifact(lora_artifact)
     got = tm.forward(ids, mix=torch.tensor([mix, mix]))
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_stop_strings_match_local(servers):
+    # a stop string cut from the middle of the greedy text: both backends stop before its first occurrence,
+    # and vLLM's stream holds back what could be the start of it, as the local engine does
+    local, remote = servers
+    mix = (0.0, 0.0, 1.0)
+    base = generate(local, [greedy(PROMPTS[2], mix, 24)])[0].text
+    cut = next((i for i in range(2, len(base) - 2) if "\ufffd" not in base[i:i + 2] and base[i:i + 2].strip()), None)
+    if cut is None:
+        pytest.fail(f"no whole two characters to stop on in {base!r}")
+    stop = base[cut:cut + 2]
+    req = GenerationRequest(PROMPTS[2], mix, 24, stop=(stop,))
+    want, got = generate(local, [req])[0], generate(remote, [req])[0]
+    assert want.finish_reason == got.finish_reason == "stop"
+    assert got.text == want.text == base[:base.index(stop)]
+
+    async def streamed():
+        gen = remote.server.backend.submit(req)
+        return "".join([d async for d in gen])
+
+    assert on_loop(remote, streamed()) == want.text
