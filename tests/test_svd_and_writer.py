@@ -80,7 +80,8 @@ def test_rank_for_energy():
 @pytest.mark.parametrize("shard", [1 << 40, 300])
 def test_streaming_writer_roundtrips(tmp_path, shard):
     tensors = {"w": torch.randn(10, 12), "b16": torch.randn(5).bfloat16(), "h": torch.randn(3, 3).half(),
-               "i": torch.arange(6), "empty": torch.zeros(0, 4)}
+               "i": torch.arange(6), "empty": torch.zeros(0, 4),
+               "rank1": torch.randn(7).as_strided((7, 1), (1, 7))}  # [7, 1], last-dim stride 7: a rank-1 SVD factor
     w = SafetensorsWriter(tmp_path, "model", max_shard_bytes=shard, metadata={"who": "test"})
     for k, v in tensors.items():
         w.add(k, v)

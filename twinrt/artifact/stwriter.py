@@ -30,7 +30,9 @@ class _Shard:
 
     def add(self, name: str, tensor: torch.Tensor) -> int:
         t = tensor.detach().to("cpu").contiguous()
-        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        # flattened first: a "contiguous" [n, 1] tensor may still have a last-dim stride != 1 (rank-1 factors
+        # are such views), which .view(uint8) refuses
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         self.data.write(raw)
         self.header[name] = {"dtype": _CODES[t.dtype], "shape": list(t.shape),
                              "data_offsets": [self.offset, self.offset + len(raw)]}
