@@ -81,6 +81,7 @@ class TwinModel:
         self.grouped_min_tokens = 64
         self.grouped_min_rank = 32
         self._materialized: OrderedDict[tuple, int] = OrderedDict()  # mix key -> bytes, LRU order
+        self._costs: tuple | None = None  # see _expert_costs
         self.mix_linears: list[MixLinear] = []
         self._attach()
         self.config = model.config
@@ -190,23 +191,37 @@ class TwinModel:
     def mix_key(row: torch.Tensor) -> tuple:
         return tuple(round(float(v), 7) for v in row)
 
+    def _expert_costs(self) -> tuple[int, list[int], list[int], list[int], list[int], int]:
+        """Per-expert cost terms, computed once (plan() runs every decode step, so no per-call module walks).
+
+        -> (base FLOPs/token, factored FLOPs/token per expert, dense-delta FLOPs/token per expert,
+            materialize FLOPs per expert, rank summed over mixing layers per expert, bytes of all W')
+        """
+        if self._costs is None:
+            n = len(self.experts)
+            fac, dense, mat, rank = [0] * n, [0] * n, [0] * n, [0] * n
+            for layer in self.mix_linears:
+                i, o = layer.in_features, layer.out_features
+                for e, rk in zip(layer.experts, layer.ranks):
+                    fac[e] += 2 * rk * (i + o)
+                    mat[e] += 2 * rk * i * o
+                    rank[e] += rk
+                for e in layer.dense:
+                    dense[e] += 2 * i * o
+                    mat[e] += 2 * i * o
+            base = sum(2 * m.in_features * m.out_features for m in self.model.modules() if isinstance(m, nn.Linear))
+            mat_bytes = sum(layer.base.weight.numel() for layer in self.mix_linears) * self.dtype.itemsize
+            self._costs = (base, fac, dense, mat, rank, mat_bytes)
+        return self._costs
+
     def _flops(self, active: tuple[int, ...], share: dict[int, float] | None = None) -> tuple[int, int, int]:
         """(base, extra factored, materialize) FLOPs: per token for the first two, once for the last.
 
-        `share`: the fraction of rows each expert runs on (grouped path); default all rows.
+        `share`: the fraction of rows each expert's factors run on (grouped path); default all rows.
         """
-        base = extra = mat = 0
-        for layer in self.mix_linears:
-            i, o = layer.in_features, layer.out_features
-            r = sum(rk * (1.0 if share is None else share[e]) for e, rk in zip(layer.experts, layer.ranks)
-                    if e in active)
-            r_dense = sum(1 for e in layer.dense if e in active)
-            extra += round(2 * r * (i + o)) + 2 * r_dense * i * o
-            mat += round(2 * r * i * o) + 2 * r_dense * i * o
-        for name, mod in self.model.named_modules():
-            if isinstance(mod, nn.Linear):
-                base += 2 * mod.in_features * mod.out_features
-        return base, extra, mat
+        base, fac, dense, mat, _, _ = self._expert_costs()
+        extra = sum(round(fac[e] * (1.0 if share is None else share[e])) + dense[e] for e in active)
+        return base, extra, sum(mat[e] for e in active)
 
     def plan(self, mix: torch.Tensor | None, tokens: int, step_tokens: int | None = None) -> Plan:
         """Choose the path for a batch with this mix that will process about `tokens` tokens in all.
@@ -221,7 +236,7 @@ class TwinModel:
         rows = 0 if mix is None else mix.shape[0]
         active = () if mix is None else tuple(int(i) for i in torch.nonzero((mix != 0).any(0)).flatten())
         base, extra, mat = self._flops(active)
-        mat_bytes = sum(layer.base.weight.numel() for layer in self.mix_linears) * self.dtype.itemsize
+        mat_bytes = self._expert_costs()[5]
         names = tuple(self.experts[i] for i in active)
         mk = lambda path, why, mf=mat: Plan(path, why, rows, names, base, extra if path != "core" else 0, mf,  # noqa: E731
                                             mat_bytes, tokens)
@@ -230,8 +245,8 @@ class TwinModel:
         if not bool((mix == mix[0]).all()):
             nz = (mix[:, list(active)] != 0).float()  # [B, A]
             density = float(nz.mean())
-            mean_rank = sum(sum(r for e, r in zip(layer.experts, layer.ranks) if e in active)
-                            for layer in self.mix_linears) / max(len(self.mix_linears) * len(active), 1)
+            rank = self._expert_costs()[4]
+            mean_rank = sum(rank[e] for e in active) / max(len(self.mix_linears) * len(active), 1)
             if (rows > 1 and len(active) > 1 and density <= self.grouped_density and step_tokens is not None
                     and step_tokens * density >= self.grouped_min_tokens and mean_rank >= self.grouped_min_rank):
                 share = nz.mean(0).tolist()  # fraction of rows using each active expert
