@@ -306,22 +306,25 @@ def test_demo_finds_adapters_and_notices_when_they_change(tiny_models, tmp_path)
 
 
 def test_mix_quantizer_keys_weights_and_errors() -> None:
-    from serving.backends.mixadapter import MixQuantizer, is_single_expert
+    from serving.backends.mixadapter import MixQuantizer
 
     q = MixQuantizer(top_k=2, step=0.05)
     assert q.key((0.0, 0.0, 0.0)) == () and q.key((0.0, 0.0)) == ()
-    assert q.key((0.0, 1.0, 0.0)) == ((1, 20),) and is_single_expert(q.key((0.0, 1.0, 0.0)), q) == 1
+    assert q.key((0.0, 1.0, 0.0)) == ((1, 20),) == q.one(1)  # one expert at weight 1: its own adapter's key
     assert q.key((0.5, 0.3, 0.2)) == ((0, 12), (1, 8))  # top-2, rescaled to 0.625 / 0.375, rounded
     assert q.weights(((0, 12), (1, 8)), 3) == pytest.approx((0.6, 0.4, 0.0))
     assert q.key((0.97, 0.02, 0.01)) == ((0, 20),)  # code's 0.02 rescaled is 0.0206: rounds to zero, dropped
     assert q.key((0.3, 0.3, 0.3)) == ((0, 9), (1, 9))  # ties go to the lower index; the total 0.9 is kept: 0.45 each
     assert q.error((0.6, 0.4, 0.0)) == pytest.approx(0.0) and q.error((0.5, 0.3, 0.2)) == pytest.approx(0.4)
     assert MixQuantizer(top_k=3, step=0.01).key((0.5, 0.3, 0.2)) == ((0, 50), (1, 30), (2, 20))
-    assert is_single_expert(((0, 10),), q) is None  # one expert at weight 0.5 is a mix adapter, not the expert's
-    with pytest.raises(ValueError, match="top_k"):
+    assert q.key((0.5, 0.0, 0.0)) == ((0, 10),) != q.one(0)  # one expert at weight 0.5 is a mix adapter
+    assert MixQuantizer(top_k=1, step=0.1).key((0.2, 0.7, 0.1)) == MixQuantizer(step=0.1).one(1)  # top-1 -> expert
+    with pytest.raises(TwinError, match="top-k"):
         MixQuantizer(top_k=0)
-    with pytest.raises(ValueError, match="step"):
+    with pytest.raises(TwinError, match="step"):
         MixQuantizer(step=0.0)
+    with pytest.raises(TwinError, match="must divide 1"):
+        MixQuantizer(step=0.03)  # 33 steps = 0.99: an expert alone could not get weight 1
 
 
 def test_vllm_backend_refuses_what_lora_cannot_serve(tiny_artifact) -> None:

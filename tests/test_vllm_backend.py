@@ -240,3 +240,15 @@ def test_stop_strings_match_local(servers):
         return "".join([d async for d in gen])
 
     assert on_loop(remote, streamed()) == want.text
+
+
+def test_bad_vllm_options_fail_before_the_engine_starts(lora_artifact):
+    from serving.backends.vllm_backend import VLLMBackend, VLLMOptions
+    from twinrt.errors import TwinError
+
+    with pytest.raises(TwinError, match="--vllm-arg: .*no_such_option"):
+        VLLMBackend(lora_artifact, options=VLLMOptions(engine_args={"no_such_option": 1}))
+    with pytest.raises(TwinError, match="--max-lora-rank 8 is below"):  # top-2 of rank-8 experts needs 16
+        VLLMBackend(lora_artifact, options=VLLMOptions(max_lora_rank=8))
+    with pytest.raises(TwinError, match="must divide 1"):
+        VLLMBackend(lora_artifact, options=VLLMOptions(step=0.07))

