@@ -96,7 +96,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of GPU memory for vLLM (on CPU: of RAM; default there: --kv-cache-gib 1)")
     v.add_argument("--max-loras", type=int, default=4, help="different adapters in one batch")
     v.add_argument("--max-cpu-loras", type=int, default=None, help="adapters vLLM keeps loaded "
-                   "(default: --adapter-cache + experts)")
+                   "(default: --adapter-cache + experts + 1)")
     v.add_argument("--max-lora-rank", type=int, default=None,
                    help="vLLM's max LoRA rank (default: the smallest that holds a top-k mix)")
     v.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")

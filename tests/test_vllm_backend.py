@@ -43,7 +43,7 @@ GRID_MIX = (0.6, 0.4, 0.0)  # on the 0.05 grid, two experts: served exactly
 
 @pytest.fixture(scope="module")
 def lora_artifact(tmp_path_factory) -> Path:
-    return make_lora_artifact(tmp_path_factory.mktemp("vllm-art"), EXPERTS, initializer_range=0.2)
+    return make_lora_artifact(tmp_path_factory.mktemp("vllm-art"), EXPERTS)
 
 
 @pytest.fixture(scope="module")

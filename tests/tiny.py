@@ -78,7 +78,7 @@ def make_full_expert(base_dir: Path, out: Path, seed: int, scale: float = 0.05) 
 
 
 def make_lora_expert(base_dir: Path, adapter_out: Path, merged_out: Path, seed: int, r: int = 4,
-                     rank_pattern: dict | None = None, scale: float = 0.5) -> None:
+                     rank_pattern: dict | None = None) -> None:
     """A PEFT LoRA adapter with random non-zero factors, and the same expert merged into a full checkpoint."""
     from peft import LoraConfig, get_peft_model
 
@@ -91,13 +91,13 @@ def make_lora_expert(base_dir: Path, adapter_out: Path, merged_out: Path, seed: 
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
             if "lora_" in n:
-                p.mul_(scale)
+                p.mul_(0.5)
     peft_model.save_pretrained(adapter_out)
     peft_model.merge_and_unload().save_pretrained(merged_out)
 
 
 def make_lora_artifact(root: Path, experts: tuple[str, ...] = ("math", "code", "chat"), rank: int = 8,
-                       lora_scale: float = 0.5, **over) -> Path:
+                       **over) -> Path:
     """A twin artifact of LoRA experts (no dense deltas, so every engine that serves LoRA can serve it) over a
     tiny Llama whose head size vLLM's kernels take (64), with initialisation wide enough that greedy tokens
     are decided by clear logit margins, not by float rounding."""
@@ -107,13 +107,12 @@ def make_lora_artifact(root: Path, experts: tuple[str, ...] = ("math", "code", "
     from twinrt.split.run import split
 
     kw = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1,
-              initializer_range=0.08)
+              initializer_range=0.2)
     kw.update(over)
     make_base(root / "base", **kw)
     paths = {}
     for i, name in enumerate(experts):
-        make_lora_expert(root / "base", root / f"{name}-lora", root / f"{name}-merged", seed=40 + i,
-                         scale=lora_scale)
+        make_lora_expert(root / "base", root / f"{name}-lora", root / f"{name}-merged", seed=40 + i)
         paths[name] = root / f"{name}-lora"
     cfg = {"base": str(root / "base"), "experts": [{"name": n, "path": str(p)} for n, p in paths.items()],
            "shared": {"method": "task_arithmetic"}, "exclusive": {"rank": rank}}
