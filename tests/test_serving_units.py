@@ -284,11 +284,25 @@ def test_demo_finds_adapters_and_notices_when_they_change(tiny_models, tmp_path)
     split(cfg, tmp_path / "art")
     assert stale_reason(tmp_path / "art", lora) is None
     shutil.copytree(tiny_models["lora_a"], lora / "gamma")
-    assert "differ from the adapters now present" in stale_reason(tmp_path / "art", lora)
+    assert "differ from the experts now present" in stale_reason(tmp_path / "art", lora)
     shutil.rmtree(lora / "gamma")
     with (lora / "beta" / "adapter_config.json").open("a") as f:    # retrained: any byte differs
         f.write("\n")
-    assert stale_reason(tmp_path / "art", lora) == "the adapter 'beta' changed since it was built"
+    assert stale_reason(tmp_path / "art", lora) == "the expert 'beta' changed since it was built"
+
+    full = tmp_path / "full"   # full fine-tuned checkpoints are experts too; their fingerprint is the split's
+    for name in EXPERTS[:2]:
+        shutil.copytree(tiny_models[name], full / name)
+    (full / "empty").mkdir()
+    assert demo_experts(full) == sorted(EXPERTS[:2])
+    cfg = parse_config({"base": str(tiny_models["base"]), "shared": {"method": "task_arithmetic"},
+                        "experts": [{"name": n, "path": str(full / n)} for n in EXPERTS[:2]],
+                        "exclusive": {"rank": 4}})
+    split(cfg, tmp_path / "art_full")
+    assert stale_reason(tmp_path / "art_full", full) is None
+    with (full / EXPERTS[0] / "config.json").open("a") as f:
+        f.write("\n")
+    assert stale_reason(tmp_path / "art_full", full) == f"the expert {EXPERTS[0]!r} changed since it was built"
 
     tasks = tmp_path / "tasks"
     for name in ("alpha", "beta"):
