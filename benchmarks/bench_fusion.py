@@ -6,7 +6,8 @@ N, rank, batch size and dtype, each method timed round-robin in the same run, wi
 model next to the FLOP-count limit 1 / (1 + extra_flops / base_flops).
 Part 2 (end to end, the BENCHMARKS.md anchor setting): 32 chat requests, 16 greedy new tokens, fp32, N=4,
 rank 16: HF `generate` on the static model at batch 32, twinrt `generate` with a different mix per row, and
-the reference way.
+the reference way. Every arm generates exactly 16 tokens per request (HF `min_new_tokens`, the engine's
+`ignore_eos`), so tokens/s compare the same work; `tokens_per_run` in the JSON shows it.
 Top-1 columns: every row routed to one expert (row b to expert b mod N), run with all active experts' factors
 concatenated on every row, and with the grouped path (each expert's GEMMs on its own rows only).
 
@@ -206,7 +207,8 @@ def bench_end_to_end(art: Path, n_requests: int = 32, new_tokens: int = 16, repe
         from twinrt.runtime import Engine, SamplingParams
 
         eng = Engine(tm, max_batch=n_requests, materialize=False)
-        reqs = [eng.add(p, mix[i], SamplingParams(max_new_tokens=new_tokens)) for i, p in enumerate(prompts)]
+        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)  # same work as min_new_tokens above
+        reqs = [eng.add(p, mix[i], params) for i, p in enumerate(prompts)]
         eng.run_until_done()
         return sum(r.completion_tokens for r in reqs)
 
@@ -214,7 +216,8 @@ def bench_end_to_end(art: Path, n_requests: int = 32, new_tokens: int = 16, repe
         from twinrt.runtime import Engine, SamplingParams
 
         eng = Engine(tm, max_batch=n_requests)
-        reqs = [eng.add(p, None, SamplingParams(max_new_tokens=new_tokens)) for p in prompts]
+        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+        reqs = [eng.add(p, None, params) for p in prompts]
         eng.run_until_done()
         return sum(r.completion_tokens for r in reqs)
 
@@ -231,16 +234,19 @@ def bench_end_to_end(art: Path, n_requests: int = 32, new_tokens: int = 16, repe
 
     fns = {"static_hf_generate": hf_static, "twin_per_row_mixes": twin, "twinrt_engine_core_only": twin_core_engine,
            "reference_rebuild_batch1": reference}
-    results = {k: [] for k in fns}
+    results: dict[str, list[float]] = {k: [] for k in fns}
+    tokens: dict[str, int] = {}
     for _ in range(repeats):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             ntok = fn()
             results[name].append(ntok / (time.perf_counter() - t0))
+            tokens[name] = ntok
     tps = {k: round(statistics.median(v), 1) for k, v in results.items()}
     plan = tm.plan(mix, tokens=n_requests * new_tokens)
     bound = tps["static_hf_generate"] / tps["reference_rebuild_batch1"]
     return {"requests": n_requests, "new_tokens": new_tokens, "n": len(tm.experts), "tok_s": tps,
+            "tokens_per_run": tokens,
             "ratio_to_static": {k: round(v / tps["static_hf_generate"], 3) for k, v in tps.items()},
             "twin_over_reference": round(tps["twin_per_row_mixes"] / tps["reference_rebuild_batch1"], 2),
             "static_over_reference_bound": round(bound, 2), "flop_limit": round(plan.flop_limit_ratio, 3)}

@@ -164,6 +164,21 @@ def test_stop_strings_streaming_and_finish_reasons(tm):
     assert short.finish_reason == "length" and short.completion_tokens == 2
 
 
+def test_ignore_eos_keeps_decoding_through_end_of_sequence(tm):
+    plain = Engine(tm, materialize=False)
+    ref = plain.add(PROMPTS[0], None, SamplingParams(max_new_tokens=6))
+    plain.run_until_done()
+    assert ref.completion_tokens == 6
+    eos = ref.output_ids[2]      # pretend the third token is the end of sequence
+    engine = Engine(tm, materialize=False)
+    engine.eos = {eos}
+    stopped = engine.add(PROMPTS[0], None, SamplingParams(max_new_tokens=6))
+    kept = engine.add(PROMPTS[0], None, SamplingParams(max_new_tokens=6, ignore_eos=True))
+    engine.run_until_done()
+    assert stopped.finish_reason == "stop" and stopped.output_ids == ref.output_ids[: ref.output_ids.index(eos)]
+    assert kept.finish_reason == "length" and kept.output_ids == ref.output_ids
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(tm):
     a = tm.generate([PROMPTS[0]], max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5)
     b = tm.generate([PROMPTS[0], PROMPTS[1]], max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5)

@@ -50,6 +50,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # as vLLM's: an end-of-sequence token does not finish the row (benchmarks)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -230,7 +231,7 @@ class Engine:
             if r.cancelled:
                 r.finish_reason = "cancelled"
                 continue
-            if t in self.eos:
+            if t in self.eos and not r.params.ignore_eos:
                 r.finish_reason = "stop"
             else:
                 r.output_ids.append(t)
