@@ -68,7 +68,8 @@ def _rows(body: ChatCompletionRequest | CompletionRequest, decision: Decision) -
     rows = 1 if temperature == 0 else body.n
     return [GenerationRequest(prompt=prompt, mix=decision.mix, max_tokens=body.max_completion(),
                               temperature=temperature, top_p=1.0 if body.top_p is None else body.top_p,
-                              stop=body.stops(), seed=None if body.seed is None else body.seed + i)
+                              stop=body.stops(), seed=None if body.seed is None else body.seed + i,
+                              ignore_eos=body.ignore_eos)
             for i in range(rows)]
 
 

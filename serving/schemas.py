@@ -75,6 +75,7 @@ class _Request(BaseModel):
     n: Annotated[int, Field(strict=True, ge=1, le=MAX_N)] = 1
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     seed: Annotated[int, Field(strict=True, ge=SEED_MIN, le=SEED_MAX)] | None = None
+    ignore_eos: Annotated[bool, Field(strict=True)] = False  # vLLM's extra parameter: decode past end-of-sequence
     user: str | None = None
     stream: Annotated[bool, Field(strict=True)] = False
     stream_options: StreamOptions | None = None

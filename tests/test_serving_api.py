@@ -172,6 +172,22 @@ def test_n_choices_seeds_and_stop(client):
     assert stopped.choices[0].text == full[: full.find(full[2:4])] and stopped.choices[0].finish_reason == "stop"
 
 
+def test_ignore_eos_decodes_past_the_end_of_sequence(client, live):
+    ref = client.completions.create(model="core", prompt=PROMPTS[3], max_tokens=6, temperature=0)
+    assert ref.usage.completion_tokens == 6 and ref.choices[0].finish_reason == "length"
+    engine = live.server.backend.engine
+    eos = engine.eos
+    engine.eos = set(range(engine.tm.config.vocab_size))   # every token ends the sequence now
+    try:
+        stopped = client.completions.create(model="core", prompt=PROMPTS[3], max_tokens=6, temperature=0)
+        kept = client.completions.create(model="core", prompt=PROMPTS[3], max_tokens=6, temperature=0,
+                                         extra_body={"ignore_eos": True})
+    finally:
+        engine.eos = eos
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == 0
+    assert kept.choices[0].finish_reason == "length" and kept.choices[0].text == ref.choices[0].text
+
+
 def test_models_lists_the_arms_and_the_ab_alias(client):
     ids = [m.id for m in client.models.list().data]
     assert ids == ["twin", "core", "expert:math", "expert:code", "expert:chat", "ab"]

@@ -68,6 +68,7 @@ CASES = [
     ("temperature a string", CHAT, with_(temperature="hot"), AUTH, 400, None, "temperature"),
     ("top_p 0", CHAT, with_(top_p=0), AUTH, 400, None, "top_p"),
     ("n 0", CHAT, with_(n=0), AUTH, 400, None, "n"),
+    ("ignore_eos string", CHAT, with_(ignore_eos="yes"), AUTH, 400, None, "ignore_eos"),
     ("stop not strings", CHAT, with_(stop=[1, 2]), AUTH, 400, None, "stop"),
     ("stream_options without stream", CHAT, with_(stream_options={"include_usage": True}), AUTH, 400, None, None),
     ("logprobs asked for", CHAT, with_(logprobs=True), AUTH, 400, None, None),

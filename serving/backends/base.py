@@ -60,6 +60,7 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # an end-of-sequence token does not finish the completion (vLLM's ignore_eos)
 
 
 @dataclass(frozen=True)

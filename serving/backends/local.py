@@ -167,7 +167,8 @@ class LocalBackend:
         max_tokens = r.max_tokens if r.max_tokens is not None else self.context - len(ids)
         try:
             params = SamplingParams(max_new_tokens=max_tokens, temperature=r.temperature, top_p=r.top_p,
-                                    stop=r.stop, seed=None if r.seed is None else r.seed & SEED_MASK)
+                                    stop=r.stop, seed=None if r.seed is None else r.seed & SEED_MASK,
+                                    ignore_eos=r.ignore_eos)
         except ValueError as e:
             self._post(gen.reject, PromptError(str(e)))
             return

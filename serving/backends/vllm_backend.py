@@ -338,7 +338,8 @@ class VLLMBackend:
         from vllm.sampling_params import RequestOutputKind
 
         return SamplingParams(max_tokens=max_tokens, temperature=r.temperature, top_p=r.top_p, stop=list(r.stop),
-                              seed=None if r.seed is None else r.seed & SEED_MASK, skip_special_tokens=True,
+                              seed=None if r.seed is None else r.seed & SEED_MASK, ignore_eos=r.ignore_eos,
+                              skip_special_tokens=True,
                               output_kind=RequestOutputKind.DELTA)
 
     async def _run(self, gen: Generation, r: GenerationRequest) -> None:
