@@ -44,7 +44,8 @@ def main() -> None:
 
     def engine(m: torch.Tensor | None) -> int:
         eng = Engine(tm, max_batch=n, materialize=False)
-        reqs = [eng.add(p, None if m is None else m[i], SamplingParams(max_new_tokens=16)) for i, p in enumerate(prompts)]
+        params = SamplingParams(max_new_tokens=16, ignore_eos=True)  # the same 16 tokens per row as min_new_tokens
+        reqs = [eng.add(p, None if m is None else m[i], params) for i, p in enumerate(prompts)]
         eng.run_until_done()
         return sum(r.completion_tokens for r in reqs)
 
