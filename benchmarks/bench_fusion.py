@@ -144,14 +144,14 @@ def bench_kernels(arts: dict, batches: list[int], dtypes: list[str], repeats: in
                 plan = tm.plan(mix, tokens=b * (PROMPT_LEN + DECODE_STEPS))
                 methods = {
                     "static": Runner(static),
-                    "twin_factored": Runner(tm.model, lambda m=mix: tm.state.set(m)),
-                    "twin_materialized": Runner(tm.model, lambda s=same, k=key: tm.state.set(s, k)),
+                    "twin_factored": Runner(tm.model, lambda m=mix, t=tm: t.state.set(m)),
+                    "twin_materialized": Runner(tm.model, lambda s=same, k=key, t=tm: t.state.set(s, k)),
                 }
                 top1 = top1_mix(b, n)
                 top1_plan = tm.plan(top1, tokens=b * (PROMPT_LEN + DECODE_STEPS))
                 if b > 1:  # top-1 rows: all experts' GEMMs on every row, or each expert's on its own rows
-                    methods["twin_top1_concat"] = Runner(tm.model, lambda m=top1: tm.state.set(m))
-                    methods["twin_top1_grouped"] = Runner(tm.model, lambda m=top1: tm.state.set(m, grouped=True))
+                    methods["twin_top1_concat"] = Runner(tm.model, lambda m=top1, t=tm: t.state.set(m))
+                    methods["twin_top1_grouped"] = Runner(tm.model, lambda m=top1, t=tm: t.state.set(m, grouped=True))
                 for phase in ("prefill", "decode"):
                     times = {k: [] for k in (*methods, "reference")}
                     for _ in range(repeats):  # round-robin: every method sees the same machine noise

@@ -242,7 +242,6 @@ def test_32_concurrent_mixed_requests_equal_each_sent_alone(live):
     peak = 0
 
     async def main():
-        nonlocal peak
         client = AsyncOpenAI(base_url=live.url + "/v1", api_key=KEY, max_retries=0)
         done = False
 
