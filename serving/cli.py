@@ -107,6 +107,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     v.add_argument("--vllm-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="any other vLLM engine argument, e.g. --vllm-arg enforce_eager=true (repeatable)")
 
+
 def register(subparsers) -> argparse.ArgumentParser:
     """Add `serve` to twinrt's subparsers; it sets `fn(args) -> exit code`."""
     s = subparsers.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API")

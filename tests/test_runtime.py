@@ -83,6 +83,7 @@ def test_grouped_path_equals_concatenated_path(tm, ids):
     assert tm.plan(MIXES, tokens=10, step_tokens=step).path == "factored"  # too few tokens, too low a rank
     concatenated = tm.forward(ids, mix=MIXES)
     dense_extra = tm.plan(MIXES, tokens=10).extra_flops_per_token
+    thresholds = tm.grouped_min_tokens, tm.grouped_min_rank
     try:
         tm.grouped_min_tokens, tm.grouped_min_rank = 16, 1
         plan = tm.plan(MIXES, tokens=10, step_tokens=step)
@@ -93,7 +94,7 @@ def test_grouped_path_equals_concatenated_path(tm, ids):
         assert tm.plan(MIXES, tokens=10).path == "factored"  # unknown step size: the safe path
         grouped = tm.forward(ids, mix=MIXES)
     finally:
-        tm.grouped_min_tokens, tm.grouped_min_rank = 64, 32
+        tm.grouped_min_tokens, tm.grouped_min_rank = thresholds
     torch.testing.assert_close(grouped, concatenated, rtol=0, atol=1e-5)
 
 

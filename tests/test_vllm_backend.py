@@ -23,7 +23,7 @@ from serving.backends.mixadapter import MixAdapterBuilder, MixQuantizer
 from serving.server import ServeOptions, ThreadedServer, build_server
 from tiny import make_lora_artifact
 from twinrt.artifact import Artifact
-from twinrt.runtime import TwinModel
+from twinrt.runtime import Engine, TwinModel
 
 try:
     import vllm  # noqa: F401
@@ -240,6 +240,17 @@ def test_stop_strings_match_local(servers):
         return "".join([d async for d in gen])
 
     assert on_loop(remote, streamed()) == want.text
+
+
+def test_sampling_parameters_reach_vllm(lora_artifact):
+    from serving.backends.vllm_backend import VLLMBackend
+
+    backend = VLLMBackend(lora_artifact)  # no engine started
+    req = GenerationRequest("hi", None, 5, temperature=0.7, top_p=0.9, stop=("x",), seed=3, ignore_eos=True)
+    p = backend._sampling(req, 5)
+    assert (p.max_tokens, p.temperature, p.top_p, p.stop, p.seed, p.ignore_eos) == (5, 0.7, 0.9, ["x"], 3, True)
+    assert backend._sampling(greedy("hi", None), 5).ignore_eos is False
+    assert backend.eos == Engine(TwinModel.from_artifact(lora_artifact), max_batch=1).eos  # the same stop tokens
 
 
 def test_bad_vllm_options_fail_before_the_engine_starts(lora_artifact):

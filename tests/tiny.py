@@ -101,9 +101,7 @@ def make_lora_artifact(root: Path, experts: tuple[str, ...] = ("math", "code", "
     """A twin artifact of LoRA experts (no dense deltas, so every engine that serves LoRA can serve it) over a
     tiny Llama whose head size vLLM's kernels take (64), with initialisation wide enough that greedy tokens
     are decided by clear logit margins, not by float rounding."""
-    import yaml
-
-    from twinrt.config import load_config
+    from twinrt.config import parse_config
     from twinrt.split.run import split
 
     kw = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1,
@@ -116,6 +114,5 @@ def make_lora_artifact(root: Path, experts: tuple[str, ...] = ("math", "code", "
         paths[name] = root / f"{name}-lora"
     cfg = {"base": str(root / "base"), "experts": [{"name": n, "path": str(p)} for n, p in paths.items()],
            "shared": {"method": "task_arithmetic"}, "exclusive": {"rank": rank}}
-    (root / "split.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    split(load_config(root / "split.yaml"), root / "artifact")
+    split(parse_config(cfg), root / "artifact")
     return root / "artifact"

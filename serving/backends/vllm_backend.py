@@ -35,7 +35,7 @@ from serving.backends.local import SEED_MASK, context_error
 from serving.backends.mixadapter import MixAdapterBuilder, MixKey, MixQuantizer
 from twinrt.artifact import Artifact
 from twinrt.errors import TwinError
-from twinrt.runtime.engine import encode_prompt
+from twinrt.runtime.engine import encode_prompt, end_ids
 
 log = logging.getLogger(__name__)
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM accepts as max_lora_rank
@@ -82,13 +82,8 @@ def eos_ids(core_dir: Path, tokenizer: Any) -> set[int]:
     """The ids that end a generation, as the local engine counts them (generation config + tokenizer)."""
     from transformers import GenerationConfig
 
-    ids: list[int] = []
-    if (core_dir / "generation_config.json").is_file():
-        eos = GenerationConfig.from_pretrained(core_dir).eos_token_id
-        ids = [eos] if isinstance(eos, int) else list(eos or [])
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return set(ids)
+    has_config = (core_dir / "generation_config.json").is_file()
+    return end_ids(GenerationConfig.from_pretrained(core_dir).eos_token_id if has_config else None, tokenizer)
 
 
 def pick_lora_rank(needed: int, given: int | None) -> int:
@@ -136,7 +131,8 @@ class AdapterCache:
         n = len(builder.experts)
         for i, name in enumerate(builder.experts):  # one expert at weight 1 uses the expert's own adapter
             path = builder.art.expert_dir(name)
-            self.entries[quantizer.one(i)] = _Adapter(LoRARequest(f"expert:{name}", next(self._ids), str(path)), path, owned=False)
+            request = LoRARequest(f"expert:{name}", next(self._ids), str(path))
+            self.entries[quantizer.one(i)] = _Adapter(request, path, owned=False)
         self._n = n
         self.core: Any = None
         if zero_core:  # the core as an all-zero adapter (see VLLMBackend.zero_core)

@@ -40,6 +40,17 @@ def encode_prompt(tok, prompt: Prompt) -> list[int]:
     if not ids:
         raise ValueError("prompt is empty (no tokens)")
     return ids
+
+
+def end_ids(generation_eos: int | Sequence[int] | None, tok) -> set[int]:
+    """The token ids that end a generation: the generation config's eos id(s) and the tokenizer's. Every backend
+    stops on the same set, so the same request ends at the same token on each."""
+    ids = [generation_eos] if isinstance(generation_eos, int) else list(generation_eos or [])
+    if tok.eos_token_id is not None:
+        ids.append(tok.eos_token_id)
+    return set(ids)
+
+
 TokenCallback = Callable[["Request", str], None]
 
 
@@ -114,11 +125,7 @@ class Engine:
         self._mask: torch.Tensor | None = None  # [B, L] attention mask of the running rows
         self._next: torch.Tensor | None = None  # [B] the token each running row feeds next
         self._ids = itertools.count()
-        eos = tm.model.generation_config.eos_token_id
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        if tm.tokenizer.eos_token_id is not None:
-            eos.append(tm.tokenizer.eos_token_id)
-        self.eos = set(eos)
+        self.eos = end_ids(tm.model.generation_config.eos_token_id, tm.tokenizer)
         self.context = int(getattr(tm.config, "max_position_embeddings", 2048))
 
     # ---- requests --------------------------------------------------------------------------------------------
