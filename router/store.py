@@ -80,7 +80,10 @@ def resolve_sentence_encoder(ref: str, router_dir: Path | None) -> Path:
     if ref == MINILM:
         return minilm_dir()
     rel = Path(ref)
-    if rel.is_absolute() or ".." in rel.parts or router_dir is None:
+    inside = router_dir is not None and not rel.is_absolute() and ".." not in rel.parts
+    if inside:  # and no symlink on the way leads out of router/
+        inside = router_dir.resolve() in (router_dir / rel).resolve().parents
+    if not inside:
         raise TwinError(f"router encoder ref {ref!r} must be 'minilm' or a path inside the router directory")
     return router_dir / rel
 

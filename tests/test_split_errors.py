@@ -139,16 +139,20 @@ def test_bad_yaml_and_missing_config(tmp_path, capsys):
     assert code == 2 and "does not exist" in err
 
 
-def test_existing_output_needs_force(tmp_path, good, capsys):
+def test_existing_output_needs_force(tiny_models, tmp_path, good, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     code, err = run_cli(["split", good(), "-o", out], capsys)
     assert code == 2 and "already exists (pass --force" in err
     assert (out / "keep.txt").read_text() == "user data"
-    code, err = run_cli(["split", good(), "-o", out, "--force", "-q"], capsys)
+    (out / "keep.txt").unlink()
+    code, err = run_cli(["split", good(), "-o", out, "--force", "-q"], capsys)   # an empty dir may be replaced
     assert code == 0, err
-    assert not (out / "keep.txt").exists() and Artifact.open(out).experts == ["math", "code"]
+    assert Artifact.open(out).experts == ["math", "code"]
+    code, err = run_cli(["split", good(experts={"chat": tiny_models["chat"]}), "-o", out, "--force", "-q"], capsys)
+    assert code == 0, err                                                          # and so may an artifact
+    assert Artifact.open(out).experts == ["chat"]
 
 
 def test_killed_split_leaves_no_target(tiny_models, tmp_path):

@@ -19,11 +19,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from twinrt.artifact.manifest import RESERVED_NAMES, check_expert_name
 from twinrt.errors import TwinError
 from twinrt.merge import get_method
 
-RESERVED_NAMES = frozenset({"core", "twin", "base", "router"})
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+__all__ = ["RESERVED_NAMES", "SplitConfig", "check_device", "load_config", "parse_config"]
 
 
 class _Frozen(BaseModel):
@@ -37,11 +37,7 @@ class ExpertSpec(_Frozen):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not _NAME.match(v) or ":" in v:
-            raise ValueError(f"expert name {v!r} must be 1-64 letters, digits, '_', '.', '-'")
-        if v in RESERVED_NAMES:
-            raise ValueError(f"expert name {v!r} is reserved ({', '.join(sorted(RESERVED_NAMES))})")
-        return v
+        return check_expert_name(v)  # the same rule the manifest checks: a name becomes experts/<name>/
 
 
 class SharedSpec(_Frozen):
@@ -137,3 +133,27 @@ def load_config(path: str | Path) -> SplitConfig:
     except yaml.YAMLError as e:
         raise TwinError(f"config file {path} is not valid YAML: {e}".replace("\n", " ")) from None
     return parse_config(data, root=path.parent)
+
+
+def check_device(spec: str, flag: str = "--device") -> str:
+    """`spec` if torch can parse it and that device is usable here; TwinError naming `flag` otherwise."""
+    import torch
+
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise TwinError(f"{flag} {spec!r} is not a torch device ({str(e).splitlines()[0]})") from None
+    if dev.type == "cpu":
+        return spec
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TwinError(f"{flag} {spec!r}: CUDA is not available on this machine (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise TwinError(f"{flag} {spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return spec
+    try:
+        torch.empty(1, device=dev)
+    except Exception as e:  # torch raises RuntimeError, AssertionError, ... for a backend that is not built
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TwinError(f"{flag} {spec!r} is not usable on this machine: {why}") from None
+    return spec

@@ -11,16 +11,46 @@
       "sizes": {"core": bytes, "full_expert": bytes, "experts": {name: {"factors", "dense"}}, "router": bytes},
       "files": {relative path: sha256}
     }
+
+The manifest is validated as a whole when it is read: expert names follow `EXPERT_NAME` (they become
+directory names), every path in `files` is a plain relative path, and the experts, tensors, sizes and files
+agree with each other (an expert renamed in twin.json alone no longer matches its files and is refused).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 FORMAT = "twinrt/1"
 MANIFEST = "twin.json"
+DIGEST = "twin.json.sha256"  # sha256sum-style line: "<sha256 of twin.json's bytes>  twin.json"
+
+# An expert name is a single path component: letters, digits, '_', '.', '-'; no leading dot, no '..', ≤ 64
+EXPERT_NAME = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # used with fullmatch
+RESERVED_NAMES = frozenset({"core", "twin", "base", "router"})  # the serving arms and artifact parts
+EXPERT_FILES = ("adapter_config.json", "adapter_model.safetensors")  # every expert dir has these
+
+
+def check_expert_name(name: str) -> str:
+    """`name` if it can name an expert (and its directory experts/<name>/); ValueError saying why not."""
+    if not isinstance(name, str) or not EXPERT_NAME.fullmatch(name):
+        raise ValueError(f"expert name {name!r} must be 1-64 letters, digits, '_', '.', '-', not start with "
+                         "a dot and not contain '..'")
+    if name in RESERVED_NAMES:
+        raise ValueError(f"expert name {name!r} is reserved ({', '.join(sorted(RESERVED_NAMES))})")
+    return name
+
+
+def check_relpath(rel: str) -> str:
+    """`rel` if it is a plain relative POSIX path inside a directory (no '..', '.', empty parts, '\\')."""
+    parts = rel.split("/")
+    if (not rel or rel.startswith("/") or "\\" in rel or "\0" in rel
+            or any(p in ("", ".", "..") for p in parts)):
+        raise ValueError(f"file path {rel!r} is not a plain relative path inside the artifact")
+    return rel
 
 
 class _M(BaseModel):
@@ -53,6 +83,11 @@ class ExpertInfo(_M):
     source: str
     kind: Literal["full", "lora"]
     fingerprint: str
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        return check_expert_name(v)
 
 
 class FactorInfo(_M):
@@ -96,6 +131,18 @@ class Manifest(_M):
     sizes: Sizes
     files: dict[str, str]
 
+    @field_validator("files")
+    @classmethod
+    def _paths(cls, files: dict[str, str]) -> dict[str, str]:
+        for rel in files:
+            check_relpath(rel)
+        return files
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        _check_consistent(self)
+        return self
+
     @property
     def expert_names(self) -> list[str]:
         return [e.name for e in self.experts]
@@ -108,3 +155,30 @@ class Manifest(_M):
             if t.role == "factored" and isinstance(info, FactorInfo) and info.rank > 0:
                 out[name] = info
         return out
+
+
+def _check_consistent(m: Manifest) -> None:
+    """Raise ValueError where the experts, tensors, sizes and files of `m` disagree."""
+    names = m.expert_names
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"duplicate expert names: {', '.join(dup)}")
+    known = set(names)
+    for rel in m.files:
+        parts = rel.split("/")
+        if parts[0] == "experts" and (len(parts) < 3 or parts[1] not in known):
+            raise ValueError(f"files lists {rel}, which belongs to no expert of experts ({', '.join(names)}); "
+                             "was an expert renamed?")
+    for name in names:
+        for f in EXPERT_FILES:
+            if f"experts/{name}/{f}" not in m.files:
+                raise ValueError(f"expert {name!r} has no experts/{name}/{f} in files; was it renamed?")
+    if set(m.sizes.experts) != known:
+        raise ValueError(f"sizes.experts names {sorted(m.sizes.experts)}, experts names {sorted(known)}")
+    for tname, t in m.tensors.items():
+        if set(t.experts) != known:
+            raise ValueError(f"tensor {tname} has entries for {sorted(t.experts)}, experts names {sorted(known)}")
+        for name, info in t.experts.items():
+            if isinstance(info, DenseInfo) and info.stored and f"experts/{name}/dense.safetensors" not in m.files:
+                raise ValueError(f"tensor {tname} has a stored dense delta for {name!r} but files lacks "
+                                 f"experts/{name}/dense.safetensors")

@@ -1,11 +1,23 @@
-"""Opening, verifying and atomically writing twinrt/1 artifacts."""
+"""Opening, verifying and atomically writing twinrt/1 artifacts.
+
+Every write builds a complete directory beside its target and swaps it in with one rename (an atomic
+exchange of the two directories where the OS has one: Linux's renameat2), so a reader or a crash sees the old
+artifact or the new one, never a mix. Beside twin.json, twin.json.sha256 holds the sha256 of its bytes.
+Every path an Artifact hands out resolves inside its directory.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,20 +26,60 @@ import torch
 from pydantic import ValidationError
 from safetensors import safe_open
 
-from twinrt.artifact.manifest import FORMAT, MANIFEST, Manifest
+from twinrt.artifact.manifest import DIGEST, FORMAT, MANIFEST, Manifest, check_relpath
 from twinrt.errors import TwinError
 from twinrt.sources.checkpoint import sha256_file
 
 LORA_PREFIX = "base_model.model."
+log = logging.getLogger(__name__)
+_WRITER_TEMP = re.compile(r"\.[^/]+\.(tmp|old|build)-")  # .NAME.tmp-PID-*, .router.old-*, .router.build-*
 
 
 def checksum_tree(root: Path) -> dict[str, str]:
-    """sha256 of every file under `root` except the manifest, keyed by POSIX relative path."""
+    """sha256 of every file under `root` except the manifest and its digest, keyed by POSIX relative path."""
     out = {}
     for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            out[p.relative_to(root).as_posix()] = sha256_file(p)
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel not in (MANIFEST, DIGEST):
+            out[rel] = sha256_file(p)
     return out
+
+
+def digest_line(manifest_bytes: bytes) -> str:
+    """The content of twin.json.sha256, in `sha256sum` format (so `sha256sum -c twin.json.sha256` checks it)."""
+    return f"{hashlib.sha256(manifest_bytes).hexdigest()}  {MANIFEST}\n"
+
+
+def read_digest(root: Path) -> str | None:
+    """The sha256 recorded in ROOT/twin.json.sha256; None if there is no digest file (an older artifact)."""
+    f = root / DIGEST
+    if not f.is_file():
+        return None
+    digest, _, name = f.read_text(encoding="ascii", errors="replace").strip().partition("  ")
+    if name != MANIFEST or not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise TwinError(f"artifact {root}: {DIGEST} is malformed (expected '<sha256>  {MANIFEST}')")
+    return digest
+
+
+def check_replaceable(target: Path) -> None:
+    """Refuse to replace `target` unless it is absent, an empty directory, or a twinrt artifact.
+
+    Only the format is checked (a damaged artifact may be replaced); `target` is never touched.
+    """
+    target = Path(target)
+    if not target.exists() and not target.is_symlink():
+        return
+    if target.is_symlink() or not target.is_dir():
+        raise TwinError(f"output {target} is not a directory, so not a twinrt artifact; refusing to replace it")
+    if not any(target.iterdir()):
+        return
+    try:
+        fmt = json.loads((target / MANIFEST).read_bytes()).get("format")
+    except (OSError, ValueError, AttributeError):
+        fmt = None
+    if fmt != FORMAT:
+        raise TwinError(f"output {target} is not a twinrt artifact (no {MANIFEST} of format {FORMAT}); --force "
+                        "replaces only an artifact or an empty directory, so nothing was touched")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -51,39 +103,106 @@ def _remove_stale_temps(target: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap the paths `a` and `b` in one atomic step (Linux renameat2 RENAME_EXCHANGE).
+
+    False, with nothing changed, where the OS or filesystem has no such call.
+    """
+    if sys.platform != "linux":
+        return False
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Move the directory `new` to `target`, replacing what is there; afterwards `new` no longer exists.
+
+    With an atomic exchange a crash leaves either tree at `target`; without one (not Linux) the old tree is
+    renamed aside first, and put back if the second rename fails.
+    """
+    if not target.exists() and not target.is_symlink():
+        new.rename(target)
+        return
+    if exchange(new, target):  # `new` now holds the old tree
+        shutil.rmtree(new, ignore_errors=True)
+        return
+    old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    target.rename(old)
+    try:
+        new.rename(target)
+    except BaseException:
+        old.rename(target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a temp dir beside `target`; on success it replaces `target`, on any error it is removed.
 
     A process killed midway leaves only a hidden `.NAME.tmp-PID-*` dir (cleaned by the next writer), never
-    a half-written `target`.
+    a half-written `target`. `force` lets it replace whatever is at `target` (callers decide what may be).
     """
     target = Path(target).absolute()
     if target.exists() and not force:
         raise TwinError(f"output {target} already exists (pass --force to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(target)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(target)
+        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError as e:
+        raise TwinError(f"cannot create {target}: {e.strerror or e}"
+                        + (f" ({e.filename})" if e.filename else "")) from None
     try:
         yield tmp
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+def _write_file(path: Path, data: bytes) -> None:
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def write_manifest(root: Path, manifest: Manifest) -> None:
-    """Write twin.json atomically (temp file + rename)."""
-    tmp = root / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest.model_dump(mode="json"), indent=1))
-    os.replace(tmp, root / MANIFEST)
+    """Write ROOT/twin.json and its digest ROOT/twin.json.sha256 (each by temp file + rename).
+
+    `root` is a directory being assembled (atomic_dir's temp dir), so the pair appears in the artifact together.
+    """
+    data = json.dumps(manifest.model_dump(mode="json"), indent=1).encode()
+    _write_file(root / MANIFEST, data)
+    _write_file(root / DIGEST, digest_line(data).encode())
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Recreate the tree `src` at `dst` with hard links to its files (copies where links are refused)."""
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        dst.mkdir()
+        for child in sorted(src.iterdir()):
+            _link_tree(child, dst / child.name)
+    else:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
 
 
 class Artifact:
@@ -91,6 +210,7 @@ class Artifact:
 
     def __init__(self, path: Path, manifest: Manifest) -> None:
         self.path = path
+        self.root = Path(path).resolve()  # every path handed out must resolve inside this
         self.manifest = manifest
 
     @classmethod
@@ -102,27 +222,44 @@ class Artifact:
             raise TwinError(f"artifact {path} does not exist or is not a directory")
         if not mfile.is_file():
             raise TwinError(f"{path} is not a twinrt artifact: {MANIFEST} is missing")
+        data = mfile.read_bytes()
         try:
-            raw = json.loads(mfile.read_text())
-        except json.JSONDecodeError as e:
+            raw = json.loads(data)
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
             raise TwinError(f"{mfile} is not valid JSON: {e}") from None
         fmt = raw.get("format") if isinstance(raw, dict) else None
         if fmt != FORMAT:
             raise TwinError(f"{path}: artifact format {fmt!r} is not supported (this twinrt reads {FORMAT})")
+        if verify:
+            _check_manifest_digest(path, data)
         try:
             manifest = Manifest.model_validate(raw)
         except ValidationError as e:
             first = e.errors()[0]
-            raise TwinError(f"{mfile} is malformed at {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+            where = ".".join(map(str, first["loc"]))
+            msg = first["msg"].removeprefix("Value error, ")
+            raise TwinError(f"{mfile} is malformed at {where}: {msg}" if where else f"{mfile} is inconsistent: {msg}")
         art = cls(path, manifest)
         if verify:
             art.verify()
         return art
 
+    def inside(self, rel: str) -> Path:
+        """ARTIFACT/rel, refused (TwinError) unless it resolves inside the artifact (no '..', no symlink out)."""
+        try:
+            check_relpath(rel)
+        except ValueError as e:
+            raise TwinError(f"artifact {self.path}: {e}") from None
+        p = self.path / rel
+        real = p.resolve()
+        if real != self.root and self.root not in real.parents:
+            raise TwinError(f"artifact {self.path}: {rel} resolves to {real}, outside the artifact; refused")
+        return p
+
     def verify(self) -> None:
         """Refuse a missing or altered file, naming it."""
         for rel, digest in self.manifest.files.items():
-            f = self.path / rel
+            f = self.inside(rel)
             if not f.is_file():
                 raise TwinError(f"artifact {self.path}: file {rel} listed in {MANIFEST} is missing")
             if sha256_file(f) != digest:
@@ -135,15 +272,15 @@ class Artifact:
 
     @property
     def core_dir(self) -> Path:
-        return self.path / "core"
+        return self.inside("core")
 
     @property
     def router_dir(self) -> Path:
-        return self.path / "router"
+        return self.inside("router")
 
     def expert_dir(self, name: str) -> Path:
         self._check_expert(name)
-        return self.path / "experts" / name
+        return self.inside(f"experts/{name}")
 
     def _check_expert(self, name: str) -> None:
         if name not in self.experts:
@@ -169,19 +306,42 @@ class Artifact:
             return {k: h.get_tensor(k) if dtype is None else h.get_tensor(k).to(dtype) for k in h.keys()}
 
     def install_part(self, part: str, build: Path) -> None:
-        """Replace the subdirectory `part` (e.g. "router") with the dir `build`, and re-checksum atomically.
+        """Replace the subdirectory `part` (e.g. "router") with the dir `build`, and re-checksum, atomically.
 
-        `build` must be a directory on the same filesystem; it is moved, not copied.
+        The new artifact is assembled beside this one: every other file hard-linked, `build` moved in as
+        `part`, a new twin.json and digest; then one atomic exchange swaps it in (see `replace_dir`). A crash
+        at any point leaves the old artifact or the new one, each verifying; the temp dir a crash leaves is
+        removed by the next writer. `build` must be a directory on the same filesystem; it is moved, not copied.
         """
-        target = self.path / part
-        old = self.path / f".{part}.old-{os.getpid()}"
-        if target.exists():
-            target.rename(old)
-        Path(build).rename(target)
-        files = {k: v for k, v in self.manifest.files.items() if not k.startswith(f"{part}/")}
-        files.update({f"{part}/{k}": v for k, v in checksum_tree(target).items()})
-        size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
-        sizes = self.manifest.sizes.model_copy(update={part: size}) if part in type(self.manifest.sizes).model_fields else self.manifest.sizes
-        self.manifest = self.manifest.model_copy(update={"files": dict(sorted(files.items())), "sizes": sizes})
-        write_manifest(self.path, self.manifest)
-        shutil.rmtree(old, ignore_errors=True)
+        if "/" in part or part in (MANIFEST, DIGEST):
+            raise ValueError(f"install_part: {part!r} is not an artifact part")
+        check_relpath(part)
+        build = Path(build)
+        with atomic_dir(self.root, force=True) as stage:
+            for entry in sorted(self.root.iterdir()):
+                if entry.name not in (part, MANIFEST, DIGEST) and not _WRITER_TEMP.match(entry.name) \
+                        and entry.resolve() != build.resolve():
+                    _link_tree(entry, stage / entry.name)
+            build.rename(stage / part)
+            files = {k: v for k, v in self.manifest.files.items() if not k.startswith(f"{part}/")}
+            files.update({f"{part}/{k}": v for k, v in checksum_tree(stage / part).items()})
+            update: dict = {"files": dict(sorted(files.items()))}
+            if part in type(self.manifest.sizes).model_fields:
+                size = sum(p.stat().st_size for p in (stage / part).rglob("*") if p.is_file())
+                update["sizes"] = self.manifest.sizes.model_copy(update={part: size})
+            manifest = Manifest.model_validate({**self.manifest.model_dump(), **update})
+            write_manifest(stage, manifest)
+        self.manifest = manifest
+
+
+def _check_manifest_digest(path: Path, data: bytes) -> None:
+    """Refuse a twin.json whose bytes differ from twin.json.sha256; accept one without it (written before the
+    digest existed: its files are still checked against it), with a warning."""
+    want = read_digest(path)
+    if want is None:
+        log.warning("artifact %s has no %s (written by an older twinrt): the manifest itself is not checked, "
+                    "its files are", path, DIGEST)
+        return
+    if hashlib.sha256(data).hexdigest() != want:
+        raise TwinError(f"artifact {path}: {MANIFEST} does not match its sha256 in {DIGEST} (edited or "
+                        "corrupted); re-run the split")

@@ -11,7 +11,7 @@ import datetime as dt
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from torch import nn
 from twinrt import __version__
 from twinrt.artifact.manifest import (FORMAT, BaseInfo, DenseInfo, ExclusiveInfo, ExpertInfo, ExpertSize, FactorInfo,
                                       Manifest, SharedInfo, Sizes, TensorInfo)
-from twinrt.artifact.store import atomic_dir, checksum_tree, write_manifest
+from twinrt.artifact.store import atomic_dir, check_replaceable, checksum_tree, write_manifest
 from twinrt.artifact.stwriter import SafetensorsWriter
 from twinrt.config import SplitConfig
 from twinrt.errors import TwinError
@@ -118,15 +118,32 @@ def _adapter_config(ranks: dict[str, int]) -> dict[str, Any]:
     return cfg.to_dict()
 
 
+def check_output(out: Path, cfg: SplitConfig, force: bool, keep: Mapping[str, Path] | None = None) -> None:
+    """Refuse an output that exists (without `force`), that `force` may not replace (not an artifact, see
+    `check_replaceable`), or that contains one of the split's inputs: the base, an expert, or `keep` (e.g.
+    {"config file": path})."""
+    if (out.exists() or out.is_symlink()) and not force:
+        raise TwinError(f"output {out} already exists (pass --force to replace it)")
+    inputs = {"base": cfg.base, **{f"expert {e.name!r}": e.path for e in cfg.experts}, **(keep or {})}
+    real = out.resolve()
+    for what, path in inputs.items():
+        p = Path(path).resolve()
+        if p == real or real in p.parents:
+            raise TwinError(f"output {out} contains the {what} {path}; write the artifact elsewhere")
+    if force:
+        check_replaceable(out)
+
+
 def split(cfg: SplitConfig, out: Path, *, force: bool = False, device: str = "cpu",
-          progress: Callable[[int], Progress] | None = None) -> Manifest:
+          progress: Callable[[int], Progress] | None = None, keep: Mapping[str, Path] | None = None) -> Manifest:
     """Split `cfg.base` + `cfg.experts` into a twinrt/1 artifact at `out` (written atomically).
 
-    `progress(total)` may return a callback called with each tensor name as it is done.
+    `force` replaces an existing artifact (or empty directory) at `out`, nothing else; `out` may not contain
+    an input (base, experts, or the paths of `keep`, by what they are). `progress(total)` may return a
+    callback called with each tensor name as it is done.
     """
     out = Path(out)
-    if out.exists() and not force:
-        raise TwinError(f"output {out} already exists (pass --force to replace it)")
+    check_output(out, cfg, force, keep)
     base = open_base(cfg.base)
     experts = [open_expert(e.path, e.name, base) for e in cfg.experts]
     for e in experts:
