@@ -62,17 +62,27 @@ def _options(args: argparse.Namespace):
                       fallback=args.fallback)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _read(path: str, label_key: str):
     from router.data import read_examples
+
+    try:
+        return read_examples(path, label_key)
+    except UnicodeDecodeError as e:
+        raise TwinError(f"data file {path} is not UTF-8 text ({e.reason} at byte {e.start} of a line)") from None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from router.store import save_router
     from router.train import TrainConfig, train_router
     from twinrt.artifact import Artifact
+    from twinrt.config import check_device
 
+    check_device(args.device)
     cfg = _validated(TrainConfig, kind=args.kind, holdout=args.holdout, seed=args.seed, hidden=args.hidden,
                      epochs=args.epochs, lr=args.lr, encoder=args.encoder, max_length=args.max_length,
                      options=_options(args), device=args.device)
     art = Artifact.open(args.artifact)
-    examples = read_examples(args.data, args.label_key)
+    examples = _read(args.data, args.label_key)
     t0 = time.perf_counter()
     out = train_router(art, examples, cfg, source=str(args.data))
     saved = save_router(out.router, art, out.training_record(cfg, Path(args.data).name, args.label_key))
@@ -92,14 +102,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from router.data import read_examples
     from router.store import load_router
     from router.train import evaluate_router
     from twinrt.artifact import Artifact
+    from twinrt.config import check_device
 
+    check_device(args.device)
     art = Artifact.open(args.artifact)
     router = load_router(art, device=args.device)
-    examples = read_examples(args.data, args.label_key)
+    examples = _read(args.data, args.label_key)
     ev = evaluate_router(router, examples, str(args.data))
     console.print(f"{router.kind} router of {args.artifact} (calibration temperature {router.temperature:.3g})")
     print_evaluation(ev, router.experts, Path(args.data).name)
@@ -140,7 +151,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="max probability below this uses the fallback")
     t.add_argument("--fallback", choices=["uniform", "core"], default="uniform",
                    help="uniform: all experts equal; core: the shared core alone")
-    t.set_defaults(fn=cmd_train)
+    t.set_defaults(fn=cmd_train, sigterm_cleanup=True)  # SIGTERM unwinds, so the router's build dir is removed
 
     e = sub.add_parser("eval", help="accuracy, confusion matrix and ECE of the saved router on a data file")
     _add_common(e)

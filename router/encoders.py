@@ -16,19 +16,50 @@ reuses the runtime's core); that model must compute the shared core alone (no ex
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from twinrt.errors import TwinError
+from twinrt.sources.checkpoint import refuse_pickles
 
 DEFAULT_CORE_MAX_LENGTH = 512
 BATCH = 32
 
 
+def module_dirs(path: Path) -> list[Path]:
+    """The directories of a sentence-transformers model that may hold weights: its root and every module's."""
+    dirs = [path]
+    modules = path / "modules.json"
+    if modules.is_file():
+        try:
+            entries = json.loads(modules.read_text())
+        except (OSError, ValueError) as e:
+            raise TwinError(f"{modules} is not valid JSON: {e}") from None
+        for m in entries if isinstance(entries, list) else []:
+            rel = m.get("path") if isinstance(m, dict) else None
+            if isinstance(rel, str) and rel and (path / rel).is_dir():
+                dirs.append(path / rel)
+    return dirs
+
+
+def require_safetensors(path: Path) -> None:
+    """Refuse an encoder directory whose weights are not safetensors: no *.safetensors at all, or a module
+    directory with only pickle-based weights (pytorch_model.bin, ...). Unpickling runs arbitrary code."""
+    for d in module_dirs(path):
+        if not any(d.glob("*.safetensors")):
+            refuse_pickles(d, "router encoder")
+    if not any(path.rglob("*.safetensors")):
+        raise TwinError(f"router encoder {path} has no *.safetensors weights (twinrt loads safetensors only)")
+
+
 class SentenceEncoder:
-    """A sentence-transformers model, embeddings L2-normalised. Default: all-MiniLM-L6-v2 (D = 384)."""
+    """A sentence-transformers model, embeddings L2-normalised. Default: all-MiniLM-L6-v2 (D = 384).
+
+    Its weights are read from safetensors only (see `require_safetensors`).
+    """
 
     def __init__(self, path: str | Path, device: str = "cpu", batch_size: int = BATCH,
                  max_length: int | None = None) -> None:
@@ -37,8 +68,10 @@ class SentenceEncoder:
         path = Path(path)
         if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
             raise TwinError(f"{path} is not a sentence-transformers model directory")
+        require_safetensors(path)
         self.path = path
-        self.model = SentenceTransformer(str(path), device=device, local_files_only=True)
+        self.model = SentenceTransformer(str(path), device=device, local_files_only=True,
+                                         model_kwargs={"use_safetensors": True})
         self.model.eval()
         self.batch_size = batch_size
         self.dim = int(self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension")

@@ -29,6 +29,7 @@ from router.metrics import Evaluation, evaluate
 from router.options import RoutingOptions
 from router.routers import EmbeddingRouter, Encoder, HiddenStateRouter, Router
 from twinrt.artifact import Artifact
+from twinrt.errors import TwinError
 from twinrt.models import minilm_dir
 
 DEFAULT_HIDDEN = {"prototype": 0, "trained": 0, "hidden": 64}
@@ -73,6 +74,21 @@ class TrainOutcome:
         return rec
 
 
+def routing_texts(examples: Sequence[Example], source: str = "the data") -> list[str]:
+    """Each example's routing text; a text that is not valid Unicode (a lone UTF-16 surrogate such as JSON's
+    "\\ud800", which no tokenizer can encode) is an error naming `source` and the line."""
+    texts = []
+    for ex in examples:
+        text = routing_text(ex.input)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise TwinError(f"{source}:{ex.line}: the text has an unpaired UTF-16 surrogate "
+                            f"({text[e.start]!r} at character {e.start}), which is not valid Unicode") from None
+        texts.append(text)
+    return texts
+
+
 def make_encoder(art: Artifact, cfg: TrainConfig) -> Encoder:
     """The encoder a kind uses: the artifact's core for "hidden", else a sentence-transformers model."""
     if cfg.kind == "hidden":
@@ -90,11 +106,12 @@ def train_router(art: Artifact, examples: Sequence[Example], cfg: TrainConfig, *
     """
     experts = art.experts
     labels = torch.tensor(label_indices(examples, experts, source))
+    texts = routing_texts(examples, source)
     train, held = stratified_split(labels.tolist(), experts, cfg.holdout, cfg.seed)
     encoder = encoder or make_encoder(art, cfg)
     if (cfg.kind == "hidden") != isinstance(encoder, CoreEncoder):
         raise ValueError(f"a {cfg.kind!r} router needs {'a' if cfg.kind == 'hidden' else 'no'} CoreEncoder")
-    feats = encoder.encode([routing_text(ex.input) for ex in examples])     # [M, D]
+    feats = encoder.encode(texts)                                           # [M, D]
     tr, ho = torch.tensor(train), torch.tensor(held, dtype=torch.long)
 
     final_loss = None
@@ -120,5 +137,5 @@ def train_router(art: Artifact, examples: Sequence[Example], cfg: TrainConfig, *
 def evaluate_router(router: Router, examples: Sequence[Example], source: str = "the data") -> Evaluation:
     """Metrics of a (saved) router on labelled examples."""
     labels = torch.tensor(label_indices(examples, router.experts, source))
-    logits, _ = router.logits_of_texts([routing_text(ex.input) for ex in examples])
+    logits, _ = router.logits_of_texts(routing_texts(examples, source))
     return evaluate(logits, labels)

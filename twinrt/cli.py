@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -22,9 +25,10 @@ def _cmd_split(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from twinrt.artifact.report import summary_table
-    from twinrt.config import load_config
+    from twinrt.config import check_device, load_config
     from twinrt.split.run import split
 
+    check_device(args.device)
     cfg = load_config(args.config)
     bar = Progress(TextColumn("[bold]split"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("{task.description}"), console=console, transient=True,
@@ -36,7 +40,8 @@ def _cmd_split(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     with bar:
-        manifest = split(cfg, Path(args.output), force=args.force, device=args.device, progress=progress)
+        manifest = split(cfg, Path(args.output), force=args.force, device=args.device, progress=progress,
+                         keep={"config file": Path(args.config)})
     if not args.quiet:
         console.print(summary_table(manifest))
         console.print(f"wrote {args.output} in {time.perf_counter() - t0:.1f} s")
@@ -68,10 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("split", help="split a base model and N experts into a twin artifact")
     s.add_argument("config", help="split config YAML")
     s.add_argument("-o", "--output", required=True, help="artifact directory to write")
-    s.add_argument("--force", action="store_true", help="replace an existing output")
+    s.add_argument("--force", action="store_true",
+                   help="replace an existing output that is a twinrt artifact (or an empty directory)")
     s.add_argument("--device", default="cpu", help="device for the merge and SVD math (cpu, cuda, ...)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
-    s.set_defaults(fn=_cmd_split)
+    s.set_defaults(fn=_cmd_split, sigterm_cleanup=True)
 
     i = sub.add_parser("inspect", help="print an artifact's manifest summary")
     i.add_argument("artifact")
@@ -91,8 +97,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def error_line(e: BaseException) -> str:
+    """A user error as the one line Contract 2 prints; characters stderr cannot encode are escaped."""
+    line = f"twinrt: error: {e}".replace("\r", " ").replace("\n", " ")
+    enc = getattr(sys.stderr, "encoding", None) or "utf-8"
+    return line.encode(enc, "backslashreplace").decode(enc, "replace")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every cleanup (the temp dir of a split) runs."""
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While inside, SIGTERM raises Terminated (once; a second SIGTERM during the cleanup is ignored)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # commands that write set `sigterm_cleanup`; `serve` keeps its own SIGTERM handling (it drains)
+    with sigterm_raises() if getattr(args, "sigterm_cleanup", False) else contextlib.nullcontext():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -102,8 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.fn(args)
     except TwinError as e:
-        print(f"twinrt: error: {e}".replace("\n", " "), file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return EXIT_USAGE
+    except Terminated:
+        print("twinrt: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("twinrt: interrupted", file=sys.stderr)
         return 130

@@ -75,6 +75,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from twinrt.eval.tasks import open_suite, task_experts
     from twinrt.runtime.model import TwinModel
 
+    from twinrt.config import check_device
+
+    check_device(args.device)
     opts = _options(args)  # every user input is checked before a model is loaded
     suite = open_suite(args.tasks)
     suite.load("test", opts.limit)
