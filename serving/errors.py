@@ -9,13 +9,18 @@
     405     invalid_request_error   method_not_allowed
     413     invalid_request_error   request_too_large
     429     rate_limit_error        queue_full
-    500     server_error            internal_error (a bug; the message says what failed)
+    500     server_error            internal_error, backend_error (a bug or a device error; the message
+                                    carries an error id to find the traceback in the server's log, never the
+                                    exception's own text)
+    503     server_error            server_shutting_down (draining: retry elsewhere), engine_unavailable
+    504     server_error            request_timeout (the server-side deadline passed)
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,12 +28,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.schemas import INVALID_TEXT
+
 log = logging.getLogger(__name__)
 
 TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
          404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
          415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
-         500: "server_error", 503: "server_error"}
+         500: "server_error", 503: "server_error", 504: "server_error"}
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
@@ -76,6 +83,8 @@ def validation_error(exc: RequestValidationError) -> APIError:
                         code="invalid_json")
     loc = tuple(first.get("loc", ()))
     param = _loc_param(loc)
+    if first.get("type") == INVALID_TEXT:  # raised on the whole body; the field is in its context
+        param = (first.get("ctx") or {}).get("param")
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if first.get("type") == "missing":
         msg = f"'{param}' is a required property"
@@ -109,7 +118,41 @@ def install(app: FastAPI) -> None:
         return error_response(APIError(exc.status_code, message, code=HTTP_CODES.get(exc.status_code),
                                        headers=getattr(exc, "headers", None)))
 
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error in %s %s", request.method, request.url.path)
-        return error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error"))
+
+
+def internal_error(where: str, exc: BaseException | None = None) -> APIError:
+    """A 500 for a bug: logged with its traceback under an error id; the client gets the id, not the text.
+    `exc` defaults to the exception being handled."""
+    eid = uuid.uuid4().hex[:12]
+    log.error("internal error %s in %s", eid, where, exc_info=exc or True)
+    return APIError(500, f"The server had an error while processing the request (error id {eid}).",
+                    code="internal_error")
+
+
+class CatchAll:
+    """Innermost ASGI middleware: an exception no handler took becomes a 500 in OpenAI's shape (logged, counted
+    by the outer StatusCounter, connection kept alive), or, once a response has started, ends it quietly."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(msg: dict[str, Any]) -> None:
+            nonlocal started
+            if msg["type"] == "http.response.start":
+                started = True
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:  # noqa: BLE001 - the last line of defence: no bug answers a plain-text 500
+            err = internal_error(f"{scope.get('method')} {scope.get('path')}")
+            if started:
+                return
+            resp = error_response(err)
+            await resp(scope, receive, send)

@@ -5,6 +5,10 @@ this server does not implement are accepted at their neutral values (e.g. `prese
 `logprobs: false`) and refused with a 400 otherwise; any other unknown field is accepted and ignored, as
 vLLM does. The request extension `routing` (see serving.routing) is checked strictly: a typo there is an
 error, not a silent no-op.
+
+Every string in a body, keys included, must be valid Unicode (no lone UTF-16 surrogates such as "\\ud800",
+which JSON can carry but no tokenizer, router or log can encode): refused as a 400 naming the field, before
+anything else sees the request.
 """
 
 from __future__ import annotations
@@ -12,14 +16,43 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_N = 64
 MAX_STOP = 16
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI (and vLLM) default of /v1/completions
 
+MAX_WEIGHT = 100.0  # a mix weight scales an expert's whole delta; far beyond this the model's output overflows
+INVALID_TEXT = "invalid_unicode"  # the pydantic error type of a string that is not valid Unicode
+
 PosInt = Annotated[int, Field(strict=True, ge=1)]
-Weight = Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)]
+Weight = Annotated[float, Field(strict=True, ge=0, le=MAX_WEIGHT, allow_inf_nan=False)]
+
+
+def invalid_text(value: Any, path: str = "") -> tuple[str, int] | None:
+    """(the dotted path, the character offset) of the first string in `value` (keys included) that is not valid
+    Unicode, i.e. holds a lone surrogate; None if every string is valid."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return path, e.start
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            key = str(k).encode("utf-8", "backslashreplace").decode("utf-8")  # a path that can be shown
+            sub = f"{path}.{key}" if path else key
+            found = invalid_text(k, sub) if isinstance(k, str) else None
+            found = found or invalid_text(v, sub)
+            if found:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            found = invalid_text(v, f"{path}.{i}" if path else str(i))
+            if found:
+                return found
+    return None
 
 # fields of the OpenAI API this server does not implement -> the values that mean "not used"
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
@@ -80,6 +113,16 @@ class _Request(BaseModel):
     stream: Annotated[bool, Field(strict=True)] = False
     stream_options: StreamOptions | None = None
     routing: RoutingOverride | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        found = invalid_text(data)
+        if found is not None:
+            path, at = found
+            raise PydanticCustomError(INVALID_TEXT, "the text is not valid Unicode (a lone surrogate at character "
+                                      "{at}); send UTF-8 text", {"param": path or None, "at": at})
+        return data
 
     @model_validator(mode="after")
     def _supported(self) -> _Request:
