@@ -45,7 +45,16 @@ class PromptError(BackendError):
 
 
 class BackendFailure(BackendError):
-    """The backend failed while running a generation (a bug or a device error: HTTP 500)."""
+    """The backend failed while running a generation (a bug or a device error: HTTP 500). The message is for
+    the server's log; clients get an error id, not this text."""
+
+
+class ShuttingDown(BackendError):
+    """The server is draining or stopping: the generation could not finish (HTTP 503 with Retry-After)."""
+
+
+class EngineUnavailable(BackendError):
+    """The backend's engine has stopped and cannot serve (HTTP 503); `healthy()` is False from then on."""
 
 
 @dataclass(frozen=True)
@@ -176,7 +185,7 @@ def check_submit(request: GenerationRequest, running: bool, inflight: int, max_b
                  n_experts: int) -> None:
     """What every backend's `submit` checks first: it runs, it has room, the mix fits its experts."""
     if not running:
-        raise BackendFailure("the backend is not running")
+        raise ShuttingDown("the server is not accepting requests (stopping or stopped); retry later")
     if inflight >= max_batch + max_queue:
         raise QueueFull(f"the server is at capacity ({max_batch} running + {max_queue} queued requests); retry later")
     if request.mix is not None and len(request.mix) != n_experts:
@@ -201,7 +210,13 @@ class Backend(Protocol):
 
     async def start(self) -> None: ...
 
-    async def stop(self) -> None: ...
+    async def stop(self) -> None:
+        """Stop serving: every unfinished generation fails with ShuttingDown."""
+        ...
+
+    def healthy(self) -> bool:
+        """True while the backend can serve requests (its engine is alive)."""
+        ...
 
     def submit(self, request: GenerationRequest) -> Generation: ...
 

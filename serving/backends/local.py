@@ -1,35 +1,51 @@
 """The local backend: twinrt's continuous-batching Engine, driven by one worker thread.
 
-    event loop thread                            worker thread (owns the Engine and its tokenizer)
-    submit(req) ── inbox ("add", gen, req) ──▶   encode, check the context, engine.add(...) ─▶ gen.admit
-    gen.cancel() ─ inbox ("cancel", gen) ───▶    drop it from the waiting queue, or engine.cancel(row)
-                                                 engine.step(): one token for every running row and the
-    gen.push(delta) ◀── call_soon_threadsafe ──  on_token callbacks; finished rows ─▶ gen.finish(...)
+    event loop thread          tokenizer thread                      worker thread (owns the Engine)
+    submit(req) ──────────▶    encode, check the context ─ inbox ─▶  engine.add(...) ─▶ gen.admit
+    gen.cancel() ─ inbox ("cancel", gen) ─────────────────────────▶  drop it from the queue, or engine.cancel
+                                                                     engine.step(): one token for every
+    gen.push(delta) ◀── call_soon_threadsafe ───────────────────────  running row; finished ─▶ gen.finish
 
-Requests join the running batch between decode steps, each with its own mix row, whatever its arm. The
-worker sleeps on an Event when the engine is idle. If a step raises (a bug or a device error), every
-generation the engine holds fails with BackendFailure and the engine is rebuilt empty; requests not yet
-admitted go to the new engine, and the server keeps serving.
+Requests join the running batch between decode steps, each with its own mix row, whatever its arm.
+Tokenization runs on its own thread, so a huge prompt never stalls the rows being decoded. The worker sleeps
+on an Event when the engine is idle.
+
+Faults stay with the request that caused them:
+- a prompt that cannot be tokenized, or does not fit, is refused (PromptError) before it reaches the engine;
+- a row the engine fails alone (non-finite output, a per-row error: `Request.error`) fails only that request;
+- a step that raises for reasons no row explains fails the rows of that engine and the engine is rebuilt
+  empty (requests not yet admitted go to the new one);
+- if steps keep failing (MAX_STEP_FAILURES within STEP_FAILURE_WINDOW_S) or the worker thread dies, the
+  backend turns unhealthy for good: every waiting request fails with EngineUnavailable and `healthy()` is
+  False, so /health answers 503 and `twinrt serve` exits non-zero for its supervisor to restart it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
+import math
 import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from serving.backends.base import (Admission, BackendFailure, BackendStats, Finished, Generation, GenerationRequest,
-                                   PromptError, check_submit)
+from serving.backends.base import (Admission, BackendError, BackendFailure, BackendStats, EngineUnavailable, Finished,
+                                   Generation, GenerationRequest, PromptError, ShuttingDown, check_submit)
 from twinrt.runtime import Engine, Request, SamplingParams, TwinModel
+from twinrt.runtime.engine import encode_prompt
 
 log = logging.getLogger(__name__)
 SEED_MASK = 2**64 - 1
+MAX_STEP_FAILURES = 3          # unexplained step failures within the window before the engine is given up
+STEP_FAILURE_WINDOW_S = 60.0
 
 
 def context_error(prompt_tokens: int, max_tokens: int | None, context: int) -> PromptError | None:
@@ -46,12 +62,28 @@ def context_error(prompt_tokens: int, max_tokens: int | None, context: int) -> P
     return None
 
 
+def encode_request(tokenizer: Any, prompt: Any) -> list[int]:
+    """A request's prompt tokens; a prompt no tokenizer can take is a PromptError (never another exception)."""
+    try:
+        return encode_prompt(tokenizer, list(prompt) if isinstance(prompt, tuple) else prompt)
+    except (ValueError, TypeError, UnicodeError) as e:
+        raise PromptError(f"the prompt cannot be tokenized: {e}", param="prompt") from None
+
+
+def row_error(failure: Any) -> BackendError:
+    """The error a request gets for a row the engine failed alone: its own input (400) or a fault (500)."""
+    if failure.client:
+        return PromptError(failure.message, code="invalid_output")
+    return BackendFailure(failure.message)
+
+
 class LocalBackend:
     """Backend over a TwinModel in this process (see the module docstring)."""
 
     name = "local"
 
-    def __init__(self, tm: TwinModel, max_batch: int = 32, max_queue: int = 256, materialize: bool = True) -> None:
+    def __init__(self, tm: TwinModel, max_batch: int = 32, max_queue: int = 256, materialize: bool = True,
+                 max_step_tokens: int | None = None) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.tm = tm
@@ -59,20 +91,33 @@ class LocalBackend:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.materialize = materialize
-        self.engine = Engine(tm, max_batch=max_batch, materialize=materialize)
+        self._engine_kw: dict[str, Any] = {"max_batch": max_batch, "materialize": materialize}
+        if max_step_tokens is not None:
+            self._engine_kw["max_step_tokens"] = max_step_tokens
+        self.engine = Engine(tm, **self._engine_kw)
         self.context = self.engine.context
+        try:  # the tokenizer thread's own copy: the engine thread decodes with the original meanwhile
+            self._tokenizer = copy.deepcopy(tm.tokenizer)
+        except Exception:  # noqa: BLE001 - a tokenizer that cannot be copied is shared (encode/decode only read)
+            self._tokenizer = tm.tokenizer
         self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._prep: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        self._dead = False
+        self._failures: deque[float] = deque(maxlen=MAX_STEP_FAILURES)
+        self.engine_rebuilds = 0
         self._inflight = 0  # loop thread only
         self._gens: dict[int, Generation] = {}  # worker thread only: engine request id -> handle
 
     @classmethod
     def from_artifact(cls, path: str | Path, *, device: str = "cpu", dtype: str = "float32", max_batch: int = 32,
-                      max_queue: int = 256, materialize: bool = True) -> LocalBackend:
-        return cls(TwinModel.from_artifact(path, device=device, dtype=dtype), max_batch, max_queue, materialize)
+                      max_queue: int = 256, materialize: bool = True,
+                      max_step_tokens: int | None = None) -> LocalBackend:
+        return cls(TwinModel.from_artifact(path, device=device, dtype=dtype), max_batch, max_queue, materialize,
+                   max_step_tokens)
 
     # ---- loop side -------------------------------------------------------------------------------------------
 
@@ -81,6 +126,7 @@ class LocalBackend:
             return
         self._loop = asyncio.get_running_loop()
         self._stopping = False
+        self._prep = ThreadPoolExecutor(1, thread_name_prefix="twinrt-tokenize")
         self._thread = threading.Thread(target=self._run, name="twinrt-engine", daemon=True)
         self._thread.start()
 
@@ -90,15 +136,22 @@ class LocalBackend:
         self._stopping = True
         self._wake.set()
         await asyncio.to_thread(self._thread.join)
+        if self._prep is not None:
+            await asyncio.to_thread(self._prep.shutdown, True, cancel_futures=True)
+        self._reject_inbox(ShuttingDown("the server is shutting down"))  # put there after the worker left
         self._thread = None
 
+    def healthy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._dead
+
     def submit(self, request: GenerationRequest) -> Generation:
+        if self._dead:
+            raise EngineUnavailable("the generation engine has stopped; this server must be restarted")
         check_submit(request, self._thread is not None and self._loop is not None and not self._stopping,
                      self._inflight, self.max_batch, self.max_queue, len(self.experts))
         gen = Generation(self._loop, on_cancel=self._request_cancel, on_done=self._done)
         self._inflight += 1
-        self._inbox.put(("add", gen, request))
-        self._wake.set()
+        self._prep.submit(self._prepare, gen, request)  # type: ignore[union-attr]
         return gen
 
     def stats(self) -> BackendStats:
@@ -112,6 +165,43 @@ class LocalBackend:
     def _done(self, gen: Generation) -> None:
         self._inflight -= 1
 
+    # ---- tokenizer thread ------------------------------------------------------------------------------------
+
+    def _prepare(self, gen: Generation, r: GenerationRequest) -> None:
+        """Tokenize and check one request, then hand it to the worker (or refuse it)."""
+        try:
+            if gen.cancelled:
+                self._post(gen.finish, Finished("", "cancelled", 0, 0))
+                return
+            ids = encode_request(self._tokenizer, r.prompt)
+            err = context_error(len(ids), r.max_tokens, self.context)
+            if err is not None:
+                raise err
+            max_tokens = r.max_tokens if r.max_tokens is not None else self.context - len(ids)
+            try:
+                params = SamplingParams(max_new_tokens=max_tokens, temperature=r.temperature, top_p=r.top_p,
+                                        stop=r.stop, seed=None if r.seed is None else r.seed & SEED_MASK,
+                                        ignore_eos=r.ignore_eos)
+            except ValueError as e:
+                raise PromptError(str(e)) from None
+            mix = None
+            if r.mix is not None:
+                mix = torch.tensor(r.mix, dtype=torch.float32)  # [N]
+                if not bool(torch.isfinite(mix).all()) or not math.isfinite(float(mix.sum())):
+                    raise PromptError("routing weights overflow float32", param="routing")
+        except PromptError as e:
+            self._post(gen.reject, e)
+            return
+        except Exception:  # noqa: BLE001 - one request's failure must not reach another
+            log.exception("preparing a request failed")
+            self._post(gen.reject, BackendFailure("preparing the request failed"))
+            return
+        if self._stopping or self._dead:
+            self._post(gen.reject, ShuttingDown("the server is shutting down"))
+            return
+        self._inbox.put(("add", gen, ids, params, mix, max_tokens))
+        self._wake.set()
+
     # ---- worker side -----------------------------------------------------------------------------------------
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
@@ -121,11 +211,23 @@ class LocalBackend:
             pass
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException:  # noqa: BLE001 - reported, then every waiting request is told
+            log.critical("the engine thread stopped; this server can no longer generate", exc_info=True)
+        finally:
+            if not self._stopping:
+                self._dead = True
+                err = EngineUnavailable("the generation engine has stopped; this server must be restarted")
+                self._fail_engine(err)
+                self._reject_inbox(err)
+
+    def _serve(self) -> None:
         while True:
             self._wake.clear()
             self._drain()
             if self._stopping:
-                self._fail_all(BackendFailure("the server is shutting down"))
+                self._fail_all(ShuttingDown("the server is shutting down"))
                 return
             if not self.engine.busy:
                 self._wake.wait()
@@ -133,12 +235,21 @@ class LocalBackend:
             try:
                 finished = self.engine.step()
             except Exception as e:  # noqa: BLE001 - a failed step must not kill the server
-                log.exception("engine step failed; failing its requests and resetting the engine")
-                self._fail_engine(BackendFailure(f"generation failed: {type(e).__name__}: {e}"))
-                self.engine = Engine(self.tm, max_batch=self.max_batch, materialize=self.materialize)
+                self._step_failed(e)
                 continue
             for req in finished:
                 self._finish(req)
+
+    def _step_failed(self, e: Exception) -> None:
+        """A step raised and no row explains it: fail this engine's rows, rebuild it; give up if it keeps failing."""
+        log.exception("engine step failed; failing its requests and rebuilding the engine")
+        self._fail_engine(BackendFailure(f"the generation step failed ({type(e).__name__})"))
+        now = time.monotonic()
+        self._failures.append(now)
+        if len(self._failures) == MAX_STEP_FAILURES and now - self._failures[0] < STEP_FAILURE_WINDOW_S:
+            raise RuntimeError(f"{MAX_STEP_FAILURES} engine steps failed within {STEP_FAILURE_WINDOW_S:.0f} s")
+        self.engine = Engine(self.tm, **self._engine_kw)
+        self.engine_rebuilds += 1
 
     def _drain(self) -> None:
         while True:
@@ -146,33 +257,24 @@ class LocalBackend:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if item[0] == "add":
-                self._admit(item[1], item[2])
-            else:
-                self._cancel(item[1])
+            try:
+                if item[0] == "add":
+                    self._admit(*item[1:])
+                else:
+                    self._cancel(item[1])
+            except Exception:  # noqa: BLE001 - fails that request alone
+                log.exception("admitting or cancelling a request failed")
+                gen = item[1]
+                req = gen.handle
+                if isinstance(req, Request):
+                    self._gens.pop(req.id, None)
+                self._post(gen.fail, BackendFailure("admitting the request failed"))
 
-    def _admit(self, gen: Generation, r: GenerationRequest) -> None:
+    def _admit(self, gen: Generation, ids: list[int], params: SamplingParams, mix: torch.Tensor | None,
+               max_tokens: int) -> None:
         if gen.cancelled:
             self._post(gen.finish, Finished("", "cancelled", 0, 0))
             return
-        try:
-            ids = self.engine.encode(list(r.prompt) if isinstance(r.prompt, tuple) else r.prompt)
-        except ValueError as e:
-            self._post(gen.reject, PromptError(str(e), param="prompt"))
-            return
-        err = context_error(len(ids), r.max_tokens, self.context)
-        if err is not None:
-            self._post(gen.reject, err)
-            return
-        max_tokens = r.max_tokens if r.max_tokens is not None else self.context - len(ids)
-        try:
-            params = SamplingParams(max_new_tokens=max_tokens, temperature=r.temperature, top_p=r.top_p,
-                                    stop=r.stop, seed=None if r.seed is None else r.seed & SEED_MASK,
-                                    ignore_eos=r.ignore_eos)
-        except ValueError as e:
-            self._post(gen.reject, PromptError(str(e)))
-            return
-        mix = None if r.mix is None else torch.tensor(r.mix, dtype=torch.float32)  # [N]
         req = self.engine.add(ids, mix, params, on_token=lambda _req, delta: self._post(gen.push, delta))
         gen.handle = req
         self._gens[req.id] = gen
@@ -191,20 +293,22 @@ class LocalBackend:
 
     def _finish(self, req: Request) -> None:
         gen = self._gens.pop(req.id, None)
-        if gen is not None:
-            self._post(gen.finish, Finished(req.text, req.finish_reason or "stop", req.prompt_tokens,
-                                            req.completion_tokens, tuple(req.output_ids)))
+        if gen is None:
+            return
+        if req.error is not None:
+            self._post(gen.fail, row_error(req.error))
+            return
+        self._post(gen.finish, Finished(req.text, req.finish_reason or "stop", req.prompt_tokens,
+                                        req.completion_tokens, tuple(req.output_ids)))
 
-    def _fail_engine(self, error: BackendFailure) -> None:
+    def _fail_engine(self, error: BackendError) -> None:
         """Fail every request the engine holds (running or waiting); the inbox is left for the next engine."""
         for gen in self._gens.values():
             self._post(gen.fail, error)
         self._gens.clear()
         self.engine.waiting.clear()
 
-    def _fail_all(self, error: BackendFailure) -> None:
-        """Shutting down: fail the engine's requests and refuse those not yet admitted."""
-        self._fail_engine(error)
+    def _reject_inbox(self, error: BackendError) -> None:
         while True:
             try:
                 item = self._inbox.get_nowait()
@@ -212,3 +316,8 @@ class LocalBackend:
                 return
             if item[0] == "add":
                 self._post(item[1].reject, error)
+
+    def _fail_all(self, error: BackendError) -> None:
+        """Shutting down: fail the engine's requests and refuse those not yet admitted."""
+        self._fail_engine(error)
+        self._reject_inbox(error)

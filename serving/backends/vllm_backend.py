@@ -29,13 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serving.backends.base import (Admission, BackendFailure, BackendStats, Finished, Generation, GenerationRequest,
-                                   PromptError, check_submit)
-from serving.backends.local import SEED_MASK, context_error
+from serving.backends.base import (Admission, BackendFailure, BackendStats, EngineUnavailable, Finished, Generation,
+                                   GenerationRequest, PromptError, ShuttingDown, check_submit)
+from serving.backends.local import SEED_MASK, context_error, encode_request
 from serving.backends.mixadapter import MixAdapterBuilder, MixKey, MixQuantizer
 from twinrt.artifact import Artifact
 from twinrt.errors import TwinError
-from twinrt.runtime.engine import encode_prompt, end_ids
+from twinrt.runtime.engine import end_ids
 
 log = logging.getLogger(__name__)
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM accepts as max_lora_rank
@@ -302,7 +302,13 @@ class VLLMBackend:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
 
+    def healthy(self) -> bool:
+        """False once vLLM's engine core has died (vLLM then refuses every request)."""
+        return self.engine is not None and not getattr(self.engine, "errored", False)
+
     def submit(self, request: GenerationRequest) -> Generation:
+        if self.engine is not None and not self.healthy():
+            raise EngineUnavailable("vLLM's engine has stopped; this server must be restarted")
         check_submit(request, self.engine is not None and not self._stopping, self._inflight, self.max_batch,
                      self.max_queue, len(self.experts))
         loop = asyncio.get_running_loop()
@@ -342,9 +348,13 @@ class VLLMBackend:
         from vllm.inputs import TokensPrompt
 
         try:
-            ids = encode_prompt(self.tokenizer, list(r.prompt) if isinstance(r.prompt, tuple) else r.prompt)
-        except ValueError as e:
-            gen.reject(PromptError(str(e), param="prompt"))
+            ids = await asyncio.to_thread(encode_request, self.tokenizer, r.prompt)  # off the event loop
+        except PromptError as e:
+            gen.reject(e)
+            return
+        except Exception:  # noqa: BLE001 - this request alone fails
+            log.exception("tokenizing a request failed")
+            gen.reject(BackendFailure("preparing the request failed"))
             return
         err = context_error(len(ids), r.max_tokens, self.context)
         if err is not None:
@@ -386,10 +396,11 @@ class VLLMBackend:
                 self.cache.release(key)  # type: ignore[union-attr]
         except asyncio.CancelledError:
             if self._stopping:
-                (gen.fail if admitted else gen.reject)(BackendFailure("the server is shutting down"))
+                (gen.fail if admitted else gen.reject)(ShuttingDown("the server is shutting down"))
             else:
                 gen.finish(Finished("".join(text), "cancelled", len(ids), len(tokens), tuple(tokens)))
         except Exception as e:  # noqa: BLE001 - one failed request must not take the server down
             log.exception("vLLM generation failed")
-            failure = BackendFailure(f"generation failed: {type(e).__name__}: {e}")
+            failure = (EngineUnavailable("vLLM's engine has stopped; this server must be restarted")
+                       if not self.healthy() else BackendFailure(f"generation failed: {type(e).__name__}"))
             (gen.fail if admitted else gen.reject)(failure)
