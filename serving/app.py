@@ -4,12 +4,20 @@
     GET  /v1/models             GET  /v1/models/{model}
     GET  /health                GET  /metrics (Prometheus text format)
 
+/health answers 200 {"status": "ok"} while requests can be served, and 503 {"status": "draining" |
+"unhealthy"} once the server drains for shutdown or its backend's engine has stopped. A watchdog checks the
+backend every WATCHDOG_S; when it turns unhealthy, `Server.on_fatal` runs (`twinrt serve` then exits
+non-zero, for its supervisor to restart it).
+
 docs/SERVING.md describes the API; serving.completions the request flow.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +29,7 @@ from serving import errors
 from serving.arms import ArmTable, parse_arm
 from serving.backends.base import Backend
 from serving.completions import complete
-from serving.errors import APIError
+from serving.errors import APIError, CatchAll
 from serving.metrics import Metrics
 from serving.middleware import ApiKeyAuth, BodyLimit, StatusCounter
 from serving.responses import CHAT, COMPLETIONS
@@ -30,6 +38,9 @@ from serving.routing import RoutingService
 from serving.schemas import ChatCompletionRequest, CompletionRequest
 
 MAX_BODY_BYTES = 1 << 20
+WATCHDOG_S = 0.5
+RECORD_FLUSH_S = 15.0
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,8 +54,13 @@ class Server:
     api_key: str | None = None
     max_body_bytes: int = MAX_BODY_BYTES
     name: str = "twinrt"
+    request_timeout: float | None = None      # seconds from arrival; None = no deadline
+    on_fatal: Callable[[], None] | None = None  # the backend stopped for good (e.g. exit for a restart)
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: Metrics = field(init=False)
+    draining: bool = field(init=False, default=False)
+    active: int = field(init=False, default=0)  # HTTP requests being answered
+    pending_records: set[asyncio.Task] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(queued=lambda: self.backend.stats().queued,
@@ -60,8 +76,17 @@ class Server:
         self.metrics.observe(rec["endpoint"], rec["arm"], rec["status"], rec["weights"], rec["prompt_tokens"],
                              rec["completion_tokens"], rec["latency_s"], rec["ttft_s"])
 
+    def healthy(self) -> bool:
+        return not self.draining and self.backend.healthy()
+
+    async def flush_records(self, timeout: float = RECORD_FLUSH_S) -> None:
+        """Wait for the records of requests whose rows are still ending, so each is logged before close."""
+        if self.pending_records:
+            await asyncio.wait(set(self.pending_records), timeout=timeout)
+
     async def close(self) -> None:
         await self.backend.stop()
+        await self.flush_records()
         self.routing.close()
         if self.log is not None:
             self.log.close()
@@ -82,21 +107,35 @@ def model_card(server: Server, model_id: str) -> dict[str, Any]:
 def create_app(server: Server) -> FastAPI:
     """The app; its lifespan starts the backend and closes everything on shutdown."""
 
+    async def watchdog() -> None:
+        while server.backend.healthy() or server.draining:
+            await asyncio.sleep(WATCHDOG_S)
+        log.critical("the backend can no longer serve; /health answers 503")
+        if server.on_fatal is not None:
+            server.on_fatal()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await server.backend.start()
+        dog = asyncio.create_task(watchdog())
         try:
             yield
         finally:
+            dog.cancel()
             await server.close()
 
     app = FastAPI(title="twinrt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
     errors.install(app)
+    app.add_middleware(CatchAll)  # innermost of ours: a bug's 500 still passes the counter below
     app.add_middleware(BodyLimit, max_bytes=server.max_body_bytes)
     if server.api_key:
         app.add_middleware(ApiKeyAuth, api_key=server.api_key)
-    app.add_middleware(StatusCounter, count=lambda status: server.metrics.errors.labels(str(status)).inc())
+    def active(step: int) -> None:
+        server.active += step
+
+    app.add_middleware(StatusCounter, count=lambda status: server.metrics.errors.labels(str(status)).inc(),
+                       active=active)
 
 
     @app.post("/v1/chat/completions", response_model=None)
@@ -118,10 +157,12 @@ def create_app(server: Server) -> FastAPI:
         return model_card(server, model_id)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health() -> JSONResponse:
         stats = server.backend.stats()
-        return {"status": "ok", "backend": server.backend.name, "model": server.name, "experts": server.experts,
+        status = "draining" if server.draining else "ok" if server.backend.healthy() else "unhealthy"
+        body = {"status": status, "backend": server.backend.name, "model": server.name, "experts": server.experts,
                 "router": server.routing.kind, "queued": stats.queued, "running": stats.running}
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

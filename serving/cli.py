@@ -1,6 +1,7 @@
 """`twinrt serve`: the OpenAI-compatible server's command line, registered into twinrt's parser.
 
-    twinrt serve ARTIFACT [--host 127.0.0.1] [--port 8000] [--backend local|vllm] [--api-key KEY]
+    twinrt serve ARTIFACT [--host 127.0.0.1] [--port 8000] [--backend local|vllm] [--api-key-file F | --api-key KEY]
+                 [--request-timeout 600] [--drain-timeout 30] [--max-step-tokens N]
                  [--ab twin=50,core=50] [--ab-name ab] [--max-batch 32] [--max-queue 256]
                  [--dtype float32] [--device cpu] [--log PATH | --no-log] [--no-router] [--no-materialize]
                  [--tensor-parallel-size N] [--max-loras N] [--max-lora-rank R] [--gpu-memory-utilization F]
@@ -44,10 +45,12 @@ def options_from_args(args: argparse.Namespace):
 
     try:
         return ServeOptions(artifact=args.artifact, host=args.host, port=args.port, backend=args.backend,
-                            api_key=args.api_key, ab=args.ab, ab_name=args.ab_name, ab_seed=args.ab_seed,
+                            api_key=args.api_key, api_key_file=args.api_key_file, ab=args.ab, ab_name=args.ab_name, ab_seed=args.ab_seed,
                             max_batch=args.max_batch, max_queue=args.max_queue, dtype=args.dtype, device=args.device,
                             log=args.log, no_log=args.no_log, router=args.router, materialize=args.materialize,
-                            max_body_bytes=args.max_body_bytes, tensor_parallel_size=args.tensor_parallel_size,
+                            max_body_bytes=args.max_body_bytes,
+                            request_timeout=args.request_timeout or None, drain_timeout=args.drain_timeout,
+                            max_step_tokens=args.max_step_tokens, tensor_parallel_size=args.tensor_parallel_size,
                             gpu_memory_utilization=args.gpu_memory_utilization, max_loras=args.max_loras,
                             max_cpu_loras=args.max_cpu_loras, max_lora_rank=args.max_lora_rank,
                             max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
@@ -62,8 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serving.server import run
 
     opts = options_from_args(args)
-    run(opts, on_ready=lambda server, port: print(banner(server, opts.host, port), flush=True))
-    return 0
+    return run(opts, on_ready=lambda server, port: print(banner(server, opts.host, port), flush=True))
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,8 +74,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
     p.add_argument("--backend", choices=["local", "vllm"], default="local",
                    help="generation backend: local (twinrt's engine) or vllm (experts and mixes as vLLM LoRA adapters)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* "
-                   "(default: $TWINRT_API_KEY; none = open)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (visible in the "
+                   "process list: prefer --api-key-file or $TWINRT_API_KEY; none of the three = open)")
+    p.add_argument("--api-key-file", default=None, help="read the API key from the first line of this file")
     p.add_argument("--ab", default=None, metavar="ARM=W,...", help="an A/B alias splitting traffic between arms "
                    "by weight, e.g. twin=50,core=50 (sticky per `user`)")
     p.add_argument("--ab-name", default="ab", help="the model name of the A/B alias (default: ab)")
@@ -89,6 +92,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-materialize", dest="materialize", action="store_false",
                    help="never build merged weights W' (always the factored path)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="server-side deadline of a request in seconds, from arrival (0 = none); past it: 504")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM: seconds for running and queued requests to finish before they are ended")
+    p.add_argument("--max-step-tokens", type=int, default=None,
+                   help="local backend: tokens one engine step may process (long prompts are prefilled in chunks "
+                        "between decode steps; default: the engine's)")
     v = p.add_argument_group("vllm backend", "passed to vLLM's engine; a mix is served as one adapter of its top-k "
                              "experts with weights rounded to --mix-step")
     v.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to shard the model over")

@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         opts = ServeOptions(artifact=args.artifact, host=args.host, port=args.port, max_batch=args.max_batch,
                             device=args.device, backend=args.backend)
         prompt = example_prompt(args.artifact)
-        run(opts, on_ready=lambda server, port: print(banner(server, opts.host, port, prompt), flush=True))
+        return run(opts, on_ready=lambda server, port: print(banner(server, opts.host, port, prompt), flush=True))
     except TwinError as e:
         print(f"twinrt demo: error: {e}", file=sys.stderr)
         return 2

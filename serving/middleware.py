@@ -5,7 +5,8 @@
     BodyLimit    a body over `max_bytes` (by Content-Length, or counted while reading a chunked body) is
                  answered 413 request_too_large before the app sees it; smaller bodies are buffered and
                  replayed to the app, then `receive` passes through (so disconnects are still seen).
-    StatusCounter  calls `count(status)` for every response with status >= 400 (outermost, so it sees all).
+    StatusCounter  calls `count(status)` for every response with status >= 400 (outermost, so it sees all),
+                 and `active(+1)` / `active(-1)` around every HTTP request (the drain waits for them).
 """
 
 from __future__ import annotations
@@ -91,9 +92,10 @@ class BodyLimit:
 
 
 class StatusCounter:
-    def __init__(self, app: Any, count: Callable[[int], None]) -> None:
+    def __init__(self, app: Any, count: Callable[[int], None], active: Callable[[int], None]) -> None:
         self.app = app
         self.count = count
+        self.active = active
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -105,4 +107,8 @@ class StatusCounter:
                 self.count(msg["status"])
             await send(msg)
 
-        await self.app(scope, receive, watch)
+        self.active(1)
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            self.active(-1)

@@ -11,7 +11,8 @@ plus `"rule"` when the router decided (router | top_k | min_weight | fallback, s
 `"ab"` when an A/B alias picked the arm.
 
 Router calls are batched: requests that arrive while the router is busy are routed together in one
-`route()` call on a single worker thread (the router never runs concurrently with itself). A "hidden"
+`route()` call on a single worker thread (the router never runs concurrently with itself). If a batch raises,
+its rows are routed again one at a time, so a row the router cannot take fails alone. A "hidden"
 router gets its own copy of the core model (load_router without `model=`), because the runtime's core
 carries per-batch mix state and belongs to the engine's thread.
 """
@@ -89,6 +90,7 @@ class RouterBatcher:
         self.max_batch = max_batch
         self._pending: list[tuple[Any, asyncio.Future]] = []
         self._task: asyncio.Task | None = None
+        self._solo = 0  # rows still to route alone, after a batch that raised
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="twinrt-router")
 
     async def route(self, x: Any) -> tuple[tuple[float, ...], str]:
@@ -101,13 +103,18 @@ class RouterBatcher:
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         while self._pending:
-            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
+            size = 1 if self._solo else self.max_batch  # after a failed batch, its rows go one by one
+            batch, self._pending = self._pending[:size], self._pending[size:]
+            self._solo = max(0, self._solo - len(batch))
             try:
                 res = await loop.run_in_executor(self._executor, self.router.route, [x for x, _ in batch])
-            except Exception as e:  # noqa: BLE001 - handed to every waiting request
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(e)
+            except Exception as e:  # noqa: BLE001 - routed again one by one: a bad row fails alone
+                if len(batch) == 1:
+                    if not batch[0][1].done():
+                        batch[0][1].set_exception(e)
+                else:
+                    self._pending = [(x, fut) for x, fut in batch if not fut.done()] + self._pending
+                    self._solo = len(batch)
                 continue
             for i, (_, fut) in enumerate(batch):
                 if not fut.done():

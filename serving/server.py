@@ -7,19 +7,27 @@
 
 The routing log defaults to ARTIFACT/logs/routing.jsonl (the artifact's manifest does not list it, so
 checksum verification ignores it); `--log PATH` moves it, `--no-log` turns it off.
+
+Shutdown: the first SIGTERM or SIGINT drains. New requests get 503 server_shutting_down (Retry-After) and
+/health 503 "draining"; running and queued requests may finish for `drain_timeout` seconds; what is still
+unfinished then ends with a well-formed error (an error event and `data: [DONE]` on a stream, a 503 otherwise);
+the routing log gets every admitted request's record; then the process exits 0. A second signal stops at once.
+If the backend's engine stops for good, `run` returns EXIT_ENGINE_DEAD so that a supervisor restarts it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serving.app import MAX_BODY_BYTES, Server, create_app
 from serving.arms import DEFAULT_AB_NAME, ArmTable, parse_ab
@@ -31,6 +39,9 @@ from twinrt.errors import TwinError
 log = logging.getLogger(__name__)
 API_KEY_ENV = "TWINRT_API_KEY"
 DEFAULT_LOG = Path("logs") / "routing.jsonl"  # under the artifact
+EXIT_ENGINE_DEAD = 3
+DRAIN_POLL_S = 0.05
+ANSWER_GRACE_S = 5.0  # after the drain, for the handlers to write the errors of what it ended
 
 
 class ServeOptions(BaseModel):
@@ -42,7 +53,8 @@ class ServeOptions(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)  # 0 = any free port
     backend: str = "local"
-    api_key: str | None = None
+    api_key: str | None = None               # also: api_key_file, or $TWINRT_API_KEY
+    api_key_file: Path | None = None
     ab: str | None = None
     ab_name: str = DEFAULT_AB_NAME
     ab_seed: int | None = None               # seeds the random A/B picks of requests without `user`
@@ -55,6 +67,9 @@ class ServeOptions(BaseModel):
     router: bool = True                      # False: serve `twin` without the artifact's router
     materialize: bool = True                 # let the engine build W' for batches that share one mix
     max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1024)
+    request_timeout: float | None = Field(600.0, gt=0)  # server-side deadline per request; None = none
+    drain_timeout: float = Field(30.0, ge=0)             # on SIGTERM: time for running requests to finish
+    max_step_tokens: int | None = Field(None, ge=1)      # local engine: token budget of one step (chunked prefill)
     # --backend vllm (passed to vLLM as is; see serving/backends/vllm_backend.py)
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
@@ -68,10 +83,54 @@ class ServeOptions(BaseModel):
     adapter_cache: int = Field(16, ge=1)
     vllm_args: tuple[str, ...] = ()          # KEY=VALUE: any other vLLM engine argument (VALUE parsed as JSON)
 
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_empty(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("an empty API key would serve without authentication; give a key, or leave it out")
+        return v
+
+
+def resolve_api_key(opts: ServeOptions) -> str | None:
+    """The key from --api-key, else --api-key-file (first line), else $TWINRT_API_KEY; None = no auth."""
+    if opts.api_key is not None and opts.api_key_file is not None:
+        raise TwinError("give --api-key or --api-key-file, not both")
+    key = opts.api_key
+    if opts.api_key_file is not None:
+        try:
+            key = opts.api_key_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeError) as e:
+            raise TwinError(f"--api-key-file {opts.api_key_file}: cannot read it ({e})") from None
+        if not key:
+            raise TwinError(f"--api-key-file {opts.api_key_file} is empty")
+    if key is None:
+        env = os.environ.get(API_KEY_ENV)
+        if env is not None and not env.strip():
+            raise TwinError(f"${API_KEY_ENV} is set but empty; unset it to serve without authentication")
+        key = env
+    return key
+
+
+def check_device(device: str) -> None:
+    """Refuse a device string torch does not know, or a CUDA device this machine does not have."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise TwinError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TwinError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise TwinError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise TwinError(f"--device {device!r}: twinrt serves on cpu or cuda")
+
 
 def _local(opts: ServeOptions):
     return LocalBackend.from_artifact(opts.artifact, device=opts.device, dtype=opts.dtype, max_batch=opts.max_batch,
-                                      max_queue=opts.max_queue, materialize=opts.materialize)
+                                      max_queue=opts.max_queue, materialize=opts.materialize,
+                                      max_step_tokens=opts.max_step_tokens)
 
 
 def parse_vllm_args(items: tuple[str, ...]) -> dict[str, Any]:
@@ -115,6 +174,8 @@ def build_server(opts: ServeOptions) -> Server:
 
     if opts.backend not in BACKENDS:
         raise TwinError(f"backend {opts.backend!r} is not available; this twinrt has: {', '.join(BACKENDS)}")
+    check_device(opts.device)
+    api_key = resolve_api_key(opts)
     art = Artifact.open(opts.artifact)
     experts = art.experts
     arms = ArmTable(experts, [parse_ab(opts.ab, experts, opts.ab_name)] if opts.ab else [], seed=opts.ab_seed)
@@ -123,25 +184,93 @@ def build_server(opts: ServeOptions) -> Server:
         router = load_router(art, device=opts.device)  # a "hidden" router loads its own copy of the core
     route_log = None if opts.no_log else RouteLog(opts.log or art.path / DEFAULT_LOG)
     backend = BACKENDS[opts.backend](opts)
-    api_key = opts.api_key or os.environ.get(API_KEY_ENV) or None
     return Server(backend=backend, arms=arms, routing=RoutingService(experts, router), log=route_log,
-                  api_key=api_key, max_body_bytes=opts.max_body_bytes, name=art.path.name)
+                  api_key=api_key, max_body_bytes=opts.max_body_bytes, name=art.path.name,
+                  request_timeout=opts.request_timeout)
 
 
-def _uvicorn(server: Server, host: str, port: int, log_level: str):
+async def drain(server: Server, timeout: float) -> None:
+    """Stop admitting, let unfinished requests run for `timeout` s, end the rest, flush the routing log."""
+    loop = asyncio.get_running_loop()
+    server.draining = True
+    log.warning("draining: refusing new requests; %d unfinished get up to %.0f s",
+                server.backend.stats().inflight, timeout)
+    deadline = loop.time() + timeout
+    while server.backend.stats().inflight and loop.time() < deadline:
+        await asyncio.sleep(DRAIN_POLL_S)
+    left = server.backend.stats().inflight
+    if left:
+        log.warning("drain time is up: ending %d unfinished requests with an error", left)
+    await server.backend.stop()  # whatever is left fails with ShuttingDown: a 503, or an error event + [DONE]
+    grace = loop.time() + ANSWER_GRACE_S
+    while server.active and loop.time() < grace:
+        await asyncio.sleep(DRAIN_POLL_S)
+    await server.flush_records()
+
+
+def _uvicorn(server: Server, host: str, port: int, log_level: str, drain_timeout: float = 0.0):
+    """A uvicorn.Server whose first SIGTERM/SIGINT drains (see the module docstring)."""
     import uvicorn
 
+    class Uvicorn(uvicorn.Server):
+        exit_code = 0
+        _loop: asyncio.AbstractEventLoop | None = None
+        _drain: asyncio.Task | None = None
+
+        async def startup(self, sockets=None) -> None:
+            self._loop = asyncio.get_running_loop()
+            await super().startup(sockets=sockets)
+
+        def handle_exit(self, sig, frame) -> None:  # runs in a signal handler: hand over to the loop
+            if self._drain is None and not self.should_exit and self._loop is not None and self.started:
+                self._loop.call_soon_threadsafe(self.begin_drain)
+                return
+            super().handle_exit(sig, frame)
+
+        def begin_drain(self) -> None:
+            if self._drain is None:
+                self._drain = asyncio.get_running_loop().create_task(self._drained())
+
+        async def _drained(self) -> None:
+            try:
+                await drain(server, drain_timeout)
+            finally:
+                self.should_exit = True
+
+        def fatal(self) -> None:
+            self.exit_code = EXIT_ENGINE_DEAD
+            self.should_exit = True
+
     config = uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=5)
-    return uvicorn.Server(config)
+                            timeout_graceful_shutdown=ANSWER_GRACE_S)
+    return Uvicorn(config)
 
 
 def bound_port(uv) -> int:
     return uv.servers[0].sockets[0].getsockname()[1]
 
 
-async def _serve(uv, on_ready: Callable[[int], None] | None) -> None:
-    task = asyncio.create_task(uv.serve())
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads, so a busy port is one line, not a crash later."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise TwinError(f"--host {host!r}: cannot resolve it ({e.strerror})") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        why = "it is in use (another server?)" if e.errno == errno.EADDRINUSE else e.strerror
+        raise TwinError(f"cannot listen on {host}:{port}: {why}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+async def _serve(uv, on_ready: Callable[[int], None] | None, sockets: list[socket.socket] | None = None) -> None:
+    task = asyncio.create_task(uv.serve(sockets=sockets))
     while not uv.started and not task.done():
         await asyncio.sleep(0.05)
     if uv.started and on_ready is not None:
@@ -149,19 +278,27 @@ async def _serve(uv, on_ready: Callable[[int], None] | None) -> None:
     await task
 
 
-def run(opts: ServeOptions, on_ready: Callable[[Server, int], None] | None = None, log_level: str = "info") -> None:
-    """Build the server and serve until interrupted; `on_ready(server, port)` runs once it listens."""
-    server = build_server(opts)
-    uv = _uvicorn(server, opts.host, opts.port, log_level)
-    asyncio.run(_serve(uv, None if on_ready is None else lambda port: on_ready(server, port)))
+def run(opts: ServeOptions, on_ready: Callable[[Server, int], None] | None = None, log_level: str = "info") -> int:
+    """Build the server and serve until a signal drains it; `on_ready(server, port)` runs once it listens.
+    Returns the process exit code: 0 after a drain, EXIT_ENGINE_DEAD if the engine stopped for good."""
+    sock = bind(opts.host, opts.port)
+    try:
+        server = build_server(opts)
+        uv = _uvicorn(server, opts.host, opts.port, log_level, opts.drain_timeout)
+        server.on_fatal = uv.fatal
+        asyncio.run(_serve(uv, None if on_ready is None else lambda port: on_ready(server, port), [sock]))
+    finally:
+        sock.close()
+    return uv.exit_code
 
 
 class ThreadedServer:
     """A live server on 127.0.0.1 in a background thread; the context value is its base URL."""
 
-    def __init__(self, server: Server, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+    def __init__(self, server: Server, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 drain_timeout: float = 0.0) -> None:
         self.server = server
-        self.uv = _uvicorn(server, host, port, log_level)
+        self.uv = _uvicorn(server, host, port, log_level, drain_timeout)
         self.host = host
         self.port: int | None = None
         self._ready = threading.Event()
@@ -193,6 +330,10 @@ class ThreadedServer:
     def stop(self, timeout: float = 30) -> None:
         self.uv.should_exit = True
         self._thread.join(timeout)
+
+    def drain(self) -> None:
+        """What SIGTERM does to `twinrt serve` (signals reach only the main thread): drain, then stop."""
+        self.uv._loop.call_soon_threadsafe(self.uv.begin_drain)
 
     def __enter__(self) -> str:
         return self.start()
