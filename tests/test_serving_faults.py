@@ -235,3 +235,17 @@ def test_the_deadline_ends_a_request_that_runs_too_long(fresh, monkeypatch):
     monkeypatch.undo()
     ok = post(fresh.url, COMPL, {"model": "core", "prompt": "hello", "max_tokens": 3})
     assert ok.status_code == 200
+
+
+def test_an_unhandled_bug_is_an_openai_500_that_keeps_the_connection_and_is_counted(live, monkeypatch):
+    def broken(*_a, **_k):
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(live.server.arms, "resolve", broken)
+    with httpx.Client(base_url=live.url, headers=AUTH, timeout=30) as h:
+        r = h.post(CHAT, json=body())
+        err = assert_error(r, 500, "internal_error", None)
+        assert "secret" not in err["message"] and r.headers.get("connection") != "close"
+        monkeypatch.undo()
+        assert h.post(CHAT, json=body()).status_code == 200   # the same client, the next request
+    assert 'twinrt_errors_total{status="500"}' in httpx.get(live.url + "/metrics").text
