@@ -359,3 +359,24 @@ def test_vllm_backend_refuses_what_lora_cannot_serve(tiny_artifact) -> None:
         "enforce_eager": True, "block_size": 32, "quantization": "fp8"}
     with pytest.raises(TwinError, match="KEY=VALUE"):
         parse_vllm_args(("enforce_eager",))
+
+
+def test_a_prompt_too_long_by_its_bytes_is_refused_without_tokenizing(tm) -> None:
+    from serving.backends.base import PromptEncoder, PromptError
+
+    enc = PromptEncoder(tm.tokenizer, context=128)
+    limit = enc.max_prompt_bytes()
+    longest = max(len(tm.tokenizer.convert_tokens_to_string([t]).encode()) for t in tm.tokenizer.get_vocab())
+    assert limit == 128 * longest                   # a byte-level BPE tokenizer does not normalize
+    assert len(enc.encode("hello world", 4)) > 0
+
+    class Refuses:                                  # proves the refusal never reaches the tokenizer
+        def __getattr__(self, name):
+            raise AssertionError(f"the tokenizer was used ({name})")
+
+    enc.tokenizer = Refuses()
+    with pytest.raises(PromptError, match="more tokens than that") as e:
+        enc.encode("x" * (limit + 1), None)
+    assert e.value.code == "context_length_exceeded" and e.value.param == "prompt"
+    with pytest.raises(PromptError, match="more tokens"):
+        enc.encode(({"role": "user", "content": "é" * (limit // 2 + 1)},), None)

@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+
+from twinrt.runtime.engine import encode_prompt
 
 Message = Mapping[str, str]
 Prompt = str | tuple[Message, ...]
@@ -190,6 +192,67 @@ def check_submit(request: GenerationRequest, running: bool, inflight: int, max_b
         raise QueueFull(f"the server is at capacity ({max_batch} running + {max_queue} queued requests); retry later")
     if request.mix is not None and len(request.mix) != n_experts:
         raise ValueError(f"mix has {len(request.mix)} weights for {n_experts} experts")
+
+
+def context_error(prompt_tokens: int, max_tokens: int | None, context: int) -> PromptError | None:
+    """The error for a prompt (+ completion budget) that does not fit `context` tokens, else None."""
+    if prompt_tokens >= context:
+        return PromptError(f"This model's maximum context length is {context} tokens, and the prompt has "
+                           f"{prompt_tokens} tokens (at most {context - 1} leave room for one completion token).",
+                           param="prompt", code="context_length_exceeded")
+    if max_tokens is not None and prompt_tokens + max_tokens > context:
+        return PromptError(f"This model's maximum context length is {context} tokens. However, you requested "
+                           f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for "
+                           f"the completion). Reduce the prompt or max_tokens.",
+                           param="max_tokens", code="context_length_exceeded")
+    return None
+
+
+def prompt_bytes(prompt: Prompt) -> int:
+    """UTF-8 bytes of a prompt's text (chat: the messages' contents)."""
+    texts = [prompt] if isinstance(prompt, str) else [str(m.get("content") or "") for m in prompt]
+    return sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+
+
+class PromptEncoder:
+    """A backend's admission of a prompt: its token ids, checked against the context, or a PromptError.
+
+    Every backend encodes the same way (`twinrt.runtime.engine.encode_prompt`), so the same request is the same
+    tokens on each. A prompt too long for the context by its byte count alone is refused without tokenizing
+    it: each token covers at most `max_token_bytes` bytes of text (the longest token in the vocabulary), so a
+    prompt of more than context × max_token_bytes bytes cannot fit (a tokenizer that normalizes text may
+    shrink it first; for those the bound is doubled).
+    """
+
+    def __init__(self, tokenizer: Any, context: int) -> None:
+        self.tokenizer = tokenizer
+        self.context = context
+        self._max_bytes: int | None = None
+
+    def max_prompt_bytes(self) -> int:
+        if self._max_bytes is None:
+            tok = self.tokenizer
+            longest = max((len(tok.convert_tokens_to_string([t]).encode("utf-8", "replace"))
+                           for t in tok.get_vocab()), default=1)
+            backend = getattr(tok, "backend_tokenizer", None)
+            shrinks = backend is None or backend.normalizer is not None
+            self._max_bytes = self.context * max(longest, 1) * (2 if shrinks else 1)
+        return self._max_bytes
+
+    def encode(self, prompt: Prompt, max_tokens: int | None) -> list[int]:
+        size = prompt_bytes(prompt)
+        if size > self.max_prompt_bytes():
+            raise PromptError(f"This model's maximum context length is {self.context} tokens, and the prompt's "
+                              f"{size} bytes of text are more tokens than that.", param="prompt",
+                              code="context_length_exceeded")
+        try:
+            ids = encode_prompt(self.tokenizer, list(prompt) if isinstance(prompt, tuple) else prompt)
+        except (ValueError, TypeError, UnicodeError) as e:
+            raise PromptError(f"the prompt cannot be tokenized: {e}", param="prompt") from None
+        err = context_error(len(ids), max_tokens, self.context)
+        if err is not None:
+            raise err
+        return ids
 
 
 @dataclass(frozen=True)

@@ -39,35 +39,13 @@ import torch
 
 from serving.backends.base import (Admission, BackendError, BackendFailure, BackendStats, EngineUnavailable, Finished,
                                    Generation, GenerationRequest, PromptError, ShuttingDown, check_submit)
+from serving.backends.base import PromptEncoder
 from twinrt.runtime import Engine, Request, SamplingParams, TwinModel
-from twinrt.runtime.engine import encode_prompt
 
 log = logging.getLogger(__name__)
 SEED_MASK = 2**64 - 1
 MAX_STEP_FAILURES = 3          # unexplained step failures within the window before the engine is given up
 STEP_FAILURE_WINDOW_S = 60.0
-
-
-def context_error(prompt_tokens: int, max_tokens: int | None, context: int) -> PromptError | None:
-    """The error for a prompt (+ completion budget) that does not fit `context` tokens, else None."""
-    if prompt_tokens >= context:
-        return PromptError(f"This model's maximum context length is {context} tokens, and the prompt has "
-                           f"{prompt_tokens} tokens (at most {context - 1} leave room for one completion token).",
-                           param="prompt", code="context_length_exceeded")
-    if max_tokens is not None and prompt_tokens + max_tokens > context:
-        return PromptError(f"This model's maximum context length is {context} tokens. However, you requested "
-                           f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for "
-                           f"the completion). Reduce the prompt or max_tokens.",
-                           param="max_tokens", code="context_length_exceeded")
-    return None
-
-
-def encode_request(tokenizer: Any, prompt: Any) -> list[int]:
-    """A request's prompt tokens; a prompt no tokenizer can take is a PromptError (never another exception)."""
-    try:
-        return encode_prompt(tokenizer, list(prompt) if isinstance(prompt, tuple) else prompt)
-    except (ValueError, TypeError, UnicodeError) as e:
-        raise PromptError(f"the prompt cannot be tokenized: {e}", param="prompt") from None
 
 
 def row_error(failure: Any) -> BackendError:
@@ -97,9 +75,10 @@ class LocalBackend:
         self.engine = Engine(tm, **self._engine_kw)
         self.context = self.engine.context
         try:  # the tokenizer thread's own copy: the engine thread decodes with the original meanwhile
-            self._tokenizer = copy.deepcopy(tm.tokenizer)
+            tokenizer = copy.deepcopy(tm.tokenizer)
         except Exception:  # noqa: BLE001 - a tokenizer that cannot be copied is shared (encode/decode only read)
-            self._tokenizer = tm.tokenizer
+            tokenizer = tm.tokenizer
+        self._encoder = PromptEncoder(tokenizer, self.context)
         self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -173,10 +152,7 @@ class LocalBackend:
             if gen.cancelled:
                 self._post(gen.finish, Finished("", "cancelled", 0, 0))
                 return
-            ids = encode_request(self._tokenizer, r.prompt)
-            err = context_error(len(ids), r.max_tokens, self.context)
-            if err is not None:
-                raise err
+            ids = self._encoder.encode(r.prompt, r.max_tokens)
             max_tokens = r.max_tokens if r.max_tokens is not None else self.context - len(ids)
             try:
                 params = SamplingParams(max_new_tokens=max_tokens, temperature=r.temperature, top_p=r.top_p,

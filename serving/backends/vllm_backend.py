@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from serving.backends.base import (Admission, BackendFailure, BackendStats, EngineUnavailable, Finished, Generation,
-                                   GenerationRequest, PromptError, ShuttingDown, check_submit)
-from serving.backends.local import SEED_MASK, context_error, encode_request
+                                   GenerationRequest, PromptEncoder, PromptError, ShuttingDown, check_submit)
+from serving.backends.local import SEED_MASK
 from serving.backends.mixadapter import MixAdapterBuilder, MixKey, MixQuantizer
 from twinrt.artifact import Artifact
 from twinrt.errors import TwinError
@@ -232,6 +232,7 @@ class VLLMBackend:
         ctx = int(getattr(config, "max_position_embeddings", 2048))
         self.context = min(ctx, opts.max_model_len) if opts.max_model_len else ctx
         self.tokenizer = AutoTokenizer.from_pretrained(self.art.core_dir)
+        self.encoder = PromptEncoder(self.tokenizer, self.context)
         self.eos = eos_ids(self.art.core_dir, self.tokenizer)
         # vLLM-CPU's torch LoRA ops index the adapter slots with a row's LoRA index, and a row without an
         # adapter has index -1: the last slot's adapter is applied to it whenever it shares a batch with
@@ -348,17 +349,13 @@ class VLLMBackend:
         from vllm.inputs import TokensPrompt
 
         try:
-            ids = await asyncio.to_thread(encode_request, self.tokenizer, r.prompt)  # off the event loop
+            ids = await asyncio.to_thread(self.encoder.encode, r.prompt, r.max_tokens)  # off the event loop
         except PromptError as e:
             gen.reject(e)
             return
         except Exception:  # noqa: BLE001 - this request alone fails
             log.exception("tokenizing a request failed")
             gen.reject(BackendFailure("preparing the request failed"))
-            return
-        err = context_error(len(ids), r.max_tokens, self.context)
-        if err is not None:
-            gen.reject(err)
             return
         max_tokens = r.max_tokens if r.max_tokens is not None else self.context - len(ids)
         try:
