@@ -20,8 +20,7 @@ import torch
 
 from conftest import write_config
 from test_router_synth import prompts_jsonl
-from twinrt.artifact import Artifact
-from twinrt.artifact import store
+from twinrt.artifact import Artifact, store
 from twinrt.artifact.manifest import check_expert_name
 from twinrt.cli import main
 from twinrt.errors import TwinError

@@ -70,12 +70,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from twinrt.artifact import Artifact
+    from twinrt.config import check_device
     from twinrt.eval.report import notes, rich_table, write_outputs
     from twinrt.eval.run import Routing, run_eval
     from twinrt.eval.tasks import open_suite, task_experts
     from twinrt.runtime.model import TwinModel
-
-    from twinrt.config import check_device
 
     check_device(args.device)
     opts = _options(args)  # every user input is checked before a model is loaded
