@@ -34,6 +34,7 @@ from serving.arms import DEFAULT_AB_NAME, ArmTable, parse_ab
 from serving.backends.local import LocalBackend
 from serving.routelog import RouteLog
 from serving.routing import RoutingService
+from twinrt.config import check_device
 from twinrt.errors import TwinError
 
 log = logging.getLogger(__name__)
@@ -111,22 +112,6 @@ def resolve_api_key(opts: ServeOptions) -> str | None:
     return key
 
 
-def check_device(device: str) -> None:
-    """Refuse a device string torch does not know, or a CUDA device this machine does not have."""
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise TwinError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TwinError(f"--device {device}: CUDA is not available on this machine")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise TwinError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if dev.type not in ("cpu", "cuda"):
-        raise TwinError(f"--device {device!r}: twinrt serves on cpu or cuda")
-
-
 def _local(opts: ServeOptions):
     return LocalBackend.from_artifact(opts.artifact, device=opts.device, dtype=opts.dtype, max_batch=opts.max_batch,
                                       max_queue=opts.max_queue, materialize=opts.materialize,
@@ -175,6 +160,8 @@ def build_server(opts: ServeOptions) -> Server:
     if opts.backend not in BACKENDS:
         raise TwinError(f"backend {opts.backend!r} is not available; this twinrt has: {', '.join(BACKENDS)}")
     check_device(opts.device)
+    if opts.device.startswith("mps") or not (opts.device == "cpu" or opts.device.startswith("cuda")):
+        raise TwinError(f"--device {opts.device!r}: twinrt serves on cpu or cuda")
     api_key = resolve_api_key(opts)
     art = Artifact.open(opts.artifact)
     experts = art.experts

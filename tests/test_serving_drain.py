@@ -133,7 +133,7 @@ def test_serve_refuses_before_loading_anything(tiny_artifact, tmp_path, capsys, 
     assert serving_main(["serve", str(tiny_artifact), "--no-log"]) == 2
     assert "TWINRT_API_KEY is set but empty" in capsys.readouterr().err
     monkeypatch.delenv("TWINRT_API_KEY")
-    for device, why in [("bogus", "is not a device"), ("cuda:7", "CUDA")]:
+    for device, why in [("bogus", "is not a torch device"), ("cuda:7", "CUDA")]:
         assert serving_main(["serve", str(tiny_artifact), "--device", device, "--no-log", "--port", "0"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and why in err and "Traceback" not in err
