@@ -77,7 +77,7 @@ def check_well_formed(res: dict) -> str:
 
 def test_sigterm_under_load_drains_and_logs_every_admitted_request(tiny_artifact, tmp_path):
     log = tmp_path / "routing.jsonl"
-    proc, url = start_server(tiny_artifact, log, "--max-batch", "2", "--max-queue", "32", "--drain-timeout", "1.5")
+    proc, url = start_server(tiny_artifact, log, "--max-batch", "2", "--max-queue", "32", "--drain-timeout", "3")
     try:
         async def main():
             async with httpx.AsyncClient(base_url=url, timeout=60) as h:
