@@ -1,4 +1,9 @@
-"""Next-token selection per row: greedy at temperature 0, else temperature + nucleus (top-p) sampling."""
+"""Next-token selection per row: greedy below SAMPLING_EPS, else temperature + nucleus (top-p) sampling.
+
+The rule is vLLM's: a temperature below `SAMPLING_EPS` is greedy (dividing by it would overflow float32), so the
+same request picks the same tokens on either backend. Sampling math is float32 per row; valid parameters never
+produce inf or NaN from finite logits.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +11,45 @@ from collections.abc import Sequence
 
 import torch
 
+SAMPLING_EPS = 1e-5
+
+
+def is_greedy(temperature: float) -> bool:
+    """`temperature < SAMPLING_EPS`: argmax, no generator needed."""
+    return temperature < SAMPLING_EPS
+
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Zero the tail of `probs: [V]` outside the smallest set whose mass reaches top_p (keeps ≥ 1 token)."""
+    """Zero the tail of `probs: [V]` outside the smallest set whose mass reaches top_p.
+
+    The most likely token is always kept (a top_p that rounds to 0 in float32 keeps exactly that one):
+        keep[i] = i == 0 or Σ_{j < i} sorted_p[j] < top_p
+    """
     if top_p >= 1.0:
         return probs
-    sorted_p, order = probs.sort(descending=True)
+    sorted_p, order = probs.sort(descending=True)  # [V]
     outside = sorted_p.cumsum(0) - sorted_p >= top_p  # mass before this token already reaches top_p
+    outside[0] = False
     sorted_p = sorted_p.masked_fill(outside, 0.0)
     return torch.zeros_like(probs).scatter(0, order, sorted_p)
+
+
+def sample_row(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """logits: [V] (finite) -> one token id: argmax when greedy, else a draw from softmax(logits / T) after top-p."""
+    if is_greedy(temperature):
+        return int(logits.argmax())
+    scaled = logits.detach().to("cpu", torch.float32) / float(temperature)  # finite: T >= SAMPLING_EPS
+    probs = torch.softmax(scaled, dim=-1)  # [V], sums to 1, max > 0
+    probs = top_p_filter(probs, top_p)
+    return int(torch.multinomial(probs, 1, generator=generator)[0])
 
 
 def sample_next(logits: torch.Tensor, temperatures: Sequence[float], top_ps: Sequence[float],
                 generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """logits: [B, V] float32 -> next token ids [B]. Each sampled row draws from its own generator, so its
     tokens do not depend on which other requests share the batch."""
-    out = logits.argmax(dim=-1).cpu()
+    out = logits.argmax(dim=-1).cpu()  # [B]
     for b, (t, p, g) in enumerate(zip(temperatures, top_ps, generators)):
-        if t > 0:
-            probs = torch.softmax(logits[b].cpu() / t, dim=-1)
-            probs = top_p_filter(probs, p)
-            out[b] = torch.multinomial(probs, 1, generator=g)[0]
+        if not is_greedy(t):
+            out[b] = sample_row(logits[b], t, p, g)
     return out
