@@ -2,7 +2,7 @@
 
 Kinds: "prototype" and "trained" (all-MiniLM-L6-v2 embeddings), "hidden" (mean-pooled last hidden state of
 SmolLM2-135M-Instruct, dequantized from its GGUF to float32, passed in as an already-loaded model). Each router
-is fitted on synthetic prompts (math / code / chat, tests/test_router_synth.py); a routing call is
+is fitted on synthetic prompts (math / code / chat, router/synthetic.py); a routing call is
 `router.route(batch)`, end to end: tokenization, encoder, head, option rule.
 
     python benchmarks/bench_router.py [--batch-sizes 1 8 32] [--seconds 4] [--train-per-expert 30] [--threads N]
@@ -25,15 +25,14 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-from test_router_synth import EXPERTS, make_prompts  # noqa: E402
 
 from router import CoreEncoder, EmbeddingRouter, HiddenStateRouter, Router, SentenceEncoder  # noqa: E402
 from router.heads import fit_prototypes, train_mlp  # noqa: E402
 from router.metrics import accuracy  # noqa: E402
+from router.synthetic import EXPERTS, make_prompts  # noqa: E402
 from twinrt.models import minilm_dir, smollm2_gguf  # noqa: E402
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random Llama models, experts, and split artifacts built once per session."""
+"""Shared fixtures: tiny random Llama models, experts, and split artifacts built once per session (the routed
+artifact of the serving tests once per module). Plain helpers are in helpers.py."""
 
 from __future__ import annotations
 
@@ -7,21 +8,19 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: more threads only fight over a shared CPU
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import make_base, make_full_expert, make_lora_expert  # noqa: E402
-
 from transformers.utils import logging as hf_logging  # noqa: E402
+
+from helpers import EXPERTS, examples, write_config  # noqa: E402
+from tiny import make_base, make_full_expert, make_lora_expert  # noqa: E402
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
-
-EXPERTS = ("math", "code", "chat")
 
 
 @pytest.fixture(scope="session")
@@ -39,14 +38,6 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     for k in ("lora_a", "lora_a_merged", "lora_b", "lora_b_merged"):
         paths[k] = root / k
     return paths
-
-
-def write_config(path: Path, base: Path, experts: dict[str, Path], shared: dict, exclusive: dict,
-                 **extra) -> Path:
-    cfg = {"base": str(base), "experts": [{"name": n, "path": str(p)} for n, p in experts.items()],
-           "shared": shared, "exclusive": exclusive, **extra}
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -73,3 +64,26 @@ def tiny_artifact_full_rank(tiny_models, tmp_path_factory) -> Path:
                        {"method": "task_arithmetic", "scaling": 0.3}, {"rank": 32})
     split(load_config(cfg), root / "artifact")
     return root / "artifact"
+
+
+@pytest.fixture(scope="module")
+def routed_artifact(tiny_models, tmp_path_factory):
+    """A tiny artifact whose experts are far enough apart that every arm's greedy output differs (the session's
+    `tiny_artifact` experts are 5% perturbations: on this random model all arms decode the same tokens, which
+    would let a test of mixes pass vacuously), with a prototype (MiniLM) router installed."""
+    from router import TrainConfig, save_router, train_router
+    from twinrt.artifact import Artifact
+    from twinrt.config import parse_config
+    from twinrt.split.run import split
+
+    root = tmp_path_factory.mktemp("serve")
+    for i, name in enumerate(EXPERTS):
+        make_full_expert(tiny_models["base"], root / name, seed=100 + i, scale=0.5)
+    cfg = parse_config({"base": str(tiny_models["base"]),
+                        "experts": [{"name": n, "path": str(root / n)} for n in EXPERTS],
+                        "shared": {"method": "ties", "density": 0.5}, "exclusive": {"rank": 4}})
+    split(cfg, root / "artifact")
+    art = Artifact.open(root / "artifact")
+    out = train_router(art, examples(8, seed=0), TrainConfig(kind="prototype", holdout=0.0))
+    save_router(out.router, art)
+    return art.path

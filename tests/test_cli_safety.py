@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_config
-from test_router_synth import prompts_jsonl
+from helpers import prompts_jsonl, write_config
 from twinrt.artifact import Artifact, store
 from twinrt.artifact.manifest import check_expert_name
 from twinrt.cli import main

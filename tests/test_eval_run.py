@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_config
-from test_router_synth import make_prompts
+from helpers import examples, write_config
+from router.synthetic import make_prompts
 from twinrt.artifact import Artifact
 from twinrt.cli import main as twinrt_main
 from twinrt.eval.generation import PlainModel, generate
@@ -51,7 +51,6 @@ def sharp(tmp_path_factory) -> dict:
     with newlines): a base with large random weights, full experts math/code and a LoRA expert chat, split
     into an artifact with a trained hidden-state router."""
     from router import TrainConfig, save_router, train_router
-    from test_router_synth import examples
     from tiny import make_base, make_full_expert, make_lora_expert
     from twinrt.config import load_config
     from twinrt.split.run import split

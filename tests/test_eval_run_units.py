@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import EXPERTS, write_config
+from helpers import EXPERTS, write_config
 from twinrt.artifact import Artifact
 from twinrt.errors import TwinError
 from twinrt.eval.generation import PlainModel, generate

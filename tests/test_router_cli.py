@@ -8,7 +8,8 @@ import json
 import pytest
 
 from router.cli import register
-from test_router_synth import copy_artifact, make_prompts, prompts_jsonl, write_jsonl
+from helpers import copy_artifact, prompts_jsonl, write_jsonl
+from router.synthetic import make_prompts
 from twinrt.artifact import Artifact
 from twinrt.errors import TwinError
 

@@ -9,7 +9,7 @@ import pytest
 
 from router.data import label_indices, min_per_expert, read_examples, stratified_split
 from router.inputs import routing_text, routing_texts
-from test_router_synth import EXPERTS, prompts_jsonl, write_jsonl
+from helpers import EXPERTS, prompts_jsonl, write_jsonl
 from twinrt.errors import TwinError
 
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from router import CoreEncoder, HiddenStateRouter, TrainConfig, evaluate_router, load_router, save_router, train_router
 from router.encoders import mean_pool, pad_right
-from test_router_synth import copy_artifact, examples
+from helpers import copy_artifact, examples
 from twinrt.artifact import Artifact
 
 FRESH = examples(15, seed=1)

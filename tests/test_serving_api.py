@@ -17,47 +17,12 @@ import torch
 from openai import AsyncOpenAI, NotFoundError, OpenAI
 
 from serving.routelog import read_log
-from serving.server import ServeOptions, ThreadedServer, build_server
-from test_router_synth import examples
+from serving.server import ServeOptions
+from helpers import KEY, chat, start
 
-KEY = "sk-test-serving"
 EXPERTS = ["math", "code", "chat"]
 PROMPTS = ["what is two plus three", "hello world", "def add(a, b):", "the capital of france is",
            "5 + 7 =", "translate cat to french", "write a python function", "sum the numbers 1 2 3"]
-
-
-def chat(text: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": text}]
-
-
-def start(opts: ServeOptions) -> ThreadedServer:
-    live = ThreadedServer(build_server(opts))
-    live.start()
-    return live
-
-
-@pytest.fixture(scope="module")
-def routed_artifact(tiny_models, tmp_path_factory):
-    """A tiny artifact whose experts are far enough apart that every arm's greedy output differs (the session's
-    `tiny_artifact` experts are 5% perturbations: on this random model all arms decode the same tokens, which
-    would let a test of mixes pass vacuously), with a prototype (MiniLM) router installed."""
-    from router import TrainConfig, save_router, train_router
-    from tiny import make_full_expert
-    from twinrt.artifact import Artifact
-    from twinrt.config import parse_config
-    from twinrt.split.run import split
-
-    root = tmp_path_factory.mktemp("serve")
-    for i, name in enumerate(EXPERTS):
-        make_full_expert(tiny_models["base"], root / name, seed=100 + i, scale=0.5)
-    cfg = parse_config({"base": str(tiny_models["base"]),
-                        "experts": [{"name": n, "path": str(root / n)} for n in EXPERTS],
-                        "shared": {"method": "ties", "density": 0.5}, "exclusive": {"rank": 4}})
-    split(cfg, root / "artifact")
-    art = Artifact.open(root / "artifact")
-    out = train_router(art, examples(8, seed=0), TrainConfig(kind="prototype", holdout=0.0))
-    save_router(out.router, art)
-    return art.path
 
 
 @pytest.fixture(scope="module")

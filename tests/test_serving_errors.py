@@ -12,7 +12,7 @@ import pytest
 from openai import AuthenticationError, OpenAI
 
 from serving.server import ServeOptions, build_server
-from test_serving_api import KEY, chat, start
+from helpers import KEY, chat, start
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 CHAT = "/v1/chat/completions"

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from serving.server import ServeOptions
-from test_serving_api import KEY, chat, routed_artifact, start  # noqa: F401 - routed_artifact is a fixture
+from helpers import KEY, chat, start
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 CHAT = "/v1/chat/completions"
@@ -71,7 +71,7 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def live(routed_artifact, tmp_path_factory):  # noqa: F811
+def live(routed_artifact, tmp_path_factory):
     log = tmp_path_factory.mktemp("faults") / "routing.jsonl"
     srv = start(ServeOptions(artifact=routed_artifact, api_key=KEY, ab="twin=50,core=50", log=log,
                              max_batch=MAX_BATCH, max_queue=MAX_QUEUE))

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from serving.server import ServeOptions
-from test_serving_api import KEY, routed_artifact, start  # noqa: F401 - routed_artifact is a fixture
+from helpers import KEY, start
 
 AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
 EXAMPLES = 120  # per endpoint; bounded so the default test run stays short
@@ -63,7 +63,7 @@ completion_bodies = bodies({"model": models | junk,
 
 
 @pytest.fixture(scope="module")
-def live(routed_artifact):  # noqa: F811
+def live(routed_artifact):
     srv = start(ServeOptions(artifact=routed_artifact, api_key=KEY, ab="twin=50,core=50", no_log=True, max_batch=4,
                              max_queue=12))
     yield srv

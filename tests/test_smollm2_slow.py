@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import write_config
+from helpers import write_config
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from conftest import write_config
+from helpers import write_config
 from twinrt.artifact import Artifact
 from twinrt.cli import main
 from twinrt.errors import TwinError

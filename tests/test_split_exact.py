@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import EXPERTS, write_config
+from helpers import EXPERTS, core_plus_expert, write_config
 from twinrt.artifact import Artifact
 from twinrt.config import load_config
 from twinrt.split.run import split
@@ -20,16 +19,6 @@ from twinrt.split.run import split
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids).logits
-
-
-def core_plus_expert(art: Artifact, name: str):
-    """PeftModel.from_pretrained(core, experts/<name>) with the expert's dense deltas added to the core."""
-    core = AutoModelForCausalLM.from_pretrained(art.core_dir, dtype=torch.float32).eval()
-    params = dict(core.named_parameters())
-    with torch.no_grad():
-        for k, d in art.load_dense(name).items():
-            params[k].add_(d)
-    return PeftModel.from_pretrained(core, art.expert_dir(name)).eval()
 
 
 def test_full_rank_reproduces_each_expert_through_peft(tiny_artifact_full_rank, tiny_models):

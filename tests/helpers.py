@@ -1,0 +1,88 @@
+"""Plain helpers shared by the tests (fixtures live in conftest.py, tiny models in tiny.py).
+
+Test modules import shared code from here, `tiny` or the packages, never from another test module.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+
+from router.synthetic import make_prompts
+
+if TYPE_CHECKING:
+    from serving.server import ServeOptions, ThreadedServer
+    from twinrt.artifact import Artifact
+
+EXPERTS = ("math", "code", "chat")  # the session artifacts' experts, the synthetic prompts' classes too
+KEY = "sk-test-serving"  # the API key of the tests' live servers
+
+
+# ---- split configs and artifacts -----------------------------------------------------------------------------
+
+
+def write_config(path: Path, base: Path, experts: dict[str, Path], shared: dict, exclusive: dict,
+                 **extra) -> Path:
+    cfg = {"base": str(base), "experts": [{"name": n, "path": str(p)} for n, p in experts.items()],
+           "shared": shared, "exclusive": exclusive, **extra}
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def copy_artifact(src: Path, dst: Path) -> Path:
+    """A private copy of a session artifact, so a test can install a router without touching the original."""
+    shutil.copytree(src, dst)
+    return dst
+
+
+def core_plus_expert(art: Artifact, name: str):
+    """PeftModel.from_pretrained(core, experts/<name>) with the expert's dense deltas added to the core."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    core = AutoModelForCausalLM.from_pretrained(art.core_dir, dtype=torch.float32).eval()
+    params = dict(core.named_parameters())
+    with torch.no_grad():
+        for k, d in art.load_dense(name).items():
+            params[k].add_(d)
+    return PeftModel.from_pretrained(core, art.expert_dir(name)).eval()
+
+
+# ---- routing data ----------------------------------------------------------------------------------------------
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def prompts_jsonl(path: Path, n: int, seed: int = 0) -> Path:
+    return write_jsonl(path, [{"text": t, "expert": e} for t, e in make_prompts(n, seed)])
+
+
+def examples(n: int, seed: int = 0):
+    """make_prompts as router Examples (line numbers from 1)."""
+    from router.data import Example
+
+    return [Example(t, e, i) for i, (t, e) in enumerate(make_prompts(n, seed), start=1)]
+
+
+# ---- live servers ----------------------------------------------------------------------------------------------
+
+
+def chat(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def start(opts: ServeOptions) -> ThreadedServer:
+    """A live server for `opts` on a background thread."""
+    from serving.server import ThreadedServer, build_server
+
+    live = ThreadedServer(build_server(opts))
+    live.start()
+    return live
