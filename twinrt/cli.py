@@ -1,4 +1,9 @@
-"""The `twinrt` command line (Contract 2). User errors print one line and exit with code 2."""
+"""The `twinrt` command line (Contract 2). User errors print one line and exit with code 2.
+
+`split` and `inspect` are twinrt's own; the other subcommands come from the packages above twinrt (router,
+serving), which twinrt never imports: each entry point of the `twinrt.commands` group (pyproject.toml) names a
+`register(subparsers)` that adds some (serving.commands adds router, serve, ab and eval).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from rich.console import Console
@@ -18,6 +24,7 @@ from rich.console import Console
 from twinrt.errors import TwinError
 
 EXIT_USAGE = 2
+COMMANDS_GROUP = "twinrt.commands"
 console = Console(width=None if sys.stdout.isatty() else 120)  # pipes and CI logs get full tables
 
 
@@ -84,16 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every file")
     i.set_defaults(fn=_cmd_inspect)
 
-    # The CLI is the one place that binds the packages together: twinrt imports router and serving only here.
-    from router.cli import register as register_router
-    from serving.abreport import register as register_ab
-    from serving.cli import register as register_serve
-    from twinrt.eval.cli import register as register_eval
-
-    register_router(sub)
-    register_serve(sub)
-    register_ab(sub)
-    register_eval(sub)
+    for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda ep: ep.name):
+        ep.load()(sub)
     return p
 
 

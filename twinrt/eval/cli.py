@@ -8,19 +8,32 @@
 Prints the table (raw and normalized score per task, mean score, mean normalized score, stored MiB,
 tokens/s per arm), router accuracy and the merge parameters chosen on validation; `--out DIR` writes
 eval.json, eval.md and eval.png. User errors raise TwinError (one line, exit 2).
+
+twinrt does not import the router package: whoever registers the command passes `load_routing`, which turns
+the artifact's trained router into the twin:router arm's Routing (router.twin_eval does).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from twinrt.errors import TwinError
+
+if TYPE_CHECKING:
+    from twinrt.artifact import Artifact
+    from twinrt.eval.run import Routing
+    from twinrt.runtime.model import TwinModel
+
+RoutingLoader = Callable[["Artifact", "TwinModel", str], "Routing"]
+"""load_routing(art, tm, device) -> the twin:router arm: ARTIFACT/router/ over the eval's model on `device`."""
 
 console = Console(width=None if sys.stdout.isatty() else 200)  # logs get the whole table on one line per arm
 
@@ -66,13 +79,13 @@ def _progress(bar) -> Callable[[str, int], Callable[[int], None]]:
     return start
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
+def _cmd_eval(args: argparse.Namespace, load_routing: RoutingLoader) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from twinrt.artifact import Artifact
     from twinrt.config import check_device
     from twinrt.eval.report import notes, rich_table, write_outputs
-    from twinrt.eval.run import Routing, run_eval
+    from twinrt.eval.run import run_eval
     from twinrt.eval.tasks import open_suite, task_experts
     from twinrt.runtime.model import TwinModel
 
@@ -87,13 +100,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                         f"{args.artifact} --data FILE.jsonl`, or pass --no-router to leave out the twin:router arm")
     t0 = time.perf_counter()
     tm = TwinModel.from_artifact(args.artifact, device=args.device, dtype=args.dtype, verify=False)
-    routing = None
-    if not args.no_router:
-        from router import load_router  # the CLI binds the packages: twinrt's library code never imports router
-
-        router = load_router(art, model=tm.model, tokenizer=tm.tokenizer, device=args.device)
-        routing = Routing(router.kind, lambda prompts: router.route([list(p) for p in prompts]).weights,
-                          art.manifest.sizes.router)
+    routing = None if args.no_router else load_routing(art, tm, args.device)
     bar = Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("{task.description}"), console=console, transient=True,
                    disable=args.quiet or not console.is_terminal)
@@ -109,8 +116,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    """Add `eval` to twinrt's subcommands."""
+def register(subparsers, load_routing: RoutingLoader) -> argparse.ArgumentParser:
+    """Add `eval` to twinrt's subcommands; `load_routing` gives the twin:router arm (see RoutingLoader)."""
     e = subparsers.add_parser("eval", help="A/B table: the experts, static merges, the core and the twin on a "
                                            "task suite")
     e.add_argument("artifact", help="twin artifact directory")
@@ -136,5 +143,6 @@ def register(subparsers) -> None:
     e.add_argument("--no-verify", action="store_true",
                    help="skip the artifact's checksums and the base/expert fingerprint check")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    e.set_defaults(fn=_cmd_eval)
+    e.set_defaults(fn=functools.partial(_cmd_eval, load_routing=load_routing))
+    return e
 
