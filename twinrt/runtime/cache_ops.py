@@ -1,10 +1,14 @@
 """Batch surgery on a transformers DynamicCache, so requests can join and leave a running batch.
 
 Rows are left-padded: every row's tokens end at the last column. Joining pads the shorter cache on the left;
-leaving selects rows and drops columns that are padding in every remaining row.
+leaving selects rows and drops columns that are padding in every remaining row. `snapshot`/`restore` undo a
+forward that failed half-way (it appended to some layers), and `select_copy` runs a forward on some rows
+without touching the batch's cache.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +39,31 @@ def select_rows(cache: DynamicCache, rows: torch.Tensor) -> None:
     for layer in cache.layers:
         layer.keys = layer.keys.index_select(0, rows)
         layer.values = layer.values.index_select(0, rows)
+
+
+def select_copy(cache: DynamicCache, rows: torch.Tensor) -> DynamicCache:
+    """A new cache holding `rows` of `cache` (same length and layer types); `cache` is left as it is."""
+    out = copy.copy(cache)
+    out.layers = [copy.copy(layer) for layer in cache.layers]
+    select_rows(out, rows.to(cache.layers[0].keys.device) if cache.layers else rows)
+    return out
+
+
+Snapshot = list[tuple[object, dict]]
+
+
+def snapshot(cache: DynamicCache) -> Snapshot:
+    """What a forward may change: the layer list and each layer's attributes. DynamicCache layers grow by
+    concatenation (`keys = cat([keys, new])`), never in place, so holding the old tensors is enough."""
+    return [(layer, dict(vars(layer))) for layer in cache.layers]
+
+
+def restore(cache: DynamicCache, snap: Snapshot) -> None:
+    """Put `cache` back as it was at `snapshot` (layers appended to since are cut back, new layers dropped)."""
+    cache.layers = [layer for layer, _ in snap]
+    for layer, state in snap:
+        vars(layer).clear()
+        vars(layer).update(state)
 
 
 def drop_left(cache: DynamicCache, n: int) -> None:

@@ -1,28 +1,57 @@
 """Batched generation with continuous batching: requests join and leave a running batch between decode steps.
 
-One `Engine.step()` decodes one token for every running row (each row with its own mix) and admits waiting
-requests: they are prefilled together, their KV cache is left-padded and joined to the running one. Finished
-rows (EOS, a stop string, max_new_tokens, the context length, or a cancel) leave the batch at once.
-The engine is single-threaded; a server drives `step()` from one worker thread.
+One `Engine.step()` spends at most `max_step_tokens` (in token-equivalents, see `prefill_cost`):
+
+    1. one decode token for every running row (each row with its own mix), in one forward;
+    2. waiting prompts that fit the rest of the budget whole, prefilled together (left-padded) and joined to
+       the running batch;
+    3. the rest of the budget, never less than a floor, on the next chunk of one long prompt, prefilled into
+       its own cache; when its last chunk is in, it samples its first token and joins the running batch.
+
+Finished rows (EOS, a stop string, max_new_tokens, the context length, a cancel, or an error) leave the batch
+at once. A row fails alone (finish_reason "error", `Request.error` says why): its logits are not finite, its
+sampling, decoding or callback raised, or a batched forward raised and bisection pinned it on that row; the
+others go on as if it had never been there. The engine is single-threaded; a server drives `step()` from one
+worker thread.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
+import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache
 
 from twinrt.runtime import cache_ops
-from twinrt.runtime.sampling import sample_next
+from twinrt.runtime.sampling import is_greedy, sample_row
 
-if TYPE_CHECKING:
-    from twinrt.runtime.model import TwinModel
+log = logging.getLogger(__name__)
 
 Prompt = str | Sequence[Mapping[str, str]]
+DEFAULT_STEP_TOKENS = 128  # see Engine and README (serving benchmarks): what it costs, what it buys
+NOT_FINITE = ("the model's output for this request is not finite (are the routing weights or sampling "
+              "parameters extreme?)")
+
+
+class Runner(Protocol):
+    """What the engine drives: a TwinModel, or a plain HF model with the same attributes (eval.PlainModel)."""
+
+    model: nn.Module  # an HF causal LM taking input_ids, attention_mask, position_ids, past_key_values
+    tokenizer: Any
+    config: Any
+    device: torch.device
+    experts: list[str]
+    state: Any  # .set(None) clears the mix after a forward
+
+    def set_mix(self, mix: torch.Tensor | None, tokens: int = 1, allow_materialize: bool = True,
+                step_tokens: int | None = None) -> Any: ...
 
 
 def encode_prompt(tok, prompt: Prompt) -> list[int]:
@@ -51,13 +80,52 @@ def end_ids(generation_eos: int | Sequence[int] | None, tok) -> set[int]:
     return set(ids)
 
 
+# ---- the cost rule ------------------------------------------------------------------------------------------
+
+def attention_share(model: nn.Module, config: Any) -> float:
+    """a = attention FLOPs per (query token, key) pair / linear-layer FLOPs per token, for `prefill_cost`.
+
+    Per (query, key) and layer: QKᵀ and the weighted sum of V, 2·heads·head_dim each. Per token: 2·in·out for
+    every nn.Linear except the output head (prefill keeps the logits of the last token only).
+    """
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    heads = int(text.num_attention_heads)
+    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+    per_key = 4 * heads * head_dim * int(text.num_hidden_layers)
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = {id(m) for m in out.modules()} if out is not None else set()
+    linear = sum(2 * m.in_features * m.out_features for m in model.modules()
+                 if isinstance(m, nn.Linear) and id(m) not in head)
+    return per_key / max(linear, 1)
+
+
+def prefill_cost(start: int, n: int, attn: float) -> float:
+    """Token-equivalents of running n tokens after `start` cached ones (a token at context 0 costs 1):
+
+        Σ_{i < n} (1 + attn · (start + i + 1)) = n + attn · (n · start + n (n + 1) / 2)
+    """
+    return n + attn * (n * start + n * (n + 1) / 2)
+
+
+def chunk_tokens(start: int, left: int, budget: float, attn: float) -> int:
+    """The largest n in [1, left] with prefill_cost(start, n, attn) <= budget (1 when even one token is over)."""
+    a, b = attn / 2, 1 + attn * (start + 0.5)
+    n = int(budget / b) if a == 0 else int((-b + math.sqrt(b * b + 4 * a * max(budget, 0.0))) / (2 * a))
+    n = max(1, min(left, n))
+    while n > 1 and prefill_cost(start, n, attn) > budget:
+        n -= 1
+    return n
+
+
+# ---- requests -----------------------------------------------------------------------------------------------
+
 TokenCallback = Callable[["Request", str], None]
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 64
-    temperature: float = 0.0
+    temperature: float = 0.0  # below sampling.SAMPLING_EPS: greedy
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
@@ -74,6 +142,15 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty strings")
 
 
+@dataclass(frozen=True)
+class RowFailure:
+    """Why a row failed. `client`: the request's own input caused it (a server answers 400), else the failure is
+    internal (500). `message` is safe to show the client (exception types only, no internal text)."""
+
+    message: str
+    client: bool
+
+
 @dataclass(eq=False)
 class Request:
     id: int
@@ -83,7 +160,8 @@ class Request:
     on_token: TokenCallback | None = None
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: RowFailure | None = None  # set with finish_reason "error"
     emitted: int = 0  # characters of `text` already streamed
     generator: torch.Generator | None = None
     cancelled: bool = False
@@ -101,6 +179,15 @@ class Request:
         return len(self.output_ids)
 
 
+@dataclass(eq=False)
+class _Partial:
+    """A long prompt being prefilled chunk by chunk: prompt_ids[:done] are in `cache` ([1, H, done, D])."""
+
+    req: Request
+    cache: DynamicCache
+    done: int = 0
+
+
 def _holdback(text: str, stops: tuple[str, ...]) -> int:
     """How many trailing characters might begin a stop string (or an unfinished UTF-8 sequence)."""
     n = 1 if text.endswith("\ufffd") else 0
@@ -112,21 +199,59 @@ def _holdback(text: str, stops: tuple[str, ...]) -> int:
     return n
 
 
-class Engine:
-    """Continuous-batching generation over a TwinModel."""
+def culprits(n: int, probe: Callable[[list[int]], object]) -> list[tuple[int, Exception]]:
+    """The rows of an n-row forward that raise on their own, by bisection: `probe(rows)` runs the forward on
+    just those rows. A group that runs clean holds no culprit; a failing group is split until single rows."""
+    found: list[tuple[int, Exception]] = []
 
-    def __init__(self, tm: TwinModel, max_batch: int = 64, materialize: bool = True) -> None:
+    def visit(rows: list[int]) -> None:
+        try:
+            probe(rows)
+        except Exception as e:  # noqa: BLE001 - any failure of a row is that row's
+            if len(rows) == 1:
+                found.append((rows[0], e))
+            else:
+                visit(rows[: len(rows) // 2])
+                visit(rows[len(rows) // 2:])
+
+    visit(list(range(n)))
+    return found
+
+
+class Engine:
+    """Continuous-batching generation over a TwinModel (or any `Runner`).
+
+    `max_step_tokens`: what one step may spend, in token-equivalents (`prefill_cost`: a token at context p
+    costs 1 + a·p, `a` from `attention_share`): decode tokens first, then whole waiting prompts (a padded
+    group of k prompts of width W costs k · prefill_cost(0, W)), then a chunk of one long prompt sized by
+    `chunk_tokens` to the budget left, or to `max_step_tokens / 8` if less is left, so it always moves. A step
+    with a chunk thus costs at most its decode and whole prompts plus max(budget left, budget / 8), whatever
+    the context; a prompt longer than the budget never runs whole, so its attention scores stay
+    [heads, chunk, L], not [heads, L, L]. The default is the chunk that costs about one decode step of a small
+    batch on the CPU we measured (README: serving benchmarks); a faster device wants a larger one.
+    """
+
+    def __init__(self, tm: Runner, max_batch: int = 64, materialize: bool = True,
+                 max_step_tokens: int = DEFAULT_STEP_TOKENS) -> None:
+        if not isinstance(max_step_tokens, int) or max_step_tokens < 1:
+            raise ValueError(f"max_step_tokens must be an integer >= 1, got {max_step_tokens!r}")
         self.tm = tm
         self.max_batch = max_batch
         self.materialize = materialize
+        self.max_step_tokens = max_step_tokens
+        self.min_chunk_cost = max_step_tokens / 8
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self._partial: _Partial | None = None
         self._cache = None
         self._mask: torch.Tensor | None = None  # [B, L] attention mask of the running rows
         self._next: torch.Tensor | None = None  # [B] the token each running row feeds next
         self._ids = itertools.count()
         self.eos = end_ids(tm.model.generation_config.eos_token_id, tm.tokenizer)
         self.context = int(getattr(tm.config, "max_position_embeddings", 2048))
+        self.attn = attention_share(tm.model, tm.config)
+        self._joinable = cache_ops.joinable(DynamicCache(config=tm.config))
+        self._pad = tm.tokenizer.pad_token_id or 0
 
     # ---- requests --------------------------------------------------------------------------------------------
 
@@ -141,7 +266,7 @@ class Engine:
         if len(ids) >= self.context:
             raise ValueError(f"prompt has {len(ids)} tokens; the context length is {self.context}")
         gen = None
-        if params.temperature > 0:
+        if not is_greedy(params.temperature):
             gen = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
         req = Request(next(self._ids), ids, None if mix is None or not bool(mix.any()) else mix, params, on_token,
                       generator=gen)
@@ -149,12 +274,17 @@ class Engine:
         return req
 
     def cancel(self, req: Request) -> None:
-        """Stop a request (a client went away); its row leaves the batch at the next step."""
+        """Stop a request (a client went away); it leaves the batch (or its prefill) at the next step."""
         req.cancelled = True
 
     @property
+    def prefilling(self) -> Request | None:
+        """The long prompt being prefilled in chunks, if any (neither waiting nor running)."""
+        return None if self._partial is None else self._partial.req
+
+    @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._partial is not None)
 
     def run_until_done(self) -> None:
         while self.busy:
@@ -162,92 +292,263 @@ class Engine:
 
     # ---- the loop --------------------------------------------------------------------------------------------
 
+    def step(self) -> list[Request]:
+        """Decode one token for the running rows, then prefill within the step's budget (see the class).
+        Returns the requests that finished, failed rows among them (finish_reason "error", `error` set).
+        Raises only when a forward fails in a way no row can be blamed for."""
+        finished: list[Request] = []
+        budget = float(self.max_step_tokens)
+        if self.running:
+            budget -= len(self.running) * prefill_cost(self._mask.shape[1], 1, self.attn)
+            self._decode(finished)
+        whole, budget = self._schedule(budget, finished)
+        if whole:
+            self._admit(whole, finished)
+        if self._partial is not None:
+            self._continue_prefill(max(budget, self.min_chunk_cost), finished)
+        done = [r for r in self.running if r.done]
+        if done:
+            self._remove_running(done)
+        return finished + done
+
+    def _schedule(self, budget: float, finished: list[Request]) -> tuple[list[Request], float]:
+        """Pick waiting prompts that fit `budget` whole (in arrival order; one that does not fit becomes the long
+        prompt, or waits if there is one). -> (prompts to prefill now, budget left)."""
+        room = self.max_batch - len(self.running) - (self._partial is not None)
+        if not self._joinable and (self.running or self._partial is not None):
+            room = 0  # rows of a cache that cannot be joined wait for the batch to empty
+        take: list[Request] = []
+        width = 0
+        kept: list[Request] = []
+        while self.waiting:
+            r = self.waiting.popleft()
+            if r.cancelled:
+                r.finish_reason = "cancelled"
+                self._final_callback(r)
+                finished.append(r)
+                continue
+            if room <= 0:
+                kept.append(r)
+                continue
+            cost = (len(take) + 1) * prefill_cost(0, max(width, r.prompt_tokens), self.attn)
+            spent = len(take) * prefill_cost(0, width, self.attn)
+            if cost - spent <= budget:
+                take.append(r)
+                budget -= cost - spent
+                width = max(width, r.prompt_tokens)
+                room -= 1
+            elif self._partial is None and not (take and not self._joinable):
+                self._partial = _Partial(r, DynamicCache(config=self.tm.config))
+                room -= 1
+                if not self._joinable:
+                    room = 0
+            else:
+                kept.append(r)
+        self.waiting.extend(kept)
+        return take, budget
+
     def _mix_matrix(self, reqs: list[Request]) -> torch.Tensor | None:
         if all(r.mix is None for r in reqs):
             return None
         n = len(self.tm.experts)
         return torch.stack([r.mix if r.mix is not None else torch.zeros(n) for r in reqs])
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache, reqs: list[Request], tokens: int):
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache, reqs: list[Request], tokens: int
+                 ) -> torch.Tensor:
+        """ids: [B, T] after the cache's columns; mask: [B, L + T] -> last-position logits [B, V] float32.
+        Appends T columns to `cache` in place."""
         dev = self.tm.device
         mask = mask.to(dev)
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-        self.tm.set_mix(self._mix_matrix(reqs), tokens=tokens, allow_materialize=self.materialize,
-                        step_tokens=ids.numel())
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]  # [B, T]
         try:
+            self.tm.set_mix(self._mix_matrix(reqs), tokens=tokens, allow_materialize=self.materialize,
+                            step_tokens=ids.numel())
             with torch.no_grad():
                 out = self.tm.model(input_ids=ids.to(dev), attention_mask=mask, position_ids=positions,
                                     past_key_values=cache, use_cache=True, logits_to_keep=1)
         finally:
             self.tm.state.set(None)
-        return out.logits[:, -1, :].float(), out.past_key_values  # [B, V]
+        return out.logits[:, -1, :].float()  # [B, V]
 
-    def _prefill(self, reqs: list[Request]) -> tuple[torch.Tensor, object, torch.Tensor]:
-        from transformers.cache_utils import DynamicCache
+    @staticmethod
+    def _remaining(reqs: list[Request]) -> int:
+        return sum(r.params.max_new_tokens - r.completion_tokens for r in reqs)
 
+    def _decode(self, finished: list[Request]) -> None:
+        """One token for every running row. A forward that raises is undone and bisected (see `_blame`)."""
+        def run(rows: list[int] | None) -> torch.Tensor:
+            reqs = self.running if rows is None else [self.running[i] for i in rows]
+            sel = None if rows is None else torch.tensor(rows)
+            cache = self._cache if sel is None else cache_ops.select_copy(self._cache, sel)
+            nxt = self._next if sel is None else self._next.index_select(0, sel)
+            mask = self._mask if sel is None else self._mask.index_select(0, sel)
+            mask = torch.cat([mask, torch.ones(len(reqs), 1, dtype=torch.long)], dim=1)  # [B, L + 1]
+            return self._forward(nxt[:, None], mask, cache, reqs, self._remaining(reqs))
+
+        snap = cache_ops.snapshot(self._cache)
+        try:
+            logits = run(None)
+        except Exception as e:  # noqa: BLE001 - undo, then find the rows that cause it
+            cache_ops.restore(self._cache, snap)
+            bad = self._blame(self.running, e, run, "decode")
+            finished += bad
+            self._remove_running(bad)
+            if not self.running:
+                return
+            logits = run(None)
+        self._mask = torch.cat([self._mask, torch.ones(len(self.running), 1, dtype=torch.long)], dim=1)
+        self._next = self._advance(self.running, logits)
+
+    def _prefill(self, reqs: list[Request]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+        """Whole prompts, left-padded into a new cache -> (logits [B, V], cache, mask [B, W])."""
         width = max(r.prompt_tokens for r in reqs)
-        pad = self.tm.tokenizer.pad_token_id or 0
-        ids = torch.full((len(reqs), width), pad, dtype=torch.long)
+        ids = torch.full((len(reqs), width), self._pad, dtype=torch.long)  # [B, W]
         mask = torch.zeros((len(reqs), width), dtype=torch.long)
         for i, r in enumerate(reqs):
             ids[i, width - r.prompt_tokens:] = torch.tensor(r.prompt_ids)
             mask[i, width - r.prompt_tokens:] = 1
         tokens = sum(r.prompt_tokens + r.params.max_new_tokens for r in reqs)
-        logits, cache = self._forward(ids, mask, DynamicCache(config=self.tm.config), reqs, tokens)
-        return logits, cache, mask
+        cache = DynamicCache(config=self.tm.config)
+        return self._forward(ids, mask, cache, reqs, tokens), cache, mask
 
-    def step(self) -> list[Request]:
-        """Decode one token for the running rows, then admit waiting requests. Returns requests that finished."""
-        finished: list[Request] = []
-        if self.running:
-            reqs = self.running
-            mask = torch.cat([self._mask, torch.ones(len(reqs), 1, dtype=torch.long)], dim=1)
-            remaining = sum(r.params.max_new_tokens - r.completion_tokens for r in reqs)
-            logits, self._cache = self._forward(self._next[:, None], mask, self._cache, reqs, remaining)
-            self._mask = mask
-            self._next = self._advance(reqs, logits)
-        room = self.max_batch - len(self.running)
-        if self.waiting and room > 0 and (self._cache is None or cache_ops.joinable(self._cache)):
-            new = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+    def _admit(self, new: list[Request], finished: list[Request]) -> None:
+        """Prefill whole prompts, pick their first tokens, and join them to the running batch."""
+        try:
             logits, cache, mask = self._prefill(new)
-            nxt = self._advance(new, logits)
-            if self._cache is None:
-                self._cache, self._mask, self._next = cache, mask, nxt
-            else:
-                self._cache, self._mask = cache_ops.join(self._cache, self._mask, cache, mask)
-                self._next = torch.cat([self._next, nxt])
-            self.running = self.running + new
-        keep = [i for i, r in enumerate(self.running) if not r.done]
-        finished = [r for r in self.running if r.done]
-        if finished:
-            if keep:
-                rows = torch.tensor(keep)
-                self._mask = cache_ops.keep_rows(self._cache, self._mask, rows)
-                self._next = self._next.index_select(0, rows)
-                self.running = [self.running[i] for i in keep]
-            else:
-                self._cache = self._mask = self._next = None
-                self.running = []
-        return finished
+        except Exception as e:  # noqa: BLE001
+            bad = self._blame(new, e, lambda rows: self._prefill([new[i] for i in rows]), "prefill")
+            finished += bad
+            new = [r for r in new if r not in bad]
+            if not new:
+                return
+            logits, cache, mask = self._prefill(new)
+        self._join(new, logits, cache, mask)
+
+    def _continue_prefill(self, budget: float, finished: list[Request]) -> None:
+        """The next chunk of the long prompt into its own cache; when it is all in, the row joins the batch."""
+        p = self._partial
+        r = p.req
+        if r.cancelled:
+            r.finish_reason = "cancelled"
+            self._final_callback(r)
+            self._partial = None
+            finished.append(r)
+            return
+        n = chunk_tokens(p.done, r.prompt_tokens - p.done, budget, self.attn)
+        ids = torch.tensor([r.prompt_ids[p.done:p.done + n]])  # [1, n]
+        mask = torch.ones(1, p.done + n, dtype=torch.long)  # [1, done + n]: positions continue the prompt
+        tokens = r.prompt_tokens - p.done + r.params.max_new_tokens
+        try:
+            logits = self._forward(ids, mask, p.cache, [r], tokens)
+        except Exception as e:
+            log.exception("prefill chunk of request %d failed", r.id)
+            self._fail(r, RowFailure(f"generation failed: {type(e).__name__}", client=False))
+            self._partial = None
+            finished.append(r)
+            return
+        p.done += n
+        if not bool(torch.isfinite(logits).all()):
+            self._fail_not_finite(r)
+            self._partial = None
+            finished.append(r)
+        elif p.done == r.prompt_tokens:
+            self._partial = None
+            self._join([r], logits, p.cache, mask)
+
+    def _join(self, new: list[Request], logits: torch.Tensor, cache: DynamicCache, mask: torch.Tensor) -> None:
+        nxt = self._advance(new, logits)
+        if self._cache is None:
+            self._cache, self._mask, self._next = cache, mask, nxt
+        else:
+            self._cache, self._mask = cache_ops.join(self._cache, self._mask, cache, mask)
+            self._next = torch.cat([self._next, nxt])
+        self.running = self.running + new
+
+    def _remove_running(self, gone: list[Request]) -> None:
+        keep = [i for i, r in enumerate(self.running) if r not in gone]
+        if not keep:
+            self._cache = self._mask = self._next = None
+            self.running = []
+            return
+        rows = torch.tensor(keep)
+        self._mask = cache_ops.keep_rows(self._cache, self._mask, rows)
+        self._next = self._next.index_select(0, rows)
+        self.running = [self.running[i] for i in keep]
+
+    # ---- failures --------------------------------------------------------------------------------------------
+
+    def _blame(self, reqs: list[Request], error: Exception, run: Callable[[list[int]], object], what: str
+               ) -> list[Request]:
+        """A batched forward over `reqs` raised `error`: fail the rows that raise on their own and return them.
+        Raises `error` when no row does (not reproducible per row) or every row of several does (not a row's
+        fault); a batch of one is that row's."""
+        log.exception("%s forward of %d rows failed; looking for the rows that cause it", what, len(reqs))
+        found = [(0, error)] if len(reqs) == 1 else culprits(len(reqs), run)
+        if not found or (len(found) == len(reqs) > 1):
+            raise error
+        bad = []
+        for i, e in found:
+            log.error("request %d fails the %s forward on its own: %s", reqs[i].id, what, type(e).__name__,
+                      exc_info=e)
+            self._fail(reqs[i], RowFailure(f"generation failed: {type(e).__name__}", client=False))
+            bad.append(reqs[i])
+        return bad
+
+    def _fail(self, r: Request, failure: RowFailure) -> None:
+        r.finish_reason = "error"
+        r.error = failure
+        self._final_callback(r)
+
+    def _fail_not_finite(self, r: Request) -> None:
+        log.warning("request %d: logits are not finite; failing the row", r.id)
+        self._fail(r, RowFailure(NOT_FINITE, client=True))
+
+    def _final_callback(self, r: Request) -> None:
+        """The empty delta that tells a streaming caller the row is done (it may raise: the row is done anyway)."""
+        if r.on_token is None:
+            return
+        try:
+            r.on_token(r, "")
+        except Exception:
+            log.exception("the final callback of request %d raised", r.id)
+
+    # ---- tokens ----------------------------------------------------------------------------------------------
 
     def _advance(self, reqs: list[Request], logits: torch.Tensor) -> torch.Tensor:
-        """Pick each row's next token, update its text, and finish rows that are done. -> [B] next inputs."""
-        nxt = sample_next(logits, [r.params.temperature for r in reqs], [r.params.top_p for r in reqs],
-                          [r.generator for r in reqs])
-        for r, t in zip(reqs, nxt.tolist()):
+        """Pick each row's next token, update its text, and finish rows that are done. -> [B] next inputs.
+        Each row on its own: non-finite logits, or a raise in its sampling, decoding or callback, fail it alone."""
+        finite = torch.isfinite(logits).all(dim=-1).tolist()  # [B]
+        greedy = logits.argmax(dim=-1).tolist()  # [B]
+        nxt = []
+        for i, r in enumerate(reqs):
+            t = self._pad
             if r.cancelled:
                 r.finish_reason = "cancelled"
-                continue
-            if t in self.eos and not r.params.ignore_eos:
-                r.finish_reason = "stop"
+                self._final_callback(r)
+            elif not finite[i]:
+                self._fail_not_finite(r)
             else:
-                r.output_ids.append(t)
-                self._update_text(r)
-            if r.finish_reason is None and (r.completion_tokens >= r.params.max_new_tokens
-                                            or r.prompt_tokens + r.completion_tokens >= self.context):
-                r.finish_reason = "length"
-            self._emit(r)
-        return nxt
+                try:
+                    p = r.params
+                    t = greedy[i] if is_greedy(p.temperature) else sample_row(logits[i], p.temperature, p.top_p,
+                                                                              r.generator)
+                    self._accept(r, t)
+                except Exception as e:
+                    log.exception("request %d failed while picking its next token", r.id)
+                    self._fail(r, RowFailure(f"generation failed: {type(e).__name__}", client=False))
+            nxt.append(t)
+        return torch.tensor(nxt, dtype=torch.long)
+
+    def _accept(self, r: Request, t: int) -> None:
+        if t in self.eos and not r.params.ignore_eos:
+            r.finish_reason = "stop"
+        else:
+            r.output_ids.append(t)
+            self._update_text(r)
+        if r.finish_reason is None and (r.completion_tokens >= r.params.max_new_tokens
+                                        or r.prompt_tokens + r.completion_tokens >= self.context):
+            r.finish_reason = "length"
+        self._emit(r)
 
     def _update_text(self, r: Request) -> None:
         text = self.tm.tokenizer.decode(r.output_ids, skip_special_tokens=True)

@@ -1,0 +1,172 @@
+"""Chunked prefill under a per-step token budget: a prompt prefilled in chunks gives the tokens it gives whole,
+short requests are admitted before a long prompt's next chunk, every step keeps to its budget, a cancel frees
+a prompt mid-prefill, and a chunk that fails takes only its own request down."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from test_engine_faults import EXTREME, Poison, carries
+
+from twinrt.runtime import Engine, SamplingParams, TwinModel
+from twinrt.runtime.engine import chunk_tokens, prefill_cost
+
+GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
+MIX = torch.tensor([0.5, 0.25, 0.25])
+SHORT = ["what is two plus three", "hello world", "def add(a, b):", "5 + 7 ="]
+TEXT = " ".join(["the quick brown fox jumps over the lazy dog", "def add(a, b): return a + b", "5 + 7 = 12",
+                 "bonjour le monde", "translate cat to french"] * 6)
+
+
+@pytest.fixture(scope="module")
+def tm(tiny_artifact) -> TwinModel:
+    return TwinModel.from_artifact(tiny_artifact)
+
+
+@pytest.fixture(scope="module")
+def long_ids(tm) -> list[int]:
+    ids = tm.tokenizer(TEXT)["input_ids"][:100]  # the tiny model's context is 128
+    assert len(ids) == 100
+    return ids
+
+
+class Forwards:
+    """Records every forward the engine runs in each step: (rows, new tokens, cached columns before)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.steps: list[list[tuple[int, int, int]]] = []
+        inner = engine._forward
+
+        def forward(ids, mask, cache, reqs, tokens):
+            self.steps[-1].append((ids.shape[0], ids.shape[1], mask.shape[1] - ids.shape[1]))
+            return inner(ids, mask, cache, reqs, tokens)
+
+        engine._forward = forward
+        self.engine = engine
+
+    def step(self) -> list:
+        self.steps.append([])
+        return self.engine.step()
+
+    def run(self) -> None:
+        while self.engine.busy:
+            self.step()
+
+
+def whole(tm: TwinModel, prompt, mix, params: SamplingParams = GREEDY) -> list[int]:
+    engine = Engine(tm, materialize=False, max_step_tokens=10_000)
+    req = engine.add(prompt, mix, params)
+    engine.step()
+    assert engine.prefilling is None and req in engine.running  # prefilled whole in one step
+    engine.run_until_done()
+    return req.output_ids
+
+
+def test_cost_rule_and_chunk_size(tm):
+    assert prefill_cost(0, 1, 0.0) == 1 and prefill_cost(10, 4, 0.5) == 4 + 0.5 * (40 + 10)
+    for start, budget, attn in [(0, 64, 0.0), (7000, 64, 3e-4), (100, 10, 0.007), (0, 1, 0.01), (50, 0.5, 0.1)]:
+        n = chunk_tokens(start, 10_000, budget, attn)
+        assert n >= 1
+        assert n == 1 or prefill_cost(start, n, attn) <= budget < prefill_cost(start, n + 1, attn)
+    assert chunk_tokens(0, 5, 64, 0.0) == 5  # never more than what is left
+    assert chunk_tokens(7000, 10_000, 64, 3e-4) < chunk_tokens(0, 10_000, 64, 3e-4)  # attention costs more later
+    with pytest.raises(ValueError, match="max_step_tokens"):
+        Engine(tm, max_step_tokens=0)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 7, 33, 99])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill(tm, long_ids, chunk, mixed):
+    mix = MIX if mixed else None
+    engine = Engine(tm, materialize=False, max_step_tokens=chunk)
+    engine.attn = 0.0  # every token costs 1: chunks of exactly `chunk` tokens
+    rec = Forwards(engine)
+    req = engine.add(long_ids, mix, GREEDY)
+    rec.run()
+    chunks = [(t, start) for step in rec.steps for (_, t, start) in step if start < len(long_ids)]  # not decode
+    expected = [chunk] * (len(long_ids) // chunk) + ([len(long_ids) % chunk] if len(long_ids) % chunk else [])
+    assert [t for t, _ in chunks] == expected
+    assert [start for _, start in chunks] == [chunk * i for i in range(len(expected))]  # one chunk per step, in order
+    assert req.output_ids == whole(tm, long_ids, mix)
+
+
+def test_a_long_prompt_beside_short_requests_keeps_every_row_exact(tm, long_ids):
+    engine = Engine(tm, materialize=False, max_step_tokens=16)
+    rec = Forwards(engine)
+    mixes = [None, torch.tensor([1.0, 0.0, 0.0]), MIX, torch.tensor([0.0, 0.7, 0.3])]
+    first = engine.add(SHORT[0], mixes[0], GREEDY)
+    rec.step()
+    long = engine.add(long_ids, MIX, GREEDY)
+    second = engine.add(SHORT[1], mixes[1], GREEDY)
+    rec.step()
+    assert engine.prefilling is long and second in engine.running  # the short one went whole, the long one chunks
+    later = []
+    for p, m in zip(SHORT[2:], mixes[2:]):
+        later.append(engine.add(p, m, GREEDY))
+        rec.step()
+        assert later[-1] in engine.running and engine.prefilling is long  # admitted ahead of the long prompt's rest
+    finished_before_long = []
+    while engine.prefilling is not None:
+        finished_before_long += rec.step()
+    assert first in finished_before_long  # short requests finish while the long prompt is still prefilling
+    rec.run()
+    shorts = [first, second] + later
+    assert [r.output_ids for r in shorts] == [whole(tm, p, m) for p, m in zip(SHORT, mixes)]
+    assert long.output_ids == whole(tm, long_ids, MIX)
+    # every step kept to its budget: decode tokens, whole prompts, then a chunk of at least the floor
+    for step in rec.steps:
+        cost = sum(b * prefill_cost(start, t, engine.attn) for b, t, start in step)
+        assert cost <= engine.max_step_tokens + engine.min_chunk_cost + 1e-9, step
+
+
+def test_a_long_prompt_is_never_starved(tm, long_ids):
+    engine = Engine(tm, materialize=False, max_step_tokens=64)
+    for p in SHORT:
+        engine.add(p, None, SamplingParams(max_new_tokens=60, ignore_eos=True))
+    engine.step()
+    engine.max_step_tokens = 4  # from now on four decoding rows use more than the whole budget
+    long = engine.add(long_ids, None, GREEDY)
+    rec = Forwards(engine)
+    for _ in range(5):
+        rec.step()
+    assert len(engine.running) == 4 and engine.prefilling is long
+    starts = [[start for b, _, start in step if b == 1] for step in rec.steps]  # the chunk of each step
+    assert all(len(s) == 1 for s in starts)
+    moved = [b[0] - a[0] for a, b in itertools.pairwise(starts)]
+    assert min(moved) > 1  # each step's chunk gets the floor (several tokens), not a token at a time
+    rec.run()
+    assert long.output_ids == whole(tm, long_ids, None)
+
+
+def test_cancel_mid_prefill_frees_the_request(tm, long_ids):
+    engine = Engine(tm, materialize=False, max_step_tokens=8)
+    finals = []
+    req = engine.add(long_ids, None, GREEDY, on_token=lambda r, d: finals.append((r.done, d)))
+    engine.step()
+    assert engine.prefilling is req and req not in engine.running and req not in engine.waiting and engine.busy
+    engine.cancel(req)
+    assert engine.step() == [req]
+    assert req.finish_reason == "cancelled" and engine.prefilling is None and not engine.busy
+    assert finals == [(True, "")]
+
+
+def test_a_failing_chunk_fails_only_its_request(tm, long_ids):
+    short_ids = [tm.tokenizer(p)["input_ids"] for p in SHORT[:2]]
+    token = next(t for t in long_ids if all(t not in s for s in short_ids))
+    alone = [whole(tm, p, None) for p in SHORT[:2]]
+    assert all(token not in out for out in alone)
+    poison = Poison(tm, carries(token, "prefill"))
+    try:
+        engine = Engine(tm, materialize=False, max_step_tokens=16)
+        shorts = [engine.add(p, None, GREEDY) for p in SHORT[:2]]
+        engine.step()
+        bad = engine.add(long_ids, None, GREEDY)
+        nan = engine.add([t for t in long_ids if t != token][:60], EXTREME, GREEDY)
+        engine.run_until_done()
+    finally:
+        poison.remove()
+    assert bad.finish_reason == "error" and not bad.error.client and bad.output_ids == []
+    assert nan.finish_reason == "error" and nan.error.client
+    assert [r.output_ids for r in shorts] == alone
