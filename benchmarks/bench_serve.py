@@ -3,6 +3,8 @@
     python benchmarks/bench_serve.py ARTIFACT [--arms twin core expert:NAME] [--concurrency 1 8 32]
            [--seconds 10] [--max-tokens 32] [--threads 1] [--max-batch 32] [--label NAME] [--out FILE]
            [--backend local|vllm] [--compare-local]
+    python benchmarks/bench_serve.py ARTIFACT --long-prompt N [--concurrency 2] [--max-tokens 2] [--seconds 15]
+           [--max-step-tokens T]
 
 The server runs in a child process (`python -m serving.cli serve ARTIFACT --port P`, OMP threads = --threads).
 `--backend vllm` serves with vLLM; `--compare-local` then also runs the local backend on the same arms and
@@ -18,6 +20,13 @@ when the experts are those tasks, else synthetic math/code/chat prompts). Measur
 
 and twin's output tokens/s as a ratio of core's at the same N in the same run. Arms stop at different lengths
 (EOS), so tokens/s also reflects answer lengths; core/twin of TPOT compares the cost per decoded token.
+`--long-prompt N` measures fairness instead (one arm, `core` unless --arms names one, one concurrency level):
+short streamed requests back to back for --seconds undisturbed, then the same clients while one completion
+of exactly N prompt tokens (repeated text, counted by the artifact's tokenizer as the server counts it) is
+prefilled, until it finishes. It prints both p50/p99 latencies, the disturbed/undisturbed p99 ratio next to
+the ideal 1x (the long prompt costs the short ones nothing) and the 2x target, the long request's latency, and
+the server's resident memory (VmRSS peak sampled while it runs, and VmHWM) before and during the long prompt.
+
 Clients are plain httpx (light SSE parsing) in this process; on a small shared CPU they take cycles from the
 server, so compare arms within a run, not across machines. Writes JSON (default benchmarks/results/serve.json, keyed by --label) and prints a
 markdown table.
@@ -72,12 +81,13 @@ def task_prompts(experts: list[str], per_task: int = 40) -> list[list[dict]]:
 
 
 class ServerProcess:
-    def __init__(self, artifact: Path, threads: int, max_batch: int, log: Path, backend: str = "local") -> None:
+    def __init__(self, artifact: Path, threads: int, max_batch: int, log: Path, backend: str = "local",
+                 extra: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
                "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}" if threads > 1 else "0"}
         cmd = [sys.executable, "-m", "serving.cli", "serve", str(artifact), "--port", str(self.port),
-               "--max-batch", str(max_batch), "--max-queue", "1024", "--log", str(log), "--backend", backend]
+               "--max-batch", str(max_batch), "--max-queue", "1024", "--log", str(log), "--backend", backend, *extra]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -92,6 +102,15 @@ class ServerProcess:
             except httpx.HTTPError:
                 time.sleep(0.2)
         raise RuntimeError("server did not start in time")
+
+    def memory_mib(self) -> dict[str, float]:
+        """The server's VmRSS (now) and VmHWM (peak since start), MiB."""
+        out = {}
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = round(int(value.split()[0]) / 1024, 1)
+        return out
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -149,6 +168,127 @@ async def run_level(url: str, arm: str, clients: int, seconds: float, prompts: l
             "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99), "tpot_p50": percentile(tpot, 50)}
 
 
+def exact_prompt(artifact: Path, n: int) -> str:
+    """Repeated plain text that the artifact's tokenizer encodes (as the server does) to exactly n tokens."""
+    from transformers import AutoTokenizer
+
+    from twinrt.runtime.engine import encode_prompt
+
+    tok = AutoTokenizer.from_pretrained(artifact / "core")
+    para = ("The committee met on Tuesday to review the quarterly figures, the hiring plan and the schedule for "
+            "the new warehouse. Each department presented its numbers, and the discussion ran long. ")
+    ids = tok(para * (n // 20 + 10), add_special_tokens=False)["input_ids"]
+    cut = n
+    while True:
+        text = tok.decode(ids[:cut])
+        got = len(encode_prompt(tok, text))
+        if got == n:
+            return text
+        cut += n - got
+
+
+async def short_requests(client: httpx.AsyncClient, arm: str, clients: int, prompts: list, max_tokens: int,
+                         keep_going) -> list[dict]:
+    """`clients` loops of short requests while keep_going() holds; the results of those that completed."""
+    results: list[dict] = []
+    counter = iter(range(10**9))
+
+    async def loop() -> None:
+        while keep_going():
+            results.append(await one_request(client, arm, prompts[next(counter) % len(prompts)], max_tokens))
+
+    await asyncio.gather(*(loop() for _ in range(clients)))
+    return results
+
+
+def latency_stats(results: list[dict]) -> dict:
+    lat = [r["latency"] for r in results]
+    return {"requests": len(results), "latency_p50": percentile(lat, 50), "latency_p99": percentile(lat, 99),
+            "latency_max": max(lat) if lat else None}
+
+
+async def long_prompt_run(server: ServerProcess, arm: str, clients: int, seconds: float, prompts: list,
+                          max_tokens: int, text: str, n: int) -> dict:
+    """Short requests undisturbed for `seconds`, then the same while one n-token prompt is prefilled."""
+    peak = {"rss": 0.0}
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=server.url, timeout=1800, limits=limits) as client:
+        deadline = time.perf_counter() + seconds
+        quiet = await short_requests(client, arm, clients, prompts, max_tokens,
+                                     lambda: time.perf_counter() < deadline)
+        before = server.memory_mib()
+
+        async def long_request() -> dict:
+            t0 = time.perf_counter()
+            r = await client.post("/v1/completions", json={"model": arm, "prompt": text, "max_tokens": 1,
+                                                            "temperature": 0})
+            if r.status_code != 200:
+                raise RuntimeError(f"long prompt: {r.status_code}: {r.text[:300]}")
+            return {"latency": time.perf_counter() - t0, "prompt_tokens": r.json()["usage"]["prompt_tokens"]}
+
+        async def sample_memory() -> None:
+            while not long.done():
+                peak["rss"] = max(peak["rss"], server.memory_mib()["VmRSS"])
+                await asyncio.sleep(0.2)
+
+        long = asyncio.create_task(long_request())
+        sampler = asyncio.create_task(sample_memory())
+        busy = await short_requests(client, arm, clients, prompts, max_tokens, lambda: not long.done())
+        long_result = await long
+        await sampler
+        during = server.memory_mib()
+    q, b = latency_stats(quiet), latency_stats(busy)
+    if long_result["prompt_tokens"] != n:
+        raise RuntimeError(f"the long prompt has {long_result['prompt_tokens']} tokens on the server, not {n}")
+    return {"arm": arm, "clients": clients, "long_prompt_tokens": n, "short_max_tokens": max_tokens,
+            "undisturbed": q, "with_long_prompt": b,
+            "p99_ratio": round(b["latency_p99"] / q["latency_p99"], 2) if b["requests"] and q["requests"] else None,
+            "p50_ratio": round(b["latency_p50"] / q["latency_p50"], 2) if b["requests"] and q["requests"] else None,
+            "long_latency_s": round(long_result["latency"], 2),
+            "memory_mib": {"before": before, "peak_rss_during": peak["rss"], "after": during,
+                           "peak_rss_over_before": round(peak["rss"] - before["VmRSS"], 1)}}
+
+
+def main_long_prompt(args) -> int:
+    from twinrt.runtime.engine import DEFAULT_STEP_TOKENS
+
+    log = Path(tempfile.mkdtemp(prefix="bench_serve_")) / "routing.jsonl"
+    extra = ("--max-step-tokens", str(args.max_step_tokens)) if args.max_step_tokens else ()
+    arm = (args.arms or ["core"])[0]
+    clients = args.concurrency[0]
+    text = exact_prompt(args.artifact, args.long_prompt)
+    load_before = os.getloadavg()[0]
+    server = ServerProcess(args.artifact, args.threads, args.max_batch, log, args.backend, extra)
+    try:
+        health = server.wait_ready()
+        prompts = task_prompts(health["experts"])
+        asyncio.run(run_level(server.url, arm, 2, 0.5, prompts, 2))  # warm-up
+        row = asyncio.run(long_prompt_run(server, arm, clients, args.seconds, prompts, args.max_tokens, text,
+                                          args.long_prompt))
+    finally:
+        server.stop()
+    row.update({"max_step_tokens": args.max_step_tokens or DEFAULT_STEP_TOKENS, "server_threads": args.threads,
+                "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2),
+                "machine": machine(), "artifact": str(args.artifact)})
+    q, b, m = row["undisturbed"], row["with_long_prompt"], row["memory_mib"]
+    print(f"short requests ({arm}, {clients} clients, max_tokens {args.max_tokens}), long prompt "
+          f"{args.long_prompt} tokens, max_step_tokens {row['max_step_tokens']}:")
+    print(f"  undisturbed       n={q['requests']:<4} p50 {q['latency_p50']:.3f} s  p99 {q['latency_p99']:.3f} s")
+    print(f"  with long prompt  n={b['requests']:<4} p50 {b['latency_p50']:.3f} s  p99 {b['latency_p99']:.3f} s")
+    print(f"  p99 ratio {row['p99_ratio']:.2f}x (ideal 1.00x: the long prompt costs short requests nothing; "
+          f"target <= 2.00x), p50 ratio {row['p50_ratio']:.2f}x")
+    print(f"  long request {row['long_latency_s']:.1f} s; server RSS {m['before']['VmRSS']:.0f} MiB before, peak "
+          f"{m['peak_rss_during']:.0f} MiB during (+{m['peak_rss_over_before']:.0f}); load average "
+          f"{row['load_average_before']} -> {row['load_average_after']}")
+    label = args.label or f"{args.artifact.name}-long{args.long_prompt}"
+    data = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    data[label] = row
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(data, indent=1))
+    print(f"wrote {args.out} [{label}]")
+    return 0
+
+
 def ratios(rows: list[dict], key: str = "output_tokens_per_s") -> dict[str, float]:
     """twin's `key` over core's, per concurrency level (rows of one backend)."""
     by = {(r["arm"], r["clients"]): r for r in rows}
@@ -202,7 +342,15 @@ def main() -> int:
     p.add_argument("--backend", choices=["local", "vllm"], default="local")
     p.add_argument("--compare-local", action="store_true", help="with --backend vllm: also run the local backend")
     p.add_argument("--table", action="store_true", help="only print the table of the --label run stored in --out")
+    p.add_argument("--long-prompt", type=int, default=None, metavar="N",
+                   help="fairness run: short requests with and without a concurrent N-token prompt (see above)")
+    p.add_argument("--max-step-tokens", type=int, default=None, help="the server's per-step token budget "
+                   "(default: the engine's)")
     args = p.parse_args()
+    if args.long_prompt:
+        if args.out == OUT:
+            args.out = OUT.with_name("serve_long_prompt.json")
+        return main_long_prompt(args)
     if args.table:
         run = json.loads(args.out.read_text())[args.label or args.artifact.name]
         print(markdown(run["rows"]))
