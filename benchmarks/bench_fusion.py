@@ -30,7 +30,6 @@ import torch
 import yaml
 
 from common import ROOT, machine, run_child, smollm2_base, synthetic_expert, write_json
-
 from twinrt.runtime import TwinModel
 from twinrt.split.run import decoder_linear_weights
 
@@ -48,7 +47,8 @@ def build_artifacts(workdir: Path, ns: list[int], ranks: list[int]) -> dict[tupl
         for r in ranks:
             out = workdir / f"fusion-n{n}-r{r}"
             if not (out / "twin.json").is_file():
-                cfg = {"base": str(base), "experts": [{"name": f"e{i}", "path": str(p)} for i, p in enumerate(experts[:n])],
+                cfg = {"base": str(base),
+                       "experts": [{"name": f"e{i}", "path": str(p)} for i, p in enumerate(experts[:n])],
                        "shared": {"method": "task_arithmetic"}, "exclusive": {"rank": r}}
                 (workdir / f"fusion-n{n}-r{r}.yaml").write_text(yaml.safe_dump(cfg))
                 run = run_child([sys.executable, "-m", "twinrt.cli", "split", str(workdir / f"fusion-n{n}-r{r}.yaml"),

@@ -8,7 +8,8 @@ is fitted on synthetic prompts (math / code / chat, router/synthetic.py); a rout
     python benchmarks/bench_router.py [--batch-sizes 1 8 32] [--seconds 4] [--train-per-expert 30] [--threads N]
 
 Throughput is batch size / p50 latency. On a CPU shared with other work, `--threads 1` avoids OpenMP
-oversubscription (measured here: MiniLM batch 1 at 16 ms with 1 thread vs 88 ms with 2 under load 3.8). Writes benchmarks/results/router.json and prints a markdown table.
+oversubscription (measured here: MiniLM batch 1 at 16 ms with 1 thread vs 88 ms with 2 under load 3.8).
+Writes benchmarks/results/router.json and prints a markdown table.
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ from pathlib import Path
 import yaml
 
 from common import ROOT, dir_bytes, machine, run_child, smollm2_base, synthetic_expert, write_json
-
 from twinrt.artifact import Artifact
 from twinrt.artifact.report import expert_stats
 from twinrt.models import smollm2_gguf

@@ -117,10 +117,12 @@ def main() -> int:
                 print(json.dumps(row), flush=True)
     write_json(args.out, {"benchmark": "mix_quantisation", "artifact": str(args.artifact), "machine": machine(),
                           "experts": tm.experts, "rows": rows})
-    print("\n| mixes | top-k | step | weight L1 mean / max | ΔW rel. error | max abs Δlogit mean / max | next-token agree |")
+    print("\n| mixes | top-k | step | weight L1 mean / max | ΔW rel. error | max abs Δlogit mean / max "
+          "| next-token agree |")
     print("|---|---:|---:|---|---:|---|---:|")
     for r in rows:
-        print(f"| {r['mixes_from']} | {r['top_k']} | {r['step']} | {r['weight_l1_mean']:.4f} / {r['weight_l1_max']:.4f} "
+        print(f"| {r['mixes_from']} | {r['top_k']} | {r['step']} "
+              f"| {r['weight_l1_mean']:.4f} / {r['weight_l1_max']:.4f} "
               f"| {r['delta_rel_error_mean']:.4f} | {r['logit_abs_error_mean']:.4f} / {r['logit_abs_error_max']:.4f} "
               f"| {r['next_token_agreement']:.4f} |")
     print(f"\nwrote {args.out}")

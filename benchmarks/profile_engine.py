@@ -17,7 +17,6 @@ import time
 import torch
 
 from bench_fusion import CHAT, load_static, random_mix
-
 from twinrt.runtime import Engine, SamplingParams, TwinModel
 
 

@@ -42,7 +42,7 @@ _CODE = [
     lambda r: f"Implement a {r.choice(_DS)} class in Python with push and pop methods.",
     lambda r: f"Write a pytest unit test for the function {r.choice(_NAMES)}().",
     lambda r: f"Explain this code: for i in range({r.randint(2, 99)}): print(i)",
-    lambda r: f"Refactor this loop into a list comprehension: result = []; for x in items: result.append(x)",
+    lambda r: "Refactor this loop into a list comprehension: result = []; for x in items: result.append(x)",
     lambda r: f"Why does my Python script raise KeyError in {r.choice(_NAMES)}()?",
 ]
 _CHAT = [

@@ -45,7 +45,8 @@ def options_from_args(args: argparse.Namespace):
 
     try:
         return ServeOptions(artifact=args.artifact, host=args.host, port=args.port, backend=args.backend,
-                            api_key=args.api_key, api_key_file=args.api_key_file, ab=args.ab, ab_name=args.ab_name, ab_seed=args.ab_seed,
+                            api_key=args.api_key, api_key_file=args.api_key_file, ab=args.ab, ab_name=args.ab_name,
+                            ab_seed=args.ab_seed,
                             max_batch=args.max_batch, max_queue=args.max_queue, dtype=args.dtype, device=args.device,
                             log=args.log, no_log=args.no_log, router=args.router, materialize=args.materialize,
                             max_body_bytes=args.max_body_bytes,

@@ -28,8 +28,16 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from serving.arms import UnknownModel
-from serving.backends.base import (BackendError, EngineUnavailable, Finished, Generation, GenerationRequest,
-                                   PromptError, QueueFull, ShuttingDown)
+from serving.backends.base import (
+    BackendError,
+    EngineUnavailable,
+    Finished,
+    Generation,
+    GenerationRequest,
+    PromptError,
+    QueueFull,
+    ShuttingDown,
+)
 from serving.errors import APIError, error_body, internal_error
 from serving.responses import SSE_DONE, ChunkWriter, Shape, completion_body, new_id, sse
 from serving.routelog import user_hash

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from serving.arms import Arm, ABSplit
+from serving.arms import ABSplit, Arm
 from serving.schemas import RoutingOverride
 
 ROUTE_BATCH = 64

@@ -136,7 +136,8 @@ def test_chunked_merge_equals_whole_tensor_merge(tau, name, given):
     # from the whole tensor, so every chunk size must give the same core, bit for bit
     m = get_method(name)
     params = m.resolve(given)
-    keep = M.dare_keep_masks(tau.shape[1:], 4, params["density"], torch.Generator().manual_seed(5)) if m.random else None
+    keep = (M.dare_keep_masks(tau.shape[1:], 4, params["density"], torch.Generator().manual_seed(5)) if m.random
+            else None)
     whole = m.merge(tau, params, keep)
     kw = {k: v for k, v in params.items() if k != "seed"}
     if m.random:

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from router.cli import register
 from helpers import copy_artifact, prompts_jsonl, write_jsonl
+from router.cli import register
 from router.synthetic import make_prompts
 from twinrt.artifact import Artifact
 from twinrt.errors import TwinError

@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 
+from helpers import EXPERTS, prompts_jsonl, write_jsonl
 from router.data import label_indices, min_per_expert, read_examples, stratified_split
 from router.inputs import routing_text, routing_texts
-from helpers import EXPERTS, prompts_jsonl, write_jsonl
 from twinrt.errors import TwinError
 
 

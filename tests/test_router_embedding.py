@@ -8,10 +8,18 @@ import socket
 import pytest
 import torch
 
-from router import (EmbeddingRouter, RoutingOptions, SentenceEncoder, TrainConfig, evaluate_router, load_router,
-                    save_router, train_router)
-from router.store import CONFIG_FILE, WEIGHTS_FILE
 from helpers import copy_artifact, examples
+from router import (
+    EmbeddingRouter,
+    RoutingOptions,
+    SentenceEncoder,
+    TrainConfig,
+    evaluate_router,
+    load_router,
+    save_router,
+    train_router,
+)
+from router.store import CONFIG_FILE, WEIGHTS_FILE
 from twinrt.artifact import Artifact
 from twinrt.errors import TwinError
 from twinrt.models import minilm_dir

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from helpers import copy_artifact, examples
 from router import CoreEncoder, HiddenStateRouter, TrainConfig, evaluate_router, load_router, save_router, train_router
 from router.encoders import mean_pool, pad_right
-from helpers import copy_artifact, examples
 from twinrt.artifact import Artifact
 
 FRESH = examples(15, seed=1)

@@ -16,9 +16,9 @@ import pytest
 import torch
 from openai import AsyncOpenAI, NotFoundError, OpenAI
 
+from helpers import KEY, chat, start
 from serving.routelog import read_log
 from serving.server import ServeOptions
-from helpers import KEY, chat, start
 
 EXPERTS = ["math", "code", "chat"]
 PROMPTS = ["what is two plus three", "hello world", "def add(a, b):", "the capital of france is",

@@ -11,8 +11,8 @@ import httpx
 import pytest
 from openai import AuthenticationError, OpenAI
 
-from serving.server import ServeOptions, build_server
 from helpers import KEY, chat, start
+from serving.server import ServeOptions, build_server
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 CHAT = "/v1/chat/completions"

@@ -15,8 +15,8 @@ import time
 import httpx
 import pytest
 
-from serving.server import ServeOptions
 from helpers import KEY, chat, start
+from serving.server import ServeOptions
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 CHAT = "/v1/chat/completions"

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serving.server import ServeOptions
 from helpers import KEY, start
+from serving.server import ServeOptions
 
 AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
 EXAMPLES = 120  # per endpoint; bounded so the default test run stays short

@@ -14,7 +14,8 @@ from twinrt.split import svd as S
 def low_rank_plus_noise(m: int, n: int, r: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     decay = torch.logspace(0, -2, r)
-    return (torch.randn(m, r, generator=g) * decay) @ torch.randn(r, n, generator=g) + 1e-3 * torch.randn(m, n, generator=g)
+    return ((torch.randn(m, r, generator=g) * decay) @ torch.randn(r, n, generator=g)
+            + 1e-3 * torch.randn(m, n, generator=g))
 
 
 def test_full_svd_is_eckart_young():

@@ -61,7 +61,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     art = Artifact.open(args.artifact, verify=not args.no_verify)
     m = art.manifest
-    console.print(f"[bold]{args.artifact}[/bold]  format {m.format}, written by twinrt {m.twinrt_version} at {m.created}")
+    console.print(f"[bold]{args.artifact}[/bold]  format {m.format}, "
+                  f"written by twinrt {m.twinrt_version} at {m.created}")
     console.print(f"base: {m.base.source} ({m.base.kind}, {m.base.architecture}, {m.base.fingerprint[:19]}…)")
     console.print(f"experts (mix order): {', '.join(m.expert_names)}")
     if m.shared.excluded:
@@ -138,7 +139,8 @@ def _run(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()
     if not args.verbose:
         os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF reader has its own tqdm bar
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args)
     except TwinError as e:

@@ -37,9 +37,20 @@ from typing import Any
 
 import torch
 
-from serving.backends.base import (Admission, BackendError, BackendFailure, BackendStats, EngineUnavailable, Finished,
-                                   Generation, GenerationRequest, PromptError, ShuttingDown, check_submit)
-from serving.backends.base import PromptEncoder
+from serving.backends.base import (
+    Admission,
+    BackendError,
+    BackendFailure,
+    BackendStats,
+    EngineUnavailable,
+    Finished,
+    Generation,
+    GenerationRequest,
+    PromptEncoder,
+    PromptError,
+    ShuttingDown,
+    check_submit,
+)
 from twinrt.runtime import Engine, Request, SamplingParams, TwinModel
 
 log = logging.getLogger(__name__)

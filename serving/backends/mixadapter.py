@@ -18,7 +18,6 @@ mass moved off the experts top-k dropped.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path

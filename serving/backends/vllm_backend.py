@@ -29,8 +29,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serving.backends.base import (Admission, BackendFailure, BackendStats, EngineUnavailable, Finished, Generation,
-                                   GenerationRequest, PromptEncoder, PromptError, ShuttingDown, check_submit)
+from serving.backends.base import (
+    Admission,
+    BackendFailure,
+    BackendStats,
+    EngineUnavailable,
+    Finished,
+    Generation,
+    GenerationRequest,
+    PromptEncoder,
+    PromptError,
+    ShuttingDown,
+    check_submit,
+)
 from serving.backends.local import SEED_MASK
 from serving.backends.mixadapter import MixAdapterBuilder, MixKey, MixQuantizer
 from twinrt.artifact import Artifact

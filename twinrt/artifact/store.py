@@ -238,7 +238,8 @@ class Artifact:
             first = e.errors()[0]
             where = ".".join(map(str, first["loc"]))
             msg = first["msg"].removeprefix("Value error, ")
-            raise TwinError(f"{mfile} is malformed at {where}: {msg}" if where else f"{mfile} is inconsistent: {msg}")
+            raise TwinError(f"{mfile} is malformed at {where}: {msg}" if where
+                            else f"{mfile} is inconsistent: {msg}") from None
         art = cls(path, manifest)
         if verify:
             art.verify()

@@ -125,5 +125,6 @@ def consensus(
     """
     masks = tall_masks(tau, tau.sum(dim=0), tall_lambda)  # [N, ...]
     agree = masks.sum(dim=0) >= k
-    merged = ties(tau, scaling=scaling, density=density, threshold=threshold) if base == "ties" else task_arithmetic(tau, scaling=scaling)
+    merged = (ties(tau, scaling=scaling, density=density, threshold=threshold) if base == "ties"
+              else task_arithmetic(tau, scaling=scaling))
     return merged * agree

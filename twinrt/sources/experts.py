@@ -96,7 +96,8 @@ class LoraExpert:
         loras: dict[str, _Lora] = {}
         for module, p in sorted(parts.items()):
             embedding = "lora_embedding_A" in p
-            a, b = (p.get("lora_embedding_A"), p.get("lora_embedding_B")) if embedding else (p.get("lora_A"), p.get("lora_B"))
+            a, b = ((p.get("lora_embedding_A"), p.get("lora_embedding_B")) if embedding
+                    else (p.get("lora_A"), p.get("lora_B")))
             if a is None or b is None:
                 raise TwinError(f"{self.label}: module {module} has only one of its two LoRA factors")
             r = _pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"])

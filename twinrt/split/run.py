@@ -20,8 +20,19 @@ import torch
 from torch import nn
 
 from twinrt import __version__
-from twinrt.artifact.manifest import (FORMAT, BaseInfo, DenseInfo, ExclusiveInfo, ExpertInfo, ExpertSize, FactorInfo,
-                                      Manifest, SharedInfo, Sizes, TensorInfo)
+from twinrt.artifact.manifest import (
+    FORMAT,
+    BaseInfo,
+    DenseInfo,
+    ExclusiveInfo,
+    ExpertInfo,
+    ExpertSize,
+    FactorInfo,
+    Manifest,
+    SharedInfo,
+    Sizes,
+    TensorInfo,
+)
 from twinrt.artifact.store import atomic_dir, check_replaceable, checksum_tree, write_manifest
 from twinrt.artifact.stwriter import SafetensorsWriter
 from twinrt.config import SplitConfig
@@ -49,7 +60,8 @@ def _hf_config(base: SafetensorsDir | GGUFFile) -> Any:
     try:
         return AutoConfig.from_pretrained(base.path)
     except Exception as e:  # transformers raises ValueError/KeyError/OSError for unknown or broken configs
-        raise TwinError(f"base {base.path}: config.json is not a config transformers can load: {e}".splitlines()[0]) from None
+        raise TwinError(f"base {base.path}: config.json is not a config transformers can load: {e}"
+                        .splitlines()[0]) from None
 
 
 def decoder_linear_weights(config: Any) -> set[str]:
@@ -157,7 +169,8 @@ def split(cfg: SplitConfig, out: Path, *, force: bool = False, device: str = "cp
     linear = decoder_linear_weights(hf_config)
     unknown = sorted(linear - set(names))
     if unknown:
-        raise TwinError(f"base {base.label}: its config's architecture has weights the checkpoint lacks, e.g. {unknown[0]}")
+        raise TwinError(f"base {base.label}: its config's architecture has weights the checkpoint lacks, "
+                        f"e.g. {unknown[0]}")
     ex = cfg.exclusive
     widest = max((min(base.meta(n).shape) for n in linear), default=0)
     if ex.rank is not None and ex.rank > widest:
