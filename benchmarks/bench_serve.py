@@ -28,7 +28,8 @@ the ideal 1x (the long prompt costs the short ones nothing) and the 2x target, t
 the server's resident memory (VmRSS peak sampled while it runs, and VmHWM) before and during the long prompt.
 
 Clients are plain httpx (light SSE parsing) in this process; on a small shared CPU they take cycles from the
-server, so compare arms within a run, not across machines. Writes JSON (default benchmarks/results/serve.json, keyed by --label) and prints a
+server, so compare arms within a run, not across machines. Writes JSON (default benchmarks/results/serve.json,
+keyed by --label) and prints a
 markdown table.
 """
 
@@ -320,7 +321,8 @@ def markdown(rows: list[dict]) -> str:
             inv = tpot.get(str(r["clients"])) if twin else None
             x = cross.get(f"{r['arm']}@{r['clients']}") if b == "vllm" else None
             lines.append(f"| {b} | {r['arm']} | {r['clients']} | {f(r['requests_per_s'], 2)} "
-                         f"| {f(r['output_tokens_per_s'], 1)} | {f(r['mean_output_tokens'], 1)} | {f(r['latency_p50'])} "
+                         f"| {f(r['output_tokens_per_s'], 1)} | {f(r['mean_output_tokens'], 1)} "
+                         f"| {f(r['latency_p50'])} "
                          f"| {f(r['latency_p99'])} | {f(r['ttft_p50'])} | {f(r['ttft_p99'])} | {f(r.get('tpot_p50'))} "
                          f"| {f(tok.get(str(r['clients'])) if twin else None, 2)} | {f(1 / inv if inv else None, 2)} "
                          f"| {f(x, 2)} |")

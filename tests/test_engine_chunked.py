@@ -8,8 +8,8 @@ import itertools
 
 import pytest
 import torch
-from test_engine_faults import EXTREME, Poison, carries
 
+from test_engine_faults import EXTREME, Poison, carries
 from twinrt.runtime import Engine, SamplingParams, TwinModel
 from twinrt.runtime.engine import chunk_tokens, prefill_cost
 

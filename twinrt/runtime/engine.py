@@ -262,7 +262,8 @@ class Engine:
     def add(self, prompt: Prompt | list[int], mix: torch.Tensor | None, params: SamplingParams,
             on_token: TokenCallback | None = None) -> Request:
         """Queue a request; `mix` is a validated [N] row (None or all zeros = core)."""
-        ids = list(prompt) if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt) else self.encode(prompt)
+        token_ids = isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)
+        ids = list(prompt) if token_ids else self.encode(prompt)
         if len(ids) >= self.context:
             raise ValueError(f"prompt has {len(ids)} tokens; the context length is {self.context}")
         gen = None
