@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import httpx  # noqa: E402
@@ -74,7 +74,7 @@ def task_prompts(experts: list[str], per_task: int = 40) -> list[list[dict]]:
             lines = (tasks / e / "test.jsonl").read_text().splitlines()[:per_task]
             out += [json.loads(line)["messages"] for line in lines if line.strip()]
     else:
-        from test_router_synth import make_prompts
+        from router.synthetic import make_prompts
 
         out = [[{"role": "user", "content": t}] for t, _ in make_prompts(per_task, seed=3)]
     random.Random(0).shuffle(out)

@@ -13,8 +13,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TEST_MODULES = {"tests"} | {p.stem for p in (ROOT / "tests").glob("*.py")}
 SOURCES = sorted(p for d in ("twinrt", "router", "serving", "benchmarks") for p in (ROOT / d).rglob("*.py"))
-# still imports router.synthetic's make_prompts through tests/test_router_synth.py; its owner moves it
-PENDING = {"benchmarks/bench_serve.py"}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -30,8 +28,7 @@ def imported_modules(path: Path) -> set[str]:
 
 def test_no_package_or_benchmark_imports_test_code() -> None:
     found = {str(p.relative_to(ROOT)): sorted(imported_modules(p) & TEST_MODULES) for p in SOURCES}
-    assert {k: v for k, v in found.items() if v and k not in PENDING} == {}
-    assert all(found.get(k) for k in PENDING), "a pending file imports no test code any more: drop it from PENDING"
+    assert {k: v for k, v in found.items() if v} == {}
 
 
 def test_the_check_sees_lazy_imports(tmp_path) -> None:
