@@ -80,7 +80,7 @@ def test_cost_rule_and_chunk_size(tm):
 @pytest.mark.parametrize("mixed", [False, True])
 def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill(tm, long_ids, chunk, mixed):
     mix = MIX if mixed else None
-    engine = Engine(tm, materialize=False, max_step_tokens=chunk)
+    engine = Engine(tm, materialize=False, max_step_tokens=chunk, idle_growth=1)
     engine.attn = 0.0  # every token costs 1: chunks of exactly `chunk` tokens
     rec = Forwards(engine)
     req = engine.add(long_ids, mix, GREEDY)
@@ -93,7 +93,7 @@ def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill(tm, long_ids, chunk
 
 
 def test_a_long_prompt_beside_short_requests_keeps_every_row_exact(tm, long_ids):
-    engine = Engine(tm, materialize=False, max_step_tokens=16)
+    engine = Engine(tm, materialize=False, max_step_tokens=16, idle_growth=1, chunk_share=None)
     rec = Forwards(engine)
     mixes = [None, torch.tensor([1.0, 0.0, 0.0]), MIX, torch.tensor([0.0, 0.7, 0.3])]
     first = engine.add(SHORT[0], mixes[0], GREEDY)
@@ -121,8 +121,60 @@ def test_a_long_prompt_beside_short_requests_keeps_every_row_exact(tm, long_ids)
         assert cost <= engine.max_step_tokens + engine.min_chunk_cost + 1e-9, step
 
 
+def test_a_long_prompt_alone_grows_its_chunks_and_shrinks_them_when_work_arrives(tm, long_ids):
+    engine = Engine(tm, materialize=False, max_step_tokens=8, idle_growth=4)
+    engine.attn = 0.0  # every token costs 1
+    rec = Forwards(engine)
+    long = engine.add(long_ids, None, GREEDY)
+    for _ in range(4):
+        rec.step()
+    assert [t for step in rec.steps for (_, t, _) in step] == [8, 16, 32, 32]  # doubling, up to 4 x 8
+    short = engine.add(SHORT[1], None, GREEDY)
+    rec.step()   # the short prompt goes whole, and the chunk is back to the budget left (at least the floor)
+    last = rec.steps[-1]
+    assert any(t == len(short.prompt_ids) for _, t, _ in last)
+    assert max(t for _, t, start in last if start > 0) <= engine.max_step_tokens
+    rec.run()
+    assert long.output_ids == whole(tm, long_ids, None) and short.output_ids == whole(tm, SHORT[1], None)
+
+
+def test_chunks_take_at_most_their_share_of_the_time_while_rows_decode(tm, long_ids, monkeypatch):
+    import twinrt.runtime.engine as engine_module
+
+    clock = [0.0]  # a decode step takes 1 s, a chunk 3 s: the rule then runs a chunk at steps 1, 3, 6, 9, 12
+    monkeypatch.setattr(engine_module.time, "perf_counter", lambda: clock[0])
+    engine = Engine(tm, materialize=False, max_step_tokens=64, chunk_share=1.0)
+    for p in SHORT:
+        engine.add(p, None, SamplingParams(max_new_tokens=40, ignore_eos=True))
+    engine.step()
+    engine.max_step_tokens = 8  # small chunks: the long prompt is still prefilling after 12 steps
+    decode, chunk = engine._decode, engine._continue_prefill
+
+    def slow_decode(*a):
+        clock[0] += 1.0
+        return decode(*a)
+
+    def slow_chunk(*a):
+        clock[0] += 3.0
+        return chunk(*a)
+
+    monkeypatch.setattr(engine, "_decode", slow_decode)
+    monkeypatch.setattr(engine, "_continue_prefill", slow_chunk)
+    long = engine.add(long_ids, None, GREEDY)
+    ran = []
+    for i in range(1, 13):
+        before = engine._chunk_s
+        engine.step()
+        if engine._chunk_s > before:
+            ran.append(i)
+    assert ran == [1, 3, 6, 9, 12] and engine.prefilling is long
+    monkeypatch.undo()
+    engine.run_until_done()
+    assert long.output_ids == whole(tm, long_ids, None)
+
+
 def test_a_long_prompt_is_never_starved(tm, long_ids):
-    engine = Engine(tm, materialize=False, max_step_tokens=64)
+    engine = Engine(tm, materialize=False, max_step_tokens=64, chunk_share=None)
     for p in SHORT:
         engine.add(p, None, SamplingParams(max_new_tokens=60, ignore_eos=True))
     engine.step()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,9 @@ from twinrt.runtime.sampling import is_greedy, sample_row
 log = logging.getLogger(__name__)
 
 Prompt = str | Sequence[Mapping[str, str]]
-DEFAULT_STEP_TOKENS = 128  # see Engine and README (serving benchmarks): what it costs, what it buys
+DEFAULT_STEP_TOKENS = 64  # see Engine and README (serving benchmarks): what it costs, what it buys
+DEFAULT_IDLE_GROWTH = 16
+DEFAULT_CHUNK_SHARE = 0.5
 NOT_FINITE = ("the model's output for this request is not finite (are the routing weights or sampling "
               "parameters extreme?)")
 
@@ -227,19 +230,36 @@ class Engine:
     `chunk_tokens` to the budget left, or to `max_step_tokens / 8` if less is left, so it always moves. A step
     with a chunk thus costs at most its decode and whole prompts plus max(budget left, budget / 8), whatever
     the context; a prompt longer than the budget never runs whole, so its attention scores stay
-    [heads, chunk, L], not [heads, L, L]. The default is the chunk that costs about one decode step of a small
-    batch on the CPU we measured (README: serving benchmarks); a faster device wants a larger one.
+    [heads, chunk, L], not [heads, L, L]. A long prompt with nothing else to run needs no fairness: each step
+    it runs alone doubles its chunk's budget, up to `idle_growth` × `max_step_tokens`, and the first step with
+    other work brings it back, so an arrival waits for at most one such chunk (which is large only after the
+    engine has had nothing else to do for several steps). `chunk_share` bounds the wall time chunks take while
+    other rows wait: a step runs its chunk only while the chunks' time since this long prompt began is at most
+    `chunk_share` × the time of the rest of those steps (1.0: half the time; None: a chunk every step), so a
+    short request sees at most about that share of extra time, and the long prompt still always advances.
+    The defaults are the fairness the README's serving benchmark measured on a CPU (short requests' p99 within
+    2× while a long prompt prefills, at the long prompt's expense); a faster device wants a larger budget, and
+    a deployment that favours long prompts a larger share.
     """
 
     def __init__(self, tm: Runner, max_batch: int = 64, materialize: bool = True,
-                 max_step_tokens: int = DEFAULT_STEP_TOKENS) -> None:
+                 max_step_tokens: int = DEFAULT_STEP_TOKENS, idle_growth: int = DEFAULT_IDLE_GROWTH,
+                 chunk_share: float | None = DEFAULT_CHUNK_SHARE) -> None:
         if not isinstance(max_step_tokens, int) or max_step_tokens < 1:
             raise ValueError(f"max_step_tokens must be an integer >= 1, got {max_step_tokens!r}")
+        if not isinstance(idle_growth, int) or idle_growth < 1:
+            raise ValueError(f"idle_growth must be an integer >= 1, got {idle_growth!r}")
         self.tm = tm
         self.max_batch = max_batch
         self.materialize = materialize
         self.max_step_tokens = max_step_tokens
         self.min_chunk_cost = max_step_tokens / 8
+        self.idle_growth = idle_growth
+        if chunk_share is not None and not chunk_share > 0:
+            raise ValueError(f"chunk_share must be > 0 or None, got {chunk_share!r}")
+        self.chunk_share = chunk_share
+        self._chunk_s = self._work_s = 0.0  # wall time of chunks / of the rest, since the long prompt began
+        self._alone = 1  # the chunk budget's factor while the long prompt runs alone (doubles per step)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._partial: _Partial | None = None
@@ -298,6 +318,7 @@ class Engine:
         Returns the requests that finished, failed rows among them (finish_reason "error", `error` set).
         Raises only when a forward fails in a way no row can be blamed for."""
         finished: list[Request] = []
+        t0 = time.perf_counter()
         budget = float(self.max_step_tokens)
         if self.running:
             budget -= len(self.running) * prefill_cost(self._mask.shape[1], 1, self.attn)
@@ -306,7 +327,22 @@ class Engine:
         if whole:
             self._admit(whole, finished)
         if self._partial is not None:
-            self._continue_prefill(max(budget, self.min_chunk_cost), finished)
+            others = bool(self.running or self.waiting)
+            t1 = time.perf_counter()
+            if others:
+                self._work_s += t1 - t0
+            if not others or self.chunk_share is None or self._chunk_s <= self.chunk_share * self._work_s:
+                if others:
+                    self._alone = 1
+                    chunk_budget = max(budget, self.min_chunk_cost)
+                else:
+                    chunk_budget = float(self.max_step_tokens * self._alone)
+                    self._alone = min(2 * self._alone, self.idle_growth)
+                self._continue_prefill(chunk_budget, finished)
+                if others:
+                    self._chunk_s += time.perf_counter() - t1
+            if self._partial is None:
+                self._chunk_s = self._work_s = 0.0
         done = [r for r in self.running if r.done]
         if done:
             self._remove_running(done)
