@@ -4,7 +4,7 @@
            [--seconds 10] [--max-tokens 32] [--threads 1] [--max-batch 32] [--label NAME] [--out FILE]
            [--backend local|vllm] [--compare-local]
     python benchmarks/bench_serve.py ARTIFACT --long-prompt N [--concurrency 2] [--max-tokens 2] [--seconds 15]
-           [--max-step-tokens T]
+           [--max-step-tokens T] [--long-prefill-share F]
 
 The server runs in a child process (`python -m serving.cli serve ARTIFACT --port P`, OMP threads = --threads).
 `--backend vllm` serves with vLLM; `--compare-local` then also runs the local backend on the same arms and
@@ -251,10 +251,11 @@ async def long_prompt_run(server: ServerProcess, arm: str, clients: int, seconds
 
 
 def main_long_prompt(args) -> int:
-    from twinrt.runtime.engine import DEFAULT_STEP_TOKENS
+    from twinrt.runtime.engine import DEFAULT_CHUNK_SHARE, DEFAULT_STEP_TOKENS
 
     log = Path(tempfile.mkdtemp(prefix="bench_serve_")) / "routing.jsonl"
-    extra = ("--max-step-tokens", str(args.max_step_tokens)) if args.max_step_tokens else ()
+    extra = (("--max-step-tokens", str(args.max_step_tokens)) if args.max_step_tokens else ()) + \
+        (("--long-prefill-share", str(args.long_prefill_share)) if args.long_prefill_share else ())
     arm = (args.arms or ["core"])[0]
     clients = args.concurrency[0]
     text = exact_prompt(args.artifact, args.long_prompt)
@@ -268,12 +269,14 @@ def main_long_prompt(args) -> int:
                                           args.long_prompt))
     finally:
         server.stop()
-    row.update({"max_step_tokens": args.max_step_tokens or DEFAULT_STEP_TOKENS, "server_threads": args.threads,
+    row.update({"max_step_tokens": args.max_step_tokens or DEFAULT_STEP_TOKENS,
+                "long_prefill_share": args.long_prefill_share or DEFAULT_CHUNK_SHARE, "server_threads": args.threads,
                 "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2),
                 "machine": machine(), "artifact": str(args.artifact)})
     q, b, m = row["undisturbed"], row["with_long_prompt"], row["memory_mib"]
     print(f"short requests ({arm}, {clients} clients, max_tokens {args.max_tokens}), long prompt "
-          f"{args.long_prompt} tokens, max_step_tokens {row['max_step_tokens']}:")
+          f"{args.long_prompt} tokens, max_step_tokens {row['max_step_tokens']}, long_prefill_share "
+          f"{row['long_prefill_share']}:")
     print(f"  undisturbed       n={q['requests']:<4} p50 {q['latency_p50']:.3f} s  p99 {q['latency_p99']:.3f} s")
     print(f"  with long prompt  n={b['requests']:<4} p50 {b['latency_p50']:.3f} s  p99 {b['latency_p99']:.3f} s")
     print(f"  p99 ratio {row['p99_ratio']:.2f}x (ideal 1.00x: the long prompt costs short requests nothing; "
@@ -348,6 +351,8 @@ def main() -> int:
                    help="fairness run: short requests with and without a concurrent N-token prompt (see above)")
     p.add_argument("--max-step-tokens", type=int, default=None, help="the server's per-step token budget "
                    "(default: the engine's)")
+    p.add_argument("--long-prefill-share", type=float, default=None, help="the server's time share of a long "
+                   "prefill beside other work (default: the engine's)")
     args = p.parse_args()
     if args.long_prompt:
         if args.out == OUT:

@@ -1,7 +1,7 @@
 """`twinrt serve`: the OpenAI-compatible server's command line, registered into twinrt's parser.
 
     twinrt serve ARTIFACT [--host 127.0.0.1] [--port 8000] [--backend local|vllm] [--api-key-file F | --api-key KEY]
-                 [--request-timeout 600] [--drain-timeout 30] [--max-step-tokens N]
+                 [--request-timeout 600] [--drain-timeout 30] [--max-step-tokens N] [--long-prefill-share F]
                  [--ab twin=50,core=50] [--ab-name ab] [--max-batch 32] [--max-queue 256]
                  [--dtype float32] [--device cpu] [--log PATH | --no-log] [--no-router] [--no-materialize]
                  [--tensor-parallel-size N] [--max-loras N] [--max-lora-rank R] [--gpu-memory-utilization F]
@@ -51,7 +51,8 @@ def options_from_args(args: argparse.Namespace):
                             log=args.log, no_log=args.no_log, router=args.router, materialize=args.materialize,
                             max_body_bytes=args.max_body_bytes,
                             request_timeout=args.request_timeout or None, drain_timeout=args.drain_timeout,
-                            max_step_tokens=args.max_step_tokens, tensor_parallel_size=args.tensor_parallel_size,
+                            max_step_tokens=args.max_step_tokens, long_prefill_share=args.long_prefill_share,
+                            tensor_parallel_size=args.tensor_parallel_size,
                             gpu_memory_utilization=args.gpu_memory_utilization, max_loras=args.max_loras,
                             max_cpu_loras=args.max_cpu_loras, max_lora_rank=args.max_lora_rank,
                             max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
@@ -100,6 +101,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-step-tokens", type=int, default=None,
                    help="local backend: tokens one engine step may process (long prompts are prefilled in chunks "
                         "between decode steps; default: the engine's)")
+    p.add_argument("--long-prefill-share", type=float, default=None,
+                   help="local backend: while other requests run, a long prompt's chunks take at most this multiple "
+                        "of the other work's time (default: the engine's; raise it to favour long prompts)")
     v = p.add_argument_group("vllm backend", "passed to vLLM's engine; a mix is served as one adapter of its top-k "
                              "experts with weights rounded to --mix-step")
     v.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to shard the model over")

@@ -71,6 +71,7 @@ class ServeOptions(BaseModel):
     request_timeout: float | None = Field(600.0, gt=0)  # server-side deadline per request; None = none
     drain_timeout: float = Field(30.0, ge=0)             # on SIGTERM: time for running requests to finish
     max_step_tokens: int | None = Field(None, ge=1)      # local engine: token budget of one step (chunked prefill)
+    long_prefill_share: float | None = Field(None, gt=0)  # local engine: time share of a long prefill beside others
     # --backend vllm (passed to vLLM as is; see serving/backends/vllm_backend.py)
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
@@ -115,7 +116,8 @@ def resolve_api_key(opts: ServeOptions) -> str | None:
 def _local(opts: ServeOptions):
     return LocalBackend.from_artifact(opts.artifact, device=opts.device, dtype=opts.dtype, max_batch=opts.max_batch,
                                       max_queue=opts.max_queue, materialize=opts.materialize,
-                                      max_step_tokens=opts.max_step_tokens)
+                                      max_step_tokens=opts.max_step_tokens,
+                                      long_prefill_share=opts.long_prefill_share)
 
 
 def parse_vllm_args(items: tuple[str, ...]) -> dict[str, Any]:

@@ -72,7 +72,7 @@ class LocalBackend:
     name = "local"
 
     def __init__(self, tm: TwinModel, max_batch: int = 32, max_queue: int = 256, materialize: bool = True,
-                 max_step_tokens: int | None = None) -> None:
+                 max_step_tokens: int | None = None, long_prefill_share: float | None = None) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.tm = tm
@@ -83,6 +83,8 @@ class LocalBackend:
         self._engine_kw: dict[str, Any] = {"max_batch": max_batch, "materialize": materialize}
         if max_step_tokens is not None:
             self._engine_kw["max_step_tokens"] = max_step_tokens
+        if long_prefill_share is not None:
+            self._engine_kw["chunk_share"] = long_prefill_share
         self.engine = Engine(tm, **self._engine_kw)
         self.context = self.engine.context
         try:  # the tokenizer thread's own copy: the engine thread decodes with the original meanwhile
@@ -105,9 +107,9 @@ class LocalBackend:
     @classmethod
     def from_artifact(cls, path: str | Path, *, device: str = "cpu", dtype: str = "float32", max_batch: int = 32,
                       max_queue: int = 256, materialize: bool = True,
-                      max_step_tokens: int | None = None) -> LocalBackend:
+                      max_step_tokens: int | None = None, long_prefill_share: float | None = None) -> LocalBackend:
         return cls(TwinModel.from_artifact(path, device=device, dtype=dtype), max_batch, max_queue, materialize,
-                   max_step_tokens)
+                   max_step_tokens, long_prefill_share)
 
     # ---- loop side -------------------------------------------------------------------------------------------
 
