@@ -214,6 +214,12 @@ async def long_prompt_run(server: ServerProcess, arm: str, clients: int, seconds
     peak = {"rss": 0.0}
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(base_url=server.url, timeout=1800, limits=limits) as client:
+        t0 = time.perf_counter()  # the long prompt with nothing else to run
+        alone = await client.post("/v1/completions", json={"model": arm, "prompt": text, "max_tokens": 1,
+                                                            "temperature": 0})
+        alone_s = time.perf_counter() - t0
+        if alone.status_code != 200:
+            raise RuntimeError(f"long prompt alone: {alone.status_code}: {alone.text[:300]}")
         deadline = time.perf_counter() + seconds
         quiet = await short_requests(client, arm, clients, prompts, max_tokens,
                                      lambda: time.perf_counter() < deadline)
@@ -245,7 +251,7 @@ async def long_prompt_run(server: ServerProcess, arm: str, clients: int, seconds
             "undisturbed": q, "with_long_prompt": b,
             "p99_ratio": round(b["latency_p99"] / q["latency_p99"], 2) if b["requests"] and q["requests"] else None,
             "p50_ratio": round(b["latency_p50"] / q["latency_p50"], 2) if b["requests"] and q["requests"] else None,
-            "long_latency_s": round(long_result["latency"], 2),
+            "long_latency_s": round(long_result["latency"], 2), "long_alone_s": round(alone_s, 2),
             "memory_mib": {"before": before, "peak_rss_during": peak["rss"], "after": during,
                            "peak_rss_over_before": round(peak["rss"] - before["VmRSS"], 1)}}
 
@@ -281,7 +287,8 @@ def main_long_prompt(args) -> int:
     print(f"  with long prompt  n={b['requests']:<4} p50 {b['latency_p50']:.3f} s  p99 {b['latency_p99']:.3f} s")
     print(f"  p99 ratio {row['p99_ratio']:.2f}x (ideal 1.00x: the long prompt costs short requests nothing; "
           f"target <= 2.00x), p50 ratio {row['p50_ratio']:.2f}x")
-    print(f"  long request {row['long_latency_s']:.1f} s; server RSS {m['before']['VmRSS']:.0f} MiB before, peak "
+    print(f"  long request {row['long_latency_s']:.1f} s beside them, {row['long_alone_s']:.1f} s alone")
+    print(f"  server RSS {m['before']['VmRSS']:.0f} MiB before, peak "
           f"{m['peak_rss_during']:.0f} MiB during (+{m['peak_rss_over_before']:.0f}); load average "
           f"{row['load_average_before']} -> {row['load_average_after']}")
     label = args.label or f"{args.artifact.name}-long{args.long_prompt}"
