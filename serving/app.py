@@ -76,9 +76,6 @@ class Server:
         self.metrics.observe(rec["endpoint"], rec["arm"], rec["status"], rec["weights"], rec["prompt_tokens"],
                              rec["completion_tokens"], rec["latency_s"], rec["ttft_s"])
 
-    def healthy(self) -> bool:
-        return not self.draining and self.backend.healthy()
-
     async def flush_records(self, timeout: float = RECORD_FLUSH_S) -> None:
         """Wait for the records of requests whose rows are still ending, so each is logged before close."""
         if self.pending_records:
