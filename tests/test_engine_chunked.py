@@ -122,7 +122,7 @@ def test_a_long_prompt_beside_short_requests_keeps_every_row_exact(tm, long_ids)
 
 
 def test_a_long_prompt_alone_grows_its_chunks_and_shrinks_them_when_work_arrives(tm, long_ids):
-    engine = Engine(tm, materialize=False, max_step_tokens=8, idle_growth=4)
+    engine = Engine(tm, materialize=False, max_step_tokens=8, idle_growth=4, chunk_share=None)
     engine.attn = 0.0  # every token costs 1
     rec = Forwards(engine)
     long = engine.add(long_ids, None, GREEDY)
@@ -141,13 +141,14 @@ def test_a_long_prompt_alone_grows_its_chunks_and_shrinks_them_when_work_arrives
 def test_chunks_take_at_most_their_share_of_the_time_while_rows_decode(tm, long_ids, monkeypatch):
     import twinrt.runtime.engine as engine_module
 
-    clock = [0.0]  # a decode step takes 1 s, a chunk 3 s: the rule then runs a chunk at steps 1, 3, 6, 9, 12
+    clock = [0.0]  # a decode step takes 1 s, a chunk 3 s whatever its size
     monkeypatch.setattr(engine_module.time, "perf_counter", lambda: clock[0])
-    engine = Engine(tm, materialize=False, max_step_tokens=64, chunk_share=1.0)
+    engine = Engine(tm, materialize=False, max_step_tokens=64, chunk_share=1.0, chunk_span=2.0)
     for p in SHORT:
         engine.add(p, None, SamplingParams(max_new_tokens=40, ignore_eos=True))
     engine.step()
     engine.max_step_tokens = 8  # small chunks: the long prompt is still prefilling after 12 steps
+    engine.min_chunk_cost = 1.0
     decode, chunk = engine._decode, engine._continue_prefill
 
     def slow_decode(*a):
@@ -161,16 +162,39 @@ def test_chunks_take_at_most_their_share_of_the_time_while_rows_decode(tm, long_
     monkeypatch.setattr(engine, "_decode", slow_decode)
     monkeypatch.setattr(engine, "_continue_prefill", slow_chunk)
     long = engine.add(long_ids, None, GREEDY)
-    ran = []
+    ran, sizes = [], []
     for i in range(1, 13):
-        before = engine._chunk_s
+        before = engine._partial.done if engine._partial else 0
         engine.step()
-        if engine._chunk_s > before:
+        if engine._partial.done > before:
             ran.append(i)
-    assert ran == [1, 3, 6, 9, 12] and engine.prefilling is long
+            sizes.append(engine._partial.done - before)
+    # a chunk runs once the credit (1.0 x the decode time) covers chunk_span (2) decode steps, and credit left
+    # after a chunk is not kept: 3 s of chunk per 3 s of decode, the share at most
+    assert ran == [2, 5, 8, 11] and engine.prefilling is long
+    # the first chunk gets the step budget; then each is sized to the 2 s of credit at the measured 3 s a chunk
+    assert sizes[0] == chunk_tokens(0, 10_000, 8, engine.attn)
+    assert sizes[1] == chunk_tokens(sizes[0], 10_000, 2 / (3 / prefill_cost(0, sizes[0], engine.attn)), engine.attn)
+    assert sizes[1] < sizes[0] and sizes == sorted(sizes, reverse=True)
     monkeypatch.undo()
     engine.run_until_done()
     assert long.output_ids == whole(tm, long_ids, None)
+
+
+def test_a_long_prompt_is_not_held_back_by_requests_that_cannot_run_beside_it(tm, long_ids):
+    engine = Engine(tm, materialize=False, max_batch=1, max_step_tokens=8, idle_growth=1)
+    engine.attn = 0.0
+    long = engine.add(long_ids, None, GREEDY)
+    engine.step()
+    short = engine.add(SHORT[0], None, GREEDY)  # no room until the long one is done
+    steps = 1
+    while engine.prefilling is not None:
+        engine.step()
+        steps += 1
+        assert steps < 1000
+    assert steps == -(-len(long_ids) // 8)  # a chunk every step: the waiting request is not work beside it
+    engine.run_until_done()
+    assert long.output_ids == whole(tm, long_ids, None) and short.output_ids == whole(tm, SHORT[0], None)
 
 
 def test_a_long_prompt_is_never_starved(tm, long_ids):

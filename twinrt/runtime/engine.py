@@ -39,6 +39,7 @@ Prompt = str | Sequence[Mapping[str, str]]
 DEFAULT_STEP_TOKENS = 64  # see Engine and README (serving benchmarks): what it costs, what it buys
 DEFAULT_IDLE_GROWTH = 16
 DEFAULT_CHUNK_SHARE = 0.5
+DEFAULT_CHUNK_SPAN = 2.0
 NOT_FINITE = ("the model's output for this request is not finite (are the routing weights or sampling "
               "parameters extreme?)")
 
@@ -189,6 +190,7 @@ class _Partial:
     req: Request
     cache: DynamicCache
     done: int = 0
+    s_per_cost: float | None = None  # wall seconds per token-equivalent of its last chunk
 
 
 def _holdback(text: str, stops: tuple[str, ...]) -> int:
@@ -226,25 +228,30 @@ class Engine:
 
     `max_step_tokens`: what one step may spend, in token-equivalents (`prefill_cost`: a token at context p
     costs 1 + a·p, `a` from `attention_share`): decode tokens first, then whole waiting prompts (a padded
-    group of k prompts of width W costs k · prefill_cost(0, W)), then a chunk of one long prompt sized by
-    `chunk_tokens` to the budget left, or to `max_step_tokens / 8` if less is left, so it always moves. A step
-    with a chunk thus costs at most its decode and whole prompts plus max(budget left, budget / 8), whatever
-    the context; a prompt longer than the budget never runs whole, so its attention scores stay
-    [heads, chunk, L], not [heads, L, L]. A long prompt with nothing else to run needs no fairness: each step
-    it runs alone doubles its chunk's budget, up to `idle_growth` × `max_step_tokens`, and the first step with
-    other work brings it back, so an arrival waits for at most one such chunk (which is large only after the
-    engine has had nothing else to do for several steps). `chunk_share` bounds the wall time chunks take while
-    other rows wait: a step runs its chunk only while the chunks' time since this long prompt began is at most
-    `chunk_share` × the time of the rest of those steps (1.0: half the time; None: a chunk every step), so a
-    short request sees at most about that share of extra time, and the long prompt still always advances.
-    The defaults are the fairness the README's serving benchmark measured on a CPU (short requests' p99 within
-    2× while a long prompt prefills, at the long prompt's expense); a faster device wants a larger budget, and
-    a deployment that favours long prompts a larger share.
+    group of k prompts of width W costs k · prefill_cost(0, W)). A prompt that does not fit becomes the long
+    prompt: it is prefilled in chunks (sized by `chunk_tokens`) into its own cache, so its attention scores
+    stay [heads, chunk, L], never [heads, L, L], and joins the batch when it is all in.
+
+    When its chunks run. While other rows run beside it (`chunk_share` set), the long prompt earns
+    `chunk_share` × the wall time of the other work as credit, and a chunk runs once the credit covers
+    `chunk_span` × a typical other step (a moving average of their times): on a CPU a forward pass costs about
+    a decode step whatever its length, so a chunk worth several of them is mostly prefill, not overhead. The
+    chunk is sized to spend the credit (at most twice that threshold), from the seconds per token-equivalent
+    of this prompt's last chunk, between `max_step_tokens / 8` and `idle_growth` × `max_step_tokens`. So the
+    others lose about `chunk_share` of their time, any one of them at most one chunk of about `2·chunk_span`
+    steps at a time, and the long prompt always advances. With `chunk_share=None` a chunk runs every step on
+    the budget the others left (at least `max_step_tokens / 8`). With nothing else to run the long prompt
+    needs no fairness: each step it runs alone doubles its chunk's budget, up to `idle_growth` ×
+    `max_step_tokens`, and the first step with other work brings it back, so an arrival waits for at most one
+    such chunk (large only after the engine has had nothing else to do for several steps). The defaults are
+    the fairness the README's serving benchmark measured on a CPU (short requests' p99 within 2× while a
+    long prompt prefills, at the long prompt's expense); a deployment that favours long prompts wants a
+    larger share.
     """
 
     def __init__(self, tm: Runner, max_batch: int = 64, materialize: bool = True,
                  max_step_tokens: int = DEFAULT_STEP_TOKENS, idle_growth: int = DEFAULT_IDLE_GROWTH,
-                 chunk_share: float | None = DEFAULT_CHUNK_SHARE) -> None:
+                 chunk_share: float | None = DEFAULT_CHUNK_SHARE, chunk_span: float = DEFAULT_CHUNK_SPAN) -> None:
         if not isinstance(max_step_tokens, int) or max_step_tokens < 1:
             raise ValueError(f"max_step_tokens must be an integer >= 1, got {max_step_tokens!r}")
         if not isinstance(idle_growth, int) or idle_growth < 1:
@@ -257,8 +264,12 @@ class Engine:
         self.idle_growth = idle_growth
         if chunk_share is not None and not chunk_share > 0:
             raise ValueError(f"chunk_share must be > 0 or None, got {chunk_share!r}")
+        if not chunk_span > 0:
+            raise ValueError(f"chunk_span must be > 0, got {chunk_span!r}")
         self.chunk_share = chunk_share
+        self.chunk_span = chunk_span
         self._chunk_s = self._work_s = 0.0  # wall time of chunks / of the rest, since the long prompt began
+        self._other_step_s: float | None = None  # moving average of a step's other work, while a prompt chunks
         self._alone = 1  # the chunk budget's factor while the long prompt runs alone (doubles per step)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -327,26 +338,46 @@ class Engine:
         if whole:
             self._admit(whole, finished)
         if self._partial is not None:
-            others = bool(self.running or self.waiting)
-            t1 = time.perf_counter()
-            if others:
-                self._work_s += t1 - t0
-            if not others or self.chunk_share is None or self._chunk_s <= self.chunk_share * self._work_s:
-                if others:
-                    self._alone = 1
-                    chunk_budget = max(budget, self.min_chunk_cost)
-                else:
-                    chunk_budget = float(self.max_step_tokens * self._alone)
-                    self._alone = min(2 * self._alone, self.idle_growth)
-                self._continue_prefill(chunk_budget, finished)
-                if others:
-                    self._chunk_s += time.perf_counter() - t1
-            if self._partial is None:
-                self._chunk_s = self._work_s = 0.0
+            self._chunk_step(budget, bool(self.running), time.perf_counter() - t0, finished)
         done = [r for r in self.running if r.done]
         if done:
             self._remove_running(done)
         return finished + done
+
+    def _chunk_step(self, budget: float, others: bool, other_s: float, finished: list[Request]) -> None:
+        """Run the long prompt's chunk of this step, if its turn has come (see the class). `others`: rows ran
+        beside it this step, taking `other_s` seconds; `budget`: what they left of `max_step_tokens`."""
+        if not others:  # the long prompt is all there is to run (waiting prompts, if any, wait for it)
+            chunk_budget = float(self.max_step_tokens * self._alone)
+            self._alone = min(2 * self._alone, self.idle_growth)
+        elif self.chunk_share is None:
+            self._alone = 1
+            chunk_budget = max(budget, self.min_chunk_cost)
+        else:
+            self._alone = 1
+            self._work_s += other_s
+            ema = self._other_step_s
+            self._other_step_s = ema = other_s if ema is None else 0.8 * ema + 0.2 * other_s
+            credit = self.chunk_share * self._work_s - self._chunk_s
+            due = self.chunk_span * ema
+            if credit < due:
+                return
+            rate = self._partial.s_per_cost
+            most = float(self.max_step_tokens * self.idle_growth)
+            chunk_budget = (float(self.max_step_tokens) if rate is None
+                            else min(max(min(credit, 2 * due) / rate, self.min_chunk_cost), most))
+        p = self._partial
+        t = time.perf_counter()
+        cost = self._continue_prefill(chunk_budget, finished)
+        spent = time.perf_counter() - t
+        if cost > 0:
+            p.s_per_cost = spent / cost
+        if others:  # credit left over is not kept, so the next chunk waits for its own (a share at most)
+            self._chunk_s = max(self._chunk_s + spent, self.chunk_share * self._work_s) if self.chunk_share \
+                else self._chunk_s + spent
+        if self._partial is None:
+            self._chunk_s = self._work_s = 0.0
+            self._other_step_s = None
 
     def _schedule(self, budget: float, finished: list[Request]) -> tuple[list[Request], float]:
         """Pick waiting prompts that fit `budget` whole (in arrival order; one that does not fit becomes the long
@@ -461,8 +492,9 @@ class Engine:
             logits, cache, mask = self._prefill(new)
         self._join(new, logits, cache, mask)
 
-    def _continue_prefill(self, budget: float, finished: list[Request]) -> None:
-        """The next chunk of the long prompt into its own cache; when it is all in, the row joins the batch."""
+    def _continue_prefill(self, budget: float, finished: list[Request]) -> float:
+        """The next chunk of the long prompt into its own cache; when it is all in, the row joins the batch.
+        -> the chunk's cost in token-equivalents (0 when none ran)."""
         p = self._partial
         r = p.req
         if r.cancelled:
@@ -470,7 +502,7 @@ class Engine:
             self._final_callback(r)
             self._partial = None
             finished.append(r)
-            return
+            return 0.0
         n = chunk_tokens(p.done, r.prompt_tokens - p.done, budget, self.attn)
         ids = torch.tensor([r.prompt_ids[p.done:p.done + n]])  # [1, n]
         mask = torch.ones(1, p.done + n, dtype=torch.long)  # [1, done + n]: positions continue the prompt
@@ -482,7 +514,8 @@ class Engine:
             self._fail(r, RowFailure(f"generation failed: {type(e).__name__}", client=False))
             self._partial = None
             finished.append(r)
-            return
+            return 0.0
+        cost = prefill_cost(p.done, n, self.attn)
         p.done += n
         if not bool(torch.isfinite(logits).all()):
             self._fail_not_finite(r)
@@ -491,6 +524,7 @@ class Engine:
         elif p.done == r.prompt_tokens:
             self._partial = None
             self._join([r], logits, p.cache, mask)
+        return cost
 
     def _join(self, new: list[Request], logits: torch.Tensor, cache: DynamicCache, mask: torch.Tensor) -> None:
         nxt = self._advance(new, logits)
