@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from twinrt.errors import TwinError
+from twinrt.validation import describe
 
 console = Console(width=None if sys.stdout.isatty() else 120)
 
@@ -50,8 +51,7 @@ def _validated(model_cls, **kw):
     try:
         return model_cls(**kw)
     except ValidationError as e:
-        first = e.errors()[0]
-        raise TwinError(f"--{str(first['loc'][-1]).replace('_', '-')}: {first['msg']}") from None
+        raise TwinError(describe(e, flags=True, first=True)) from None
 
 
 def _options(args: argparse.Namespace):

@@ -23,16 +23,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from twinrt.validation import Frozen
 
 RULES = ("router", "top_k", "min_weight", "fallback")
 Rule = Literal["router", "top_k", "min_weight", "fallback"]
 
 
-class RoutingOptions(BaseModel):
+class RoutingOptions(Frozen):
     """How logits become weights; every router honours these. Validated once, then immutable."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     temperature: float = Field(1.0, gt=0, allow_inf_nan=False)  # divides the logits before the softmax
     top_k: int | None = Field(None, ge=1)                        # keep the k largest (k ≥ N: keep all)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 from safetensors.torch import load_file, save_file
 
 from router.encoders import CoreEncoder, SentenceEncoder
@@ -29,6 +29,7 @@ from router.routers import EmbeddingRouter, HiddenStateRouter, Router
 from twinrt.artifact import Artifact
 from twinrt.errors import TwinError
 from twinrt.models import minilm_dir
+from twinrt.validation import Frozen, describe
 
 ROUTER_FORMAT = "twinrt-router/1"
 CONFIG_FILE = "router.json"
@@ -37,18 +38,14 @@ ENCODER_COPY = "encoder"
 MINILM = "minilm"
 
 
-class _C(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class EncoderSpec(_C):
+class EncoderSpec(Frozen):
     type: Literal["sentence-transformers", "core"]
     ref: str                  # "minilm" | "core" | a path relative to router/
     dim: int = Field(gt=0)
     max_length: int = Field(gt=0)
 
 
-class HeadSpec(_C):
+class HeadSpec(Frozen):
     type: Literal["prototype", "mlp"]
     dim: int = Field(gt=0)
     n: int = Field(gt=0)
@@ -56,7 +53,7 @@ class HeadSpec(_C):
     scale: float | None = None
 
 
-class RouterConfig(_C):
+class RouterConfig(Frozen):
     format: Literal["twinrt-router/1"] = ROUTER_FORMAT
     kind: Literal["prototype", "trained", "hidden"]
     experts: list[str]
@@ -145,8 +142,7 @@ def read_config(router_dir: Path) -> RouterConfig:
     try:
         return RouterConfig.model_validate(raw)
     except ValidationError as e:
-        first = e.errors()[0]
-        raise TwinError(f"{f} is malformed at {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise TwinError(f"{f} is malformed at {describe(e, first=True)}") from None
 
 
 def _load_head(cfg: RouterConfig, weights: Path) -> torch.nn.Module:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from router.data import Example, label_indices, stratified_split
 from router.encoders import DEFAULT_CORE_MAX_LENGTH, CoreEncoder, SentenceEncoder
@@ -31,14 +31,13 @@ from router.routers import EmbeddingRouter, Encoder, HiddenStateRouter, Router
 from twinrt.artifact import Artifact
 from twinrt.errors import TwinError
 from twinrt.models import minilm_dir
+from twinrt.validation import Frozen
 
 DEFAULT_HIDDEN = {"prototype": 0, "trained": 0, "hidden": 64}
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(Frozen):
     """Everything `train_router` needs besides the data; validated once."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     kind: Literal["prototype", "trained", "hidden"] = "trained"
     holdout: float = Field(0.2, ge=0, le=0.5)
