@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from twinrt.validation import Frozen
+
 MAX_N = 64
 MAX_STOP = 16
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
@@ -73,12 +75,10 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 }
 
 
-class RoutingOverride(BaseModel):
+class RoutingOverride(Frozen):
     """`"routing": {"weights": {"math": 0.7, "code": 0.3}}` or `"routing": {"expert": "math"}`.
 
     Weights are the mix as given (≥ 0, not renormalised; missing experts are 0; all zero = the core)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     weights: dict[str, Weight] | None = None
     expert: str | None = None
