@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
+from twinrt.dtypes import DTYPES
 from twinrt.errors import TwinError
 
 if TYPE_CHECKING:
@@ -139,7 +140,7 @@ def register(subparsers, load_routing: RoutingLoader) -> argparse.ArgumentParser
     e.add_argument("--expert-path", action="append", metavar="NAME=PATH",
                    help="where an original expert is, if it moved (repeatable)")
     e.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
-    e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    e.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="dtype the models are loaded and run in")
     e.add_argument("--no-verify", action="store_true",
                    help="skip the artifact's checksums and the base/expert fingerprint check")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
