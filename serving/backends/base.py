@@ -1,6 +1,7 @@
-"""What the HTTP layer needs from a generation backend, and the loop-side handle of one generation.
+"""What every generation backend shares: the interface the server drives, the loop-side handle of one
+generation, and admission (the checks of `submit`, the prompt's tokens and budget, the sampling parameters).
 
-    backend = LocalBackend(...)            # or, later, a vLLM backend: same interface
+    backend = LocalBackend(...)            # or VLLMBackend(...): the same interface
     await backend.start()
     gen = backend.submit(GenerationRequest(prompt, mix, max_tokens, temperature, top_p, stop, seed))
     admission = await gen.admitted()       # prompt tokenized and accepted, or PromptError
@@ -14,6 +15,13 @@ routing, arms and the HTTP protocol are not its business. `submit` raises QueueF
 `max_batch + max_queue` unfinished generations. Producers may live on another thread: every producer
 method of `Generation` (`admit`, `reject`, `push`, `finish`, `fail`) is called on the event loop thread,
 e.g. through `loop.call_soon_threadsafe`.
+
+Admission, the same on every backend, so that a request is the same tokens and sampling everywhere:
+
+    check_capacity(max_batch, max_queue)              # a backend's limits, when it is built
+    check_submit(request, running, inflight, ...)     # first in `submit`: running, room, the mix's length
+    ids, admission = encoder.admit(prompt, max_tokens)   # tokens, context checked, the completion budget
+    params = engine_sampling(EngineParams, request, max_tokens=admission.max_tokens, ...)
 """
 
 from __future__ import annotations
@@ -21,12 +29,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from twinrt.runtime.engine import encode_prompt
 
 Message = Mapping[str, str]
 Prompt = str | tuple[Message, ...]
+SEED_MASK = 2**64 - 1  # engines take a seed as an unsigned 64-bit integer; requests may give any 64-bit one
+T = TypeVar("T")
 
 
 class BackendError(Exception):
@@ -183,6 +193,12 @@ class Generation:
         return self.result is not None or self.error is not None
 
 
+def check_capacity(max_batch: int, max_queue: int) -> None:
+    """What every backend's constructor checks: room for one running row, and a queue that is not negative."""
+    if max_batch < 1 or max_queue < 0:
+        raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+
+
 def check_submit(request: GenerationRequest, running: bool, inflight: int, max_batch: int, max_queue: int,
                  n_experts: int) -> None:
     """What every backend's `submit` checks first: it runs, it has room, the mix fits its experts."""
@@ -192,6 +208,22 @@ def check_submit(request: GenerationRequest, running: bool, inflight: int, max_b
         raise QueueFull(f"the server is at capacity ({max_batch} running + {max_queue} queued requests); retry later")
     if request.mix is not None and len(request.mix) != n_experts:
         raise ValueError(f"mix has {len(request.mix)} weights for {n_experts} experts")
+
+
+def engine_sampling(make: Callable[..., T], request: GenerationRequest, **engine_fields: Any) -> T:
+    """An engine's sampling parameters for a request, every backend the same way:
+
+        make(temperature=request.temperature, top_p=request.top_p, ignore_eos=request.ignore_eos,
+             seed=None if request.seed is None else request.seed & SEED_MASK, **engine_fields)
+
+    `engine_fields`: what each engine names or shapes its own way (the token budget, the stop strings). A value
+    the engine refuses (ValueError) is the request's PromptError."""
+    seed = None if request.seed is None else request.seed & SEED_MASK
+    try:
+        return make(temperature=request.temperature, top_p=request.top_p, ignore_eos=request.ignore_eos, seed=seed,
+                    **engine_fields)
+    except ValueError as e:
+        raise PromptError(str(e)) from None
 
 
 def context_error(prompt_tokens: int, max_tokens: int | None, context: int) -> PromptError | None:
@@ -254,6 +286,13 @@ class PromptEncoder:
             raise err
         return ids
 
+    def admit(self, prompt: Prompt, max_tokens: int | None) -> tuple[list[int], Admission]:
+        """`encode`, and the admission: the prompt's token count and the completion budget (`max_tokens`, or
+        None: what the context leaves)."""
+        ids = self.encode(prompt, max_tokens)
+        budget = max_tokens if max_tokens is not None else self.context - len(ids)
+        return ids, Admission(prompt_tokens=len(ids), max_tokens=budget)
+
 
 @dataclass(frozen=True)
 class BackendStats:
@@ -263,7 +302,7 @@ class BackendStats:
 
 
 class Backend(Protocol):
-    """The interface the server drives (serving/backends/local.py: the twinrt Engine)."""
+    """The interface the server drives (serving/backends/local.py: the twinrt Engine; vllm_backend.py: vLLM)."""
 
     name: str
     experts: Sequence[str]

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 from serving.backends.base import (
-    Admission,
     BackendFailure,
     BackendStats,
     EngineUnavailable,
@@ -40,9 +39,10 @@ from serving.backends.base import (
     PromptEncoder,
     PromptError,
     ShuttingDown,
+    check_capacity,
     check_submit,
+    engine_sampling,
 )
-from serving.backends.local import SEED_MASK
 from serving.backends.mixadapter import MixAdapterBuilder, MixKey, MixQuantizer
 from twinrt.artifact import Artifact
 from twinrt.errors import TwinError
@@ -223,8 +223,7 @@ class VLLMBackend:
                  options: VLLMOptions | None = None) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        check_capacity(max_batch, max_queue)
         self.options = opts = options or VLLMOptions()
         self.art = Artifact.open(artifact)
         check_servable(self.art)
@@ -351,16 +350,14 @@ class VLLMBackend:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        return SamplingParams(max_tokens=max_tokens, temperature=r.temperature, top_p=r.top_p, stop=list(r.stop),
-                              seed=None if r.seed is None else r.seed & SEED_MASK, ignore_eos=r.ignore_eos,
-                              skip_special_tokens=True,
-                              output_kind=RequestOutputKind.DELTA)
+        return engine_sampling(SamplingParams, r, max_tokens=max_tokens, stop=list(r.stop), skip_special_tokens=True,
+                               output_kind=RequestOutputKind.DELTA)
 
     async def _run(self, gen: Generation, r: GenerationRequest) -> None:
         from vllm.inputs import TokensPrompt
 
         try:
-            ids = await asyncio.to_thread(self.encoder.encode, r.prompt, r.max_tokens)  # off the event loop
+            ids, admission = await asyncio.to_thread(self.encoder.admit, r.prompt, r.max_tokens)  # off the loop
         except PromptError as e:
             gen.reject(e)
             return
@@ -368,11 +365,10 @@ class VLLMBackend:
             log.exception("tokenizing a request failed")
             gen.reject(BackendFailure("preparing the request failed"))
             return
-        max_tokens = r.max_tokens if r.max_tokens is not None else self.context - len(ids)
         try:
-            params = self._sampling(r, max_tokens)
-        except ValueError as e:
-            gen.reject(PromptError(str(e)))
+            params = self._sampling(r, admission.max_tokens)
+        except PromptError as e:
+            gen.reject(e)
             return
         key = self.mix_key(r.mix)
         text: list[str] = []
@@ -381,7 +377,7 @@ class VLLMBackend:
         try:
             lora = await self.cache.acquire(key)  # type: ignore[union-attr]
             try:
-                gen.admit(Admission(prompt_tokens=len(ids), max_tokens=max_tokens))
+                gen.admit(admission)
                 admitted = running = True
                 self._running += 1
                 reason = None
