@@ -1,11 +1,16 @@
-"""The SVD paths (full, randomized, driver fallbacks) and the streaming safetensors writer."""
+"""The SVD paths (full, randomized, driver fallbacks), the streaming safetensors writer, and the PEFT adapter
+format the experts are written in."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from peft import LoraConfig
 from safetensors import safe_open
 
+from twinrt import adapter
 from twinrt.artifact.stwriter import SafetensorsWriter
 from twinrt.sources.checkpoint import SafetensorsDir
 from twinrt.split import svd as S
@@ -98,3 +103,40 @@ def test_streaming_writer_roundtrips(tmp_path, shard):
     w2.add("a", torch.ones(1))
     with pytest.raises(ValueError, match="written twice"):
         w2.add("a", torch.ones(1))
+
+
+def test_adapter_config_has_scaling_one_for_every_module(tmp_path):
+    ranks = {"model.layers.0.self_attn.q_proj": 4, "model.layers.0.mlp.down_proj": 2,
+             "model.layers.1.self_attn.q_proj": 4}
+    path = adapter.write_config(tmp_path, ranks)
+    written = json.loads(path.read_text())
+    assert written["r"] == written["lora_alpha"] == 4
+    assert written["rank_pattern"] == written["alpha_pattern"] == {"model.layers.0.mlp.down_proj": 2}
+    assert written["target_modules"] == sorted(ranks)  # a set in LoraConfig, written as a sorted list
+    assert written["peft_type"] == "LORA" and written["task_type"] == "CAUSAL_LM"
+    for module, r in ranks.items():
+        assert adapter.module_rank(written, module) == r
+        assert adapter.module_scaling(written, module) == 1.0
+    loaded = LoraConfig.from_pretrained(str(tmp_path))  # PEFT reads it back as the same config
+    assert loaded.r == 4 and loaded.rank_pattern == {"model.layers.0.mlp.down_proj": 2}
+    assert set(loaded.target_modules) == set(ranks)
+
+
+def test_adapter_keys_round_trip():
+    a_key, b_key = adapter.lora_keys("model.layers.3.mlp.up_proj")
+    assert (a_key, b_key) == ("base_model.model.model.layers.3.mlp.up_proj.lora_A.weight",
+                              "base_model.model.model.layers.3.mlp.up_proj.lora_B.weight")
+    for key, kind in ((a_key, "lora_A"), (b_key, "lora_B")):
+        m = adapter.KEY.match(key)
+        assert m and m["module"] == "model.layers.3.mlp.up_proj" and m["kind"] == kind
+    assert adapter.KEY.match("base_model.model.model.embed_tokens.lora_embedding_A")["kind"] == "lora_embedding_A"
+    assert adapter.KEY.match("model.layers.0.mlp.up_proj.weight") is None
+
+
+def test_adapter_patterns_follow_peft():
+    cfg = {"r": 8, "lora_alpha": 16, "rank_pattern": {"down_proj": 2}, "alpha_pattern": {"down_proj": 8}}
+    assert adapter.module_rank(cfg, "model.layers.0.mlp.down_proj") == 2
+    assert adapter.module_scaling(cfg, "model.layers.0.mlp.down_proj") == 4.0
+    assert adapter.module_rank(cfg, "model.layers.0.mlp.xdown_proj") == 8  # a pattern matches after a dot only
+    assert adapter.module_scaling(cfg, "model.layers.0.self_attn.q_proj") == 2.0
+    assert adapter.module_scaling({**cfg, "use_rslora": True}, "model.layers.0.self_attn.q_proj") == 16 / 8 ** 0.5

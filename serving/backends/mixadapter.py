@@ -5,8 +5,8 @@ For a mix w over N experts, every factored module gets
     A_mix = [A_1; A_2; ...]                  rows of the active experts' A factors       [Σ r_i, in]
     B_mix = [w_1 B_1, w_2 B_2, ...]          their B factors, each scaled by its weight  [out, Σ r_i]
 
-so B_mix A_mix = Σ w_i B_i A_i exactly: the adapter's rank is the sum of the active experts' ranks, and
-`lora_alpha == r` per module (scaling 1), with `rank_pattern`/`alpha_pattern` where modules' ranks differ.
+so B_mix A_mix = Σ w_i B_i A_i exactly: the adapter's rank is the sum of the active experts' ranks, written in
+the PEFT format of the artifact's own experts (twinrt.adapter: scaling 1 for every module).
 
 An engine caches adapters by a key, so mixes are quantised first (MixQuantizer): keep the `top_k` largest
 weights, rescale them to the mix's total weight, round each to a multiple of `step`, and drop those that
@@ -17,7 +17,6 @@ mass moved off the experts top-k dropped.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +24,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from twinrt import adapter
 from twinrt.artifact import Artifact
 from twinrt.errors import TwinError
 
-LORA_PREFIX = "base_model.model."
 MixKey = tuple[tuple[int, int], ...]  # ((expert index, weight in steps), ...), ascending expert index
 
 
@@ -112,8 +111,9 @@ class MixAdapterBuilder:
                 continue
             a = torch.cat([ab[0] for ab, _ in parts])  # [Σ r, in]
             b = torch.cat([ab[1] * w for ab, w in parts], dim=1)  # [out, Σ r]
-            tensors[f"{LORA_PREFIX}{m}.lora_A.weight"] = a.to(self.dtype).contiguous()
-            tensors[f"{LORA_PREFIX}{m}.lora_B.weight"] = b.to(self.dtype).contiguous()
+            a_key, b_key = adapter.lora_keys(m)
+            tensors[a_key] = a.to(self.dtype).contiguous()
+            tensors[b_key] = b.to(self.dtype).contiguous()
             ranks[m] = a.shape[0]
         return tensors, ranks
 
@@ -122,30 +122,22 @@ class MixAdapterBuilder:
         tensors: dict[str, torch.Tensor] = {}
         for m in self.modules:
             a, b = next(f[m] for f in self.factors if m in f)
-            tensors[f"{LORA_PREFIX}{m}.lora_A.weight"] = torch.zeros(1, a.shape[1], dtype=self.dtype)
-            tensors[f"{LORA_PREFIX}{m}.lora_B.weight"] = torch.zeros(b.shape[0], 1, dtype=self.dtype)
-        out.mkdir(parents=True)
-        save_file(tensors, str(out / "adapter_model.safetensors"))
-        (out / "adapter_config.json").write_text(json.dumps(adapter_config({m: 1 for m in self.modules}), indent=2))
-        return out
+            a_key, b_key = adapter.lora_keys(m)
+            tensors[a_key] = torch.zeros(1, a.shape[1], dtype=self.dtype)
+            tensors[b_key] = torch.zeros(b.shape[0], 1, dtype=self.dtype)
+        return _write(out, tensors, {m: 1 for m in self.modules})
 
     def write(self, key: MixKey, weights: Sequence[float], out: Path) -> Path:
         """Write the adapter to the new directory `out` (adapter_model.safetensors + adapter_config.json)."""
         tensors, ranks = self.tensors(key, weights)
         if not tensors:
             raise ValueError("a mix adapter needs at least one expert with factors")
-        out.mkdir(parents=True)
-        save_file(tensors, str(out / "adapter_model.safetensors"))
-        (out / "adapter_config.json").write_text(json.dumps(adapter_config(ranks), indent=2))
-        return out
+        return _write(out, tensors, ranks)
 
 
-def adapter_config(ranks: dict[str, int]) -> dict:
-    """A PEFT LoRA config with scaling 1 for every module (lora_alpha == r, per module where ranks differ)."""
-    r = max(ranks.values())
-    pattern = {m: k for m, k in sorted(ranks.items()) if k != r}
-    targets = sorted({m.rsplit(".", 1)[-1] for m in ranks})
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r, "target_modules": targets,
-            "rank_pattern": pattern, "alpha_pattern": dict(pattern), "lora_dropout": 0.0, "bias": "none",
-            "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
-            "inference_mode": True, "modules_to_save": None}
+def _write(out: Path, tensors: dict[str, torch.Tensor], ranks: dict[str, int]) -> Path:
+    """The new adapter directory `out`: adapter_model.safetensors and adapter_config.json."""
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / adapter.WEIGHTS_FILE))
+    adapter.write_config(out, ranks)
+    return out

@@ -22,7 +22,10 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import field_validator, model_validator
+
+from twinrt import adapter
+from twinrt.validation import Frozen
 
 FORMAT = "twinrt/1"
 MANIFEST = "twin.json"
@@ -31,7 +34,7 @@ DIGEST = "twin.json.sha256"  # sha256sum-style line: "<sha256 of twin.json's byt
 # An expert name is a single path component: letters, digits, '_', '.', '-'; no leading dot, no '..', ≤ 64
 EXPERT_NAME = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # used with fullmatch
 RESERVED_NAMES = frozenset({"core", "twin", "base", "router"})  # the serving arms and artifact parts
-EXPERT_FILES = ("adapter_config.json", "adapter_model.safetensors")  # every expert dir has these
+EXPERT_FILES = (adapter.CONFIG_FILE, adapter.WEIGHTS_FILE)  # every expert dir has these (a PEFT adapter)
 
 
 def check_expert_name(name: str) -> str:
@@ -53,11 +56,7 @@ def check_relpath(rel: str) -> str:
     return rel
 
 
-class _M(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class BaseInfo(_M):
+class BaseInfo(Frozen):
     source: str
     kind: Literal["hf", "gguf"]
     fingerprint: str
@@ -65,20 +64,20 @@ class BaseInfo(_M):
     model_type: str | None
 
 
-class SharedInfo(_M):
+class SharedInfo(Frozen):
     method: str
     params: dict[str, Any]
     excluded: list[str] = []
 
 
-class ExclusiveInfo(_M):
+class ExclusiveInfo(Frozen):
     rank: int | None = None
     energy: float | None = None
     svd: str
     dtype: str
 
 
-class ExpertInfo(_M):
+class ExpertInfo(Frozen):
     name: str
     source: str
     kind: Literal["full", "lora"]
@@ -90,36 +89,36 @@ class ExpertInfo(_M):
         return check_expert_name(v)
 
 
-class FactorInfo(_M):
+class FactorInfo(Frozen):
     rank: int
     energy: float
     path: str
 
 
-class DenseInfo(_M):
+class DenseInfo(Frozen):
     stored: bool  # False: the delta is exactly zero and nothing is stored
     norm: float
 
 
-class TensorInfo(_M):
+class TensorInfo(Frozen):
     shape: list[int]
     role: Literal["factored", "dense"]
     experts: dict[str, FactorInfo | DenseInfo]
 
 
-class ExpertSize(_M):
+class ExpertSize(Frozen):
     factors: int
     dense: int
 
 
-class Sizes(_M):
+class Sizes(Frozen):
     core: int
     full_expert: int  # bytes of one full model at the artifact's dtype: the yardstick for compression
     experts: dict[str, ExpertSize]
     router: int = 0
 
 
-class Manifest(_M):
+class Manifest(Frozen):
     format: str
     twinrt_version: str
     created: str

@@ -26,11 +26,12 @@ import torch
 from pydantic import ValidationError
 from safetensors import safe_open
 
+from twinrt import adapter
 from twinrt.artifact.manifest import DIGEST, FORMAT, MANIFEST, Manifest, check_relpath
 from twinrt.errors import TwinError
 from twinrt.sources.checkpoint import sha256_file
+from twinrt.validation import describe
 
-LORA_PREFIX = "base_model.model."
 log = logging.getLogger(__name__)
 _WRITER_TEMP = re.compile(r"\.[^/]+\.(tmp|old|build)-")  # .NAME.tmp-PID-*, .router.old-*, .router.build-*
 
@@ -235,11 +236,10 @@ class Artifact:
         try:
             manifest = Manifest.model_validate(raw)
         except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(map(str, first["loc"]))
-            msg = first["msg"].removeprefix("Value error, ")
-            raise TwinError(f"{mfile} is malformed at {where}: {msg}" if where
-                            else f"{mfile} is inconsistent: {msg}") from None
+            if e.errors()[0]["loc"]:  # a field is wrong
+                raise TwinError(f"{mfile} is malformed at {describe(e, first=True)}") from None
+            # the manifest as a whole: its parts disagree (describe has no location to name)
+            raise TwinError(f"{mfile} is inconsistent: {describe(e, first=True).removeprefix('value: ')}") from None
         art = cls(path, manifest)
         if verify:
             art.verify()
@@ -290,11 +290,10 @@ class Artifact:
     def load_factors(self, name: str, dtype: torch.dtype | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """An expert's factors: weight name -> (A [r, in], B [out, r]), with `B A = expert − core`."""
         out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        with safe_open(str(self.expert_dir(name) / "adapter_model.safetensors"), framework="pt") as f:
+        with safe_open(str(self.expert_dir(name) / adapter.WEIGHTS_FILE), framework="pt") as f:
             for weight in self.manifest.factored(name):
-                module = weight.removesuffix(".weight")
-                a = f.get_tensor(f"{LORA_PREFIX}{module}.lora_A.weight")
-                b = f.get_tensor(f"{LORA_PREFIX}{module}.lora_B.weight")
+                a_key, b_key = adapter.lora_keys(weight.removesuffix(".weight"))
+                a, b = f.get_tensor(a_key), f.get_tensor(b_key)
                 out[weight] = (a, b) if dtype is None else (a.to(dtype), b.to(dtype))
         return out
 

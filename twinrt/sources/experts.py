@@ -1,15 +1,13 @@
 """Experts as tensor sources over the base: full fine-tuned HF dirs, or PEFT LoRA adapters.
 
-A LoRA expert's weight is `θ_base + scaling · B A` for every adapted module (scaling = alpha / r, or
-alpha / √r with rsLoRA; per-module `rank_pattern` / `alpha_pattern` honoured). Features that would change
-more than the adapted weights (DoRA, modules_to_save, LoRA biases, ...) are refused with the reason.
+A LoRA expert's weight is `θ_base + scaling · B A` for every adapted module, with PEFT's per-module rank and
+scaling (twinrt.adapter). Features that would change more than the adapted weights (DoRA, modules_to_save,
+LoRA biases, ...) are refused with the reason.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,12 +15,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from twinrt import adapter
 from twinrt.errors import TwinError
 from twinrt.sources.checkpoint import SafetensorsDir, TensorMeta, TensorSource, fingerprint_files, refuse_pickles
-
-_PREFIX = "base_model.model."
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
-                  r"(?:\.weight)?$")
 
 # config fields that change the math beyond θ + s·BA; each must have its neutral value
 _UNSUPPORTED = {
@@ -46,14 +41,6 @@ class _Lora:
         return self.scaling * (ba.T if self.embedding else ba)
 
 
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    # PEFT semantics: the first pattern that matches the end of the module name (after a dot) wins
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
 class LoraExpert:
     """A PEFT LoRA adapter dir, read as the full weights it implies over `base`."""
 
@@ -63,7 +50,7 @@ class LoraExpert:
         self.path = Path(path)
         self.label = f"expert {name!r} ({path})"
         self.base = base
-        cfg_file = self.path / "adapter_config.json"
+        cfg_file = self.path / adapter.CONFIG_FILE
         try:
             cfg: dict[str, Any] = json.loads(cfg_file.read_text())
         except json.JSONDecodeError as e:
@@ -76,10 +63,10 @@ class LoraExpert:
         if cfg.get("bias", "none") != "none":
             raise TwinError(f"{self.label}: adapter trains biases (bias={cfg['bias']!r}), not supported")
         self.config = cfg
-        weights = self.path / "adapter_model.safetensors"
+        weights = self.path / adapter.WEIGHTS_FILE
         if not weights.is_file():
             refuse_pickles(self.path, self.label)
-            raise TwinError(f"{self.label}: adapter_model.safetensors is missing")
+            raise TwinError(f"{self.label}: {adapter.WEIGHTS_FILE} is missing")
         self._files = [cfg_file, weights]
         self.loras = self._read(weights, cfg)
 
@@ -87,7 +74,7 @@ class LoraExpert:
         parts: dict[str, dict[str, torch.Tensor]] = {}
         with safe_open(str(weights), framework="pt", device="cpu") as f:
             for key in f.keys():
-                m = _KEY.match(key)
+                m = adapter.KEY.match(key)
                 if m is None:
                     raise TwinError(f"{self.label}: unexpected tensor {key} in the adapter (not a LoRA A/B factor)")
                 parts.setdefault(m["module"], {})[m["kind"]] = f.get_tensor(key)
@@ -100,12 +87,11 @@ class LoraExpert:
                     else (p.get("lora_A"), p.get("lora_B")))
             if a is None or b is None:
                 raise TwinError(f"{self.label}: module {module} has only one of its two LoRA factors")
-            r = _pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"])
-            alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"])
+            r = adapter.module_rank(cfg, module)
             if a.shape[0] != r or b.shape[1] != r:
                 raise TwinError(f"{self.label}: module {module} has factors of rank {a.shape[0]}/{b.shape[1]}, "
                                 f"the config says r={r}")
-            scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+            scaling = adapter.module_scaling(cfg, module)
             if fan_in_fan_out and not embedding:
                 raise TwinError(f"{self.label}: fan_in_fan_out adapters (GPT-2 Conv1D) are not supported")
             name = f"{module}.weight"
@@ -158,7 +144,7 @@ def open_expert(path: Path, name: str, base: TensorSource) -> LoraExpert | FullE
         raise TwinError(f"expert {name!r}: {path} does not exist")
     if not path.is_dir():
         raise TwinError(f"expert {name!r}: {path} is not a directory (expected an HF model or PEFT adapter dir)")
-    if (path / "adapter_config.json").is_file():
+    if (path / adapter.CONFIG_FILE).is_file():
         return LoraExpert(path, base, name)
     return FullExpert(path, name)
 
