@@ -16,9 +16,7 @@ from pathlib import Path
 
 import torch
 
-_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-          torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-          torch.bool: "BOOL"}
+from twinrt.dtypes import SAFETENSORS_CODE_OF
 
 
 class _Shard:
@@ -34,7 +32,7 @@ class _Shard:
         # are such views), which .view(uint8) refuses
         raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         self.data.write(raw)
-        self.header[name] = {"dtype": _CODES[t.dtype], "shape": list(t.shape),
+        self.header[name] = {"dtype": SAFETENSORS_CODE_OF[t.dtype], "shape": list(t.shape),
                              "data_offsets": [self.offset, self.offset + len(raw)]}
         self.offset += len(raw)
         return len(raw)
@@ -69,7 +67,7 @@ class SafetensorsWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self.names:
             raise ValueError(f"tensor {name} written twice")
-        if tensor.dtype not in _CODES:
+        if tensor.dtype not in SAFETENSORS_CODE_OF:
             raise ValueError(f"tensor {name}: dtype {tensor.dtype} cannot be stored in safetensors")
         nbytes = tensor.numel() * tensor.element_size()
         if not self.shards or (self.shards[-1].offset and self.shards[-1].offset + nbytes > self.max_shard_bytes):

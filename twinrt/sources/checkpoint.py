@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 from safetensors import safe_open
 
+from twinrt.dtypes import SAFETENSORS_CODES
 from twinrt.errors import TwinError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -215,16 +216,9 @@ class GGUFFile:
         return fingerprint_files([self.path])
 
 
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
 def _st_dtype(code: str, file: Path) -> torch.dtype:
     try:
-        return _ST_DTYPES[code]
+        return SAFETENSORS_CODES[code]
     except KeyError:
         raise TwinError(f"{file}: unsupported tensor dtype {code}") from None
 
