@@ -1,5 +1,5 @@
-"""Acceptance 1 of the split issue: every merge method equals an independent reimplementation, and
-task_arithmetic / ties / dare_* agree with PEFT's merge_utils on the same stacked tensors."""
+"""Every merge method equals an independent reimplementation, task_arithmetic / ties / dare_* agree with PEFT's
+merge_utils on the same stacked tensors, and each method's declared parameters and constraints hold."""
 
 from __future__ import annotations
 
@@ -125,6 +125,37 @@ def test_registry_resolves_defaults_and_refuses_unknowns():
         get_method("task_arithmetic").resolve({"density": 0.5})
     with pytest.raises(TwinError, match="in \\(0, 1\\]"):
         get_method("ties").resolve({"density": 1.5})
+
+
+@pytest.mark.parametrize("given,message", [
+    ({"k": 0}, "shared.k must be an integer >= 1, got 0"),
+    ({"k": 2.0}, "shared.k must be an integer >= 1, got 2.0"),
+    ({"base": "average"}, "shared.base must be 'task_arithmetic' or 'ties', got 'average'"),
+    ({"scaling": -1}, "shared.scaling must be a positive number, got -1"),
+    ({"density": True}, "shared.density must be a number in (0, 1], got True"),
+])
+def test_parameter_models_refuse_bad_values_naming_them(given, message):
+    with pytest.raises(TwinError) as e:
+        get_method("consensus").resolve(given)
+    assert str(e.value) == message
+    with pytest.raises(TwinError, match="shared.seed must be a non-negative integer, got -1"):
+        get_method("dare_linear").resolve({"seed": -1})
+
+
+def test_methods_declare_their_trim_and_expert_needs():
+    trims = {name: m.params.model_validate(m.resolve({})).trim_density() for name, m in METHODS.items()}
+    assert trims == {"average": None, "task_arithmetic": None, "ties": 0.2, "dare_linear": None, "dare_ties": None,
+                     "consensus": None}
+    consensus = get_method("consensus")
+    ties_based = consensus.resolve({"base": "ties", "density": 0.4})
+    assert consensus.params.model_validate(ties_based).trim_density() == 0.4
+    assert consensus.min_experts(consensus.resolve({"k": 3})) == 3
+    assert all(m.min_experts(m.resolve({})) == 1 for name, m in METHODS.items() if name != "consensus")
+    consensus.check(consensus.resolve({"k": 3}), 3)
+    with pytest.raises(TwinError, match=r"shared.k=3 needs at least that many experts \(have 2\)"):
+        consensus.check(consensus.resolve({"k": 3}), 2)
+    for m in METHODS.values():
+        m.check(m.resolve({}), 2)
 
 
 @pytest.mark.parametrize("name,given", [

@@ -14,7 +14,7 @@ point is not scored on validation. Parameters a grid does not set keep the regis
     consensus        scaling 0.3 0.5 x k 2                   scaling 0.3 0.5 0.7 1.0 x k 2 3
     (other methods)  their defaults                          their defaults
 
-Consensus points with k above the number of experts are dropped.
+Points that need more experts than the artifact has (consensus' k) are dropped.
 """
 
 from __future__ import annotations
@@ -75,11 +75,12 @@ def grid_points(method: str, grid: str, n_experts: int) -> list[dict[str, Any]]:
     axes = GRIDS[grid].get(method, {})
     keys = list(axes)
     points = [m.resolve(dict(zip(keys, values))) for values in itertools.product(*(axes[k] for k in keys))]
-    if method == "consensus":
-        points = [p for p in points if p["k"] <= n_experts]
-        if not points:
-            raise TwinError(f"consensus needs at least 2 experts (k >= 2); this artifact has {n_experts}")
-    return points
+    fits = [p for p in points if m.min_experts(p) <= n_experts]
+    if not fits:
+        need = min(m.min_experts(p) for p in points)
+        raise TwinError(f"{method} needs at least {need} experts ({m.params.min_experts_param} >= {need}); this "
+                        f"artifact has {n_experts}")
+    return fits
 
 
 def best_point(means: Sequence[float]) -> int:

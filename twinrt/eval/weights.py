@@ -1,12 +1,12 @@
 """The weights of the eval's plain arms, streamed tensor by tensor from the base and the original experts.
 
     expert_weights(src, n):        θ_n                                        (the original expert, exactly)
-    merge_weights(src, m, params): θ_base + m.merge(τ [N, ...], params, keep)  for every float tensor,
-                                   τ_i = θ_i − θ_base, computed exactly as `twinrt split` computes the core
+    merge_weights(src, m, params): θ_base + merge_tensor(m, params, name, τ [N, ...])  for every float tensor,
+                                   τ_i = θ_i − θ_base: the split's own per-tensor merge (twinrt.merge.tensor)
 
-so a static merge with the split's own method and parameters reproduces the artifact's core tensor for tensor.
-Random methods (dare_*) draw their keep masks per tensor from `seed` the same way the split does; tensors the
-split excluded from the merge (`manifest.shared.excluded`) stay the base's, and so do tensors no expert changed.
+so a static merge with the split's own method and parameters reproduces the artifact's core tensor for tensor
+(random methods draw the same keep masks). Tensors the split excluded from the merge
+(`manifest.shared.excluded`) stay the base's, and so do tensors no expert changed.
 Only one tensor per expert is in memory at a time.
 """
 
@@ -21,11 +21,9 @@ import torch
 
 from twinrt.artifact.manifest import Manifest
 from twinrt.errors import TwinError
-from twinrt.merge.methods import dare_keep_masks
-from twinrt.merge.registry import MergeMethod
+from twinrt.merge import MergeMethod, merge_tensor
 from twinrt.sources.checkpoint import GGUFFile, SafetensorsDir, open_base
 from twinrt.sources.experts import FullExpert, LoraExpert, check_compatible, open_expert
-from twinrt.split.run import tensor_seed
 
 Weights = Iterator[tuple[str, torch.Tensor]]
 
@@ -107,8 +105,4 @@ def merge_weights(src: Sources, method: MergeMethod, params: Mapping[str, Any]) 
             continue
         tau = torch.stack([t.float() for t in thetas]) - base32  # [N, ...]
         del thetas
-        keep = None
-        if method.random:
-            gen = torch.Generator().manual_seed(tensor_seed(params["seed"], name))
-            keep = dare_keep_masks(tau.shape[1:], len(experts), params["density"], gen)
-        yield name, base32 + method.merge(tau, params, keep)
+        yield name, base32 + merge_tensor(method, params, name, tau)

@@ -1,5 +1,6 @@
-"""Shared-core merge methods (pure functions) and their registry."""
+"""Shared-core merge methods (pure functions), their registry, and the merge of one named tensor."""
 
-from twinrt.merge.registry import METHODS, MergeMethod, get_method
+from twinrt.merge.registry import METHODS, MergeMethod, MethodParams, get_method
+from twinrt.merge.tensor import merge_tensor, tensor_seed
 
-__all__ = ["METHODS", "MergeMethod", "get_method"]
+__all__ = ["METHODS", "MergeMethod", "MethodParams", "get_method", "merge_tensor", "tensor_seed"]

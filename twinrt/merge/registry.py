@@ -1,83 +1,153 @@
-"""The table of shared-core merge methods, by name, with their parameters and defaults.
+"""The table of shared-core merge methods, by name, each with the typed model of its parameters.
 
-One explicit table (no import-time registration): `get_method(name)` raises on an unknown name, and
-`MergeMethod.resolve(params)` fills defaults and refuses parameters the method does not take.
+One explicit table (no import-time registration): `get_method(name)` raises on an unknown name. Every method
+declares its parameters as a `MethodParams` model (fields with defaults and checks, as mergekit's
+ConfigParameterDef), and on it what the rest of twinrt asks of a method, so nothing elsewhere tests a name:
+
+    params.trim_density()          the density each τ_i is magnitude-trimmed to before merging, or None
+    params.min_experts_param       a parameter the number of experts must reach (consensus' k), or None
+
+`MergeMethod.resolve(given)` fills defaults and refuses parameters the method does not take; `check(params, n)`
+refuses parameters that cannot merge n experts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
+from pydantic import BeforeValidator, ValidationError
 
 from twinrt.errors import TwinError
 from twinrt.merge import methods
+from twinrt.validation import Frozen
 
 
-def _fraction(name: str, value: Any) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < float(value) <= 1.0:
-        raise TwinError(f"shared.{name} must be a number in (0, 1], got {value!r}")
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fraction(value: Any) -> float:
+    if not _number(value) or not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"must be a number in (0, 1], got {value!r}")
     return float(value)
 
 
-def _scaling(name: str, value: Any) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not float(value) > 0.0:
-        raise TwinError(f"shared.{name} must be a positive number, got {value!r}")
+def _positive(value: Any) -> float:
+    if not _number(value) or not float(value) > 0.0:
+        raise ValueError(f"must be a positive number, got {value!r}")
     return float(value)
 
 
-def _int_at_least_1(name: str, value: Any) -> int:
+def _int_at_least_1(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise TwinError(f"shared.{name} must be an integer >= 1, got {value!r}")
+        raise ValueError(f"must be an integer >= 1, got {value!r}")
     return value
 
 
-def _seed(name: str, value: Any) -> int:
+def _seed(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise TwinError(f"shared.{name} must be a non-negative integer, got {value!r}")
+        raise ValueError(f"must be a non-negative integer, got {value!r}")
     return value
 
 
-def _consensus_base(name: str, value: Any) -> str:
+def _consensus_base(value: Any) -> str:
     if value not in ("task_arithmetic", "ties"):
-        raise TwinError(f"shared.{name} must be 'task_arithmetic' or 'ties', got {value!r}")
+        raise ValueError(f"must be 'task_arithmetic' or 'ties', got {value!r}")
     return value
 
 
-@dataclass(frozen=True)
-class Param:
-    default: Any
-    check: Callable[[str, Any], Any]
+Fraction = Annotated[float, BeforeValidator(_fraction)]  # in (0, 1]
+Positive = Annotated[float, BeforeValidator(_positive)]  # > 0
+AtLeast1 = Annotated[int, BeforeValidator(_int_at_least_1)]
+Seed = Annotated[int, BeforeValidator(_seed)]  # >= 0
+ConsensusBase = Annotated[Literal["task_arithmetic", "ties"], BeforeValidator(_consensus_base)]
+
+
+class MethodParams(Frozen):
+    """A merge method's parameters: no parameters, no magnitude trim, any number of experts."""
+
+    min_experts_param: ClassVar[str | None] = None
+
+    def trim_density(self) -> float | None:
+        """The density this method magnitude-trims each τ_i to (a whole-tensor statistic), or None."""
+        return None
+
+
+class TaskArithmeticParams(MethodParams):
+    scaling: Positive = 0.3
+
+
+class TiesParams(MethodParams):
+    scaling: Positive = 1.0
+    density: Fraction = 0.2
+
+    def trim_density(self) -> float | None:
+        return self.density
+
+
+class DareLinearParams(MethodParams):
+    scaling: Positive = 0.3
+    density: Fraction = 0.5
+    seed: Seed = 0  # keep masks are drawn per tensor from this (see twinrt.merge.tensor)
+
+
+class DareTiesParams(MethodParams):
+    scaling: Positive = 1.0
+    density: Fraction = 0.5
+    seed: Seed = 0
+
+
+class ConsensusParams(MethodParams):
+    min_experts_param: ClassVar[str | None] = "k"  # k experts must agree, so there must be k
+
+    scaling: Positive = 0.3
+    k: AtLeast1 = 2
+    tall_lambda: Positive = 0.4
+    base: ConsensusBase = "task_arithmetic"
+    density: Fraction = 1.0  # the trim of base "ties"
+
+    def trim_density(self) -> float | None:
+        return self.density if self.base == "ties" else None
 
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """A merge method: `fn(tau [N, ...], **params) -> merged [...]`.
+    """A merge method: `fn(tau [N, ...], **params) -> merged [...]`, its parameters declared by `params`.
 
-    `random` methods also take `keep`, a bool mask [N, ...] drawn per tensor from `seed` (see split).
+    `random` methods also take `keep`, a bool mask [N, ...] drawn per tensor from `seed` (see merge.tensor).
     """
 
     name: str
     fn: Callable[..., torch.Tensor]
-    params: Mapping[str, Param] = field(default_factory=dict)
+    params: type[MethodParams] = MethodParams
     random: bool = False
     summary: str = ""
 
     def resolve(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Validated parameters with defaults filled in; a parameter this method does not take is an error."""
-        unknown = sorted(set(given) - set(self.params))
+        unknown = sorted(set(given) - set(self.params.model_fields))
         if unknown:
-            takes = ", ".join(sorted(self.params)) or "no parameters"
+            takes = ", ".join(sorted(self.params.model_fields)) or "no parameters"
             raise TwinError(f"shared.method {self.name!r} does not take {', '.join(unknown)} (it takes {takes})")
-        return {k: p.check(k, given[k]) if k in given else p.default for k, p in self.params.items()}
+        try:
+            return self.params.model_validate(dict(given)).model_dump()
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise TwinError(f"shared.{first['loc'][0]} {first['msg'].removeprefix('Value error, ')}") from None
 
-    def trim_density(self, params: Mapping[str, Any]) -> float | None:
-        """The density this method magnitude-trims each τ_i to (a whole-tensor statistic), or None."""
-        if self.name == "ties" or (self.name == "consensus" and params.get("base") == "ties"):
-            return float(params["density"])
-        return None
+    def min_experts(self, params: Mapping[str, Any]) -> int:
+        """The fewest experts resolved `params` can merge."""
+        field = self.params.min_experts_param
+        return 1 if field is None else int(params[field])
+
+    def check(self, params: Mapping[str, Any], n_experts: int) -> None:
+        """Refuse (TwinError) resolved `params` that cannot merge `n_experts` experts."""
+        field = self.params.min_experts_param
+        if field is not None and self.min_experts(params) > n_experts:
+            raise TwinError(f"shared.{field}={params[field]} needs at least that many experts (have {n_experts})")
 
     def merge(self, tau: torch.Tensor, params: Mapping[str, Any], keep: torch.Tensor | None = None,
               *, chunk: int = 1 << 20) -> torch.Tensor:
@@ -87,13 +157,13 @@ class MergeMethod:
         [N, ...]-sized temporaries stay small whatever the tensor's size: every method is elementwise once
         the magnitude-trim thresholds, the only whole-tensor statistic, are computed on the whole τ first.
         """
-        kwargs = {k: v for k, v in params.items() if k != "seed"}
-        if self.random:
-            if keep is None:
-                raise ValueError(f"merge method {self.name} needs keep masks")
+        p_model = self.params.model_validate(dict(params))
+        kwargs = p_model.model_dump(exclude={"seed"})  # the seed only draws the keep masks
+        if self.random and keep is None:
+            raise ValueError(f"merge method {self.name} needs keep masks")
         n, shape = tau.shape[0], tau.shape[1:]
         flat = tau.reshape(n, -1)  # [N, P]
-        density = self.trim_density(params)
+        density = p_model.trim_density()
         if density is not None and density < 1.0:
             kwargs["threshold"] = methods.trim_thresholds(flat, density)
         keep_flat = keep.reshape(n, -1) if keep is not None else None
@@ -110,28 +180,17 @@ class MergeMethod:
         return out.reshape(shape)
 
 
-_SCALING_1 = Param(1.0, _scaling)
-_SCALING_03 = Param(0.3, _scaling)
-_SEED = Param(0, _seed)
-
 METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in (
-        MergeMethod("average", methods.average, {}, summary="mean of the experts"),
-        MergeMethod("task_arithmetic", methods.task_arithmetic, {"scaling": _SCALING_03},
-                    summary="λ·Σ τ_i"),
-        MergeMethod("ties", methods.ties, {"scaling": _SCALING_1, "density": Param(0.2, _fraction)},
-                    summary="trim, elect sign, disjoint mean"),
-        MergeMethod("dare_linear", methods.dare_linear,
-                    {"scaling": _SCALING_03, "density": Param(0.5, _fraction), "seed": _SEED},
-                    random=True, summary="random drop + rescale, then λ·Σ"),
-        MergeMethod("dare_ties", methods.dare_ties,
-                    {"scaling": _SCALING_1, "density": Param(0.5, _fraction), "seed": _SEED},
-                    random=True, summary="random drop + rescale, then sign election and disjoint mean"),
-        MergeMethod("consensus", methods.consensus,
-                    {"scaling": _SCALING_03, "k": Param(2, _int_at_least_1),
-                     "tall_lambda": Param(0.4, _scaling), "base": Param("task_arithmetic", _consensus_base),
-                     "density": Param(1.0, _fraction)},
+        MergeMethod("average", methods.average, summary="mean of the experts"),
+        MergeMethod("task_arithmetic", methods.task_arithmetic, TaskArithmeticParams, summary="λ·Σ τ_i"),
+        MergeMethod("ties", methods.ties, TiesParams, summary="trim, elect sign, disjoint mean"),
+        MergeMethod("dare_linear", methods.dare_linear, DareLinearParams, random=True,
+                    summary="random drop + rescale, then λ·Σ"),
+        MergeMethod("dare_ties", methods.dare_ties, DareTiesParams, random=True,
+                    summary="random drop + rescale, then sign election and disjoint mean"),
+        MergeMethod("consensus", methods.consensus, ConsensusParams,
                     summary="TALL-mask consensus: keep weights at least k experts need"),
     )
 }
