@@ -1,4 +1,4 @@
-"""Acceptance 4 and 5 of the split issue: atomic writing, tamper detection, and one-line errors (exit 2)."""
+"""The split's atomic writing, tamper detection, and one-line errors (exit 2)."""
 
 from __future__ import annotations
 

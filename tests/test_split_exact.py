@@ -1,5 +1,5 @@
-"""Acceptance 2 and 3 of the split issue: the artifact reproduces the experts (exactly at full rank, at the
-Eckart–Young optimum at rank r), and LoRA experts give the same artifact as their merged checkpoints."""
+"""The split reproduces the experts (exactly at full rank, at the Eckart–Young optimum at rank r), and LoRA
+experts give the same artifact as their merged checkpoints."""
 
 from __future__ import annotations
 

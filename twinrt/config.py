@@ -17,20 +17,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from twinrt.artifact.manifest import RESERVED_NAMES, check_expert_name
+from twinrt.dtypes import DtypeName
 from twinrt.errors import TwinError
 from twinrt.merge import get_method
+from twinrt.validation import Frozen, describe
 
 __all__ = ["RESERVED_NAMES", "SplitConfig", "check_device", "load_config", "parse_config"]
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class ExpertSpec(_Frozen):
+class ExpertSpec(Frozen):
     name: str
     path: Path
 
@@ -40,23 +38,25 @@ class ExpertSpec(_Frozen):
         return check_expert_name(v)  # the same rule the manifest checks: a name becomes experts/<name>/
 
 
-class SharedSpec(_Frozen):
-    """`method` plus that method's parameters (checked against the merge registry)."""
+class SharedSpec(Frozen):
+    """`method` plus that method's parameters, written beside it in the YAML and validated by the method's own
+    parameter model (twinrt.merge.registry): `params` holds them with the method's defaults filled in."""
 
-    model_config = ConfigDict(frozen=True, extra="allow")
     method: str
     exclude: tuple[str, ...] = ()  # regexes of tensor names the core keeps from the base (not merged)
+    params: dict[str, Any] = {}
 
-    @property
-    def given_params(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
-
-    def resolved_params(self) -> dict[str, Any]:
-        return get_method(self.method).resolve(self.given_params)
+    @model_validator(mode="before")
+    @classmethod
+    def _method_params(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("method"), str):
+            return data  # not a mapping, or no method name: the field checks say what is wrong
+        own = {k: data[k] for k in ("method", "exclude") if k in data}
+        given = {k: v for k, v in data.items() if k not in own}
+        return {**own, "params": get_method(data["method"]).resolve(given)}  # TwinError: unknown method or param
 
     @model_validator(mode="after")
-    def _check(self) -> SharedSpec:
-        self.resolved_params()  # raises TwinError on unknown method or parameter
+    def _regexes(self) -> SharedSpec:
         for pattern in self.exclude:
             try:
                 re.compile(pattern)
@@ -65,7 +65,7 @@ class SharedSpec(_Frozen):
         return self
 
 
-class ExclusiveSpec(_Frozen):
+class ExclusiveSpec(Frozen):
     rank: int | None = Field(default=None, ge=1)
     energy: float | None = Field(default=None, gt=0.0, le=1.0)
     svd: Literal["auto", "full", "randomized"] = "auto"
@@ -79,31 +79,21 @@ class ExclusiveSpec(_Frozen):
         return self
 
 
-class SplitConfig(_Frozen):
+class SplitConfig(Frozen):
     base: Path
     experts: tuple[ExpertSpec, ...] = Field(min_length=1)
     shared: SharedSpec
     exclusive: ExclusiveSpec
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: DtypeName = "float32"
 
-    @model_validator(mode="after")
-    def _unique(self) -> SplitConfig:
-        names = [e.name for e in self.experts]
+    @field_validator("experts")
+    @classmethod
+    def _unique(cls, experts: tuple[ExpertSpec, ...]) -> tuple[ExpertSpec, ...]:
+        names = [e.name for e in experts]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"duplicate expert names: {', '.join(dup)}")
-        return self
-
-
-def _format_validation_error(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "config"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        parts.append(f"{loc}: {msg}")
-    return "; ".join(parts)
+        return experts
 
 
 def parse_config(data: Any, root: Path | None = None) -> SplitConfig:
@@ -113,7 +103,7 @@ def parse_config(data: Any, root: Path | None = None) -> SplitConfig:
     try:
         cfg = SplitConfig.model_validate(data)
     except ValidationError as e:
-        raise TwinError(f"invalid split config: {_format_validation_error(e)}") from None
+        raise TwinError(f"invalid split config: {describe(e)}") from None
     if root is None:
         return cfg
     resolve = lambda p: p if p.is_absolute() else (root / p)  # noqa: E731
