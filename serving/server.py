@@ -25,13 +25,12 @@ import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from serving.app import MAX_BODY_BYTES, Server, create_app
-from serving.arms import DEFAULT_AB_NAME, ArmTable, parse_ab
+from serving.app import Server, create_app
+from serving.arms import ArmTable, parse_ab
 from serving.backends.local import LocalBackend
+from serving.options import ServeOptions
 from serving.routelog import RouteLog
 from serving.routing import RoutingService
 from twinrt.config import check_device
@@ -43,54 +42,6 @@ DEFAULT_LOG = Path("logs") / "routing.jsonl"  # under the artifact
 EXIT_ENGINE_DEAD = 3
 DRAIN_POLL_S = 0.05
 ANSWER_GRACE_S = 5.0  # after the drain, for the handlers to write the errors of what it ended
-
-
-class ServeOptions(BaseModel):
-    """`twinrt serve` options, validated once."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    artifact: Path
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)  # 0 = any free port
-    backend: str = "local"
-    api_key: str | None = None               # also: api_key_file, or $TWINRT_API_KEY
-    api_key_file: Path | None = None
-    ab: str | None = None
-    ab_name: str = DEFAULT_AB_NAME
-    ab_seed: int | None = None               # seeds the random A/B picks of requests without `user`
-    max_batch: int = Field(32, ge=1)
-    max_queue: int = Field(256, ge=0)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "cpu"
-    log: Path | None = None                  # None = ARTIFACT/logs/routing.jsonl
-    no_log: bool = False
-    router: bool = True                      # False: serve `twin` without the artifact's router
-    materialize: bool = True                 # let the engine build W' for batches that share one mix
-    max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1024)
-    request_timeout: float | None = Field(600.0, gt=0)  # server-side deadline per request; None = none
-    drain_timeout: float = Field(30.0, ge=0)             # on SIGTERM: time for running requests to finish
-    max_step_tokens: int | None = Field(None, ge=1)      # local engine: token budget of one step (chunked prefill)
-    long_prefill_share: float | None = Field(None, gt=0)  # local engine: time share of a long prefill beside others
-    # --backend vllm (passed to vLLM as is; see serving/backends/vllm_backend.py)
-    tensor_parallel_size: int = Field(1, ge=1)
-    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
-    max_loras: int = Field(4, ge=1)
-    max_cpu_loras: int | None = Field(None, ge=1)
-    max_lora_rank: int | None = None
-    max_model_len: int | None = Field(None, ge=2)
-    kv_cache_gib: float | None = Field(None, gt=0)
-    mix_top_k: int = Field(2, ge=1)
-    mix_step: float = Field(0.05, gt=0, le=1)
-    adapter_cache: int = Field(16, ge=1)
-    vllm_args: tuple[str, ...] = ()          # KEY=VALUE: any other vLLM engine argument (VALUE parsed as JSON)
-
-    @field_validator("api_key")
-    @classmethod
-    def _key_not_empty(cls, v: str | None) -> str | None:
-        if v is not None and not v.strip():
-            raise ValueError("an empty API key would serve without authentication; give a key, or leave it out")
-        return v
 
 
 def resolve_api_key(opts: ServeOptions) -> str | None:
@@ -120,35 +71,13 @@ def _local(opts: ServeOptions):
                                       long_prefill_share=opts.long_prefill_share)
 
 
-def parse_vllm_args(items: tuple[str, ...]) -> dict[str, Any]:
-    """["enforce_eager=true", "block_size=32", "quantization=fp8"] -> {...}: JSON values, else strings."""
-    import json
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip().lstrip("-").replace("-", "_")
-        if not sep or not key:
-            raise TwinError(f"--vllm-arg takes KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except ValueError:
-            out[key] = value
-    return out
-
-
 def _vllm(opts: ServeOptions):
-    from serving.backends.vllm_backend import VLLMBackend, VLLMOptions
+    from serving.backends.vllm_backend import VLLMBackend
 
     if opts.device != "cpu" and not opts.device.startswith("cuda"):
         raise TwinError(f"--device {opts.device!r}: the vllm backend runs where vLLM was built for (cpu or cuda)")
-    vopts = VLLMOptions(dtype=opts.dtype, tensor_parallel_size=opts.tensor_parallel_size,
-                        gpu_memory_utilization=opts.gpu_memory_utilization, max_loras=opts.max_loras,
-                        max_cpu_loras=opts.max_cpu_loras, max_lora_rank=opts.max_lora_rank,
-                        max_model_len=opts.max_model_len, kv_cache_gib=opts.kv_cache_gib, top_k=opts.mix_top_k,
-                        step=opts.mix_step, adapter_cache=opts.adapter_cache,
-                        engine_args=parse_vllm_args(opts.vllm_args))
-    return VLLMBackend(opts.artifact, max_batch=opts.max_batch, max_queue=opts.max_queue, options=vopts)
+    return VLLMBackend(opts.artifact, max_batch=opts.max_batch, max_queue=opts.max_queue, dtype=opts.dtype,
+                       options=opts)
 
 
 BACKENDS: dict[str, Callable[[ServeOptions], Any]] = {"local": _local, "vllm": _vllm}

