@@ -1,16 +1,20 @@
-"""Acceptance of the runtime issue: exact per-row mixing, PEFT equivalence, materialized == factored, the layer
-against its plain-torch reference, greedy batched generation == per-row generation, and bad-input errors."""
+"""The runtime's contract: exact per-row mixing, PEFT equivalence, materialized == factored, the layer against its
+plain-torch reference, the planner's choice of path, greedy batched generation == per-row generation, and
+bad-input errors."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
-from conftest import EXPERTS
-from test_split_exact import core_plus_expert
+from helpers import EXPERTS, core_plus_expert
 from twinrt.artifact import Artifact
 from twinrt.runtime import Engine, SamplingParams, TwinModel
+from twinrt.runtime.materialized import MaterializedWeights, mix_key
 from twinrt.runtime.mixing import MixLinear, MixState, reference_forward_linear
+from twinrt.runtime.planning import MixPolicy
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +73,7 @@ def test_materialized_equals_factored(tm, ids):
     assert plan.path == "materialized", str(plan)
     factored = tm.forward(ids, mix=mix, materialize=False)
     materialized = tm.forward(ids, mix=mix, materialize=True)
-    assert tm.mix_key(mix[0]) in tm._materialized
+    assert tm.materialized.cached(mix[0]) and tm.plan(mix, tokens=1).path == "materialized"  # W' is cached
     torch.testing.assert_close(materialized, factored, rtol=0, atol=1e-5)
     assert tm.plan(MIXES, tokens=10**6).path == "factored"  # different rows never materialize
     assert tm.plan(torch.zeros(2, 3), tokens=10).path == "core"
@@ -83,9 +87,9 @@ def test_grouped_path_equals_concatenated_path(tm, ids):
     assert tm.plan(MIXES, tokens=10, step_tokens=step).path == "factored"  # too few tokens, too low a rank
     concatenated = tm.forward(ids, mix=MIXES)
     dense_extra = tm.plan(MIXES, tokens=10).extra_flops_per_token
-    thresholds = tm.grouped_min_tokens, tm.grouped_min_rank
+    policy = tm.policy
     try:
-        tm.grouped_min_tokens, tm.grouped_min_rank = 16, 1
+        tm.policy = dataclasses.replace(policy, grouped_min_tokens=16, grouped_min_rank=1)
         plan = tm.plan(MIXES, tokens=10, step_tokens=step)
         assert plan.path == "grouped", str(plan)
         assert plan.extra_flops_per_token < dense_extra  # the cost model counts the skipped pairs
@@ -94,8 +98,33 @@ def test_grouped_path_equals_concatenated_path(tm, ids):
         assert tm.plan(MIXES, tokens=10).path == "factored"  # unknown step size: the safe path
         grouped = tm.forward(ids, mix=MIXES)
     finally:
-        tm.grouped_min_tokens, tm.grouped_min_rank = thresholds
+        tm.policy = policy
     torch.testing.assert_close(grouped, concatenated, rtol=0, atol=1e-5)
+
+
+def test_mix_policy_is_frozen_and_validated(tm):
+    assert tm.policy == MixPolicy(grouped_density=0.5, grouped_min_tokens=64, grouped_min_rank=32)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        tm.policy.grouped_min_rank = 1
+    for bad in ({"grouped_density": 1.5}, {"grouped_min_tokens": -1}, {"grouped_min_rank": -1}):
+        with pytest.raises(ValueError, match="must be"):
+            MixPolicy(**bad)
+
+
+def test_materialized_weights_are_the_mixed_weight_and_evicted_least_recently_used():
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.Linear(8, 6)
+    layer = MixLinear(base, MixState(2), {0: (torch.randn(2, 8, generator=g), torch.randn(6, 2, generator=g))})
+    one = 6 * 8 * 4  # the bytes of one float32 W'
+    cache = MaterializedWeights([layer], torch.float32, torch.device("cpu"), budget_bytes=one)
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.0])
+    key = cache.build(a)
+    assert key == mix_key(a) == (1.0, 0.0) and cache.cached(a) and not cache.cached(b)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.materialized[key], base.weight + layer.b_t.T @ layer.a_cat, rtol=0, atol=1e-6)
+    assert cache.build(a) == key and list(layer.materialized) == [key]  # a hit builds nothing
+    cache.build(b)  # over the budget: the least recently used W' goes, from the layer too
+    assert cache.cached(b) and not cache.cached(a) and list(layer.materialized) == [mix_key(b)]
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 0.06)])

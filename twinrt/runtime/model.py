@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,46 +10,14 @@ import torch
 from torch import nn
 
 from twinrt.artifact import Artifact
+from twinrt.dtypes import torch_dtype
 from twinrt.errors import TwinError
+from twinrt.runtime.engine import Engine, SamplingParams
+from twinrt.runtime.materialized import MaterializedWeights, MixKey
 from twinrt.runtime.mixing import MixEmbedding, MixLinear, MixScaleNorm, MixState
+from twinrt.runtime.planning import ExpertCosts, MixPolicy, Plan, plan_batch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MixLike = torch.Tensor | Sequence[Mapping[str, float]] | None
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How a batch will be run, and why (see TwinModel.plan)."""
-
-    path: str  # "core" | "factored" | "grouped" | "materialized"
-    reason: str
-    rows: int
-    active_experts: tuple[str, ...]
-    base_flops_per_token: int
-    extra_flops_per_token: int  # the factored path's two skinny GEMMs, summed over layers
-    materialize_flops: int  # building W' once (0 when cached)
-    materialize_bytes: int
-    tokens: int
-
-    @property
-    def flop_limit_ratio(self) -> float:
-        """1 / (1 + extra/base): the best throughput ratio to the core the factored path can reach."""
-        return 1.0 / (1.0 + self.extra_flops_per_token / max(self.base_flops_per_token, 1))
-
-    def __str__(self) -> str:
-        return (f"{self.path}: {self.reason} | rows={self.rows} active={list(self.active_experts)} "
-                f"base={self.base_flops_per_token / 1e6:.1f} MFLOP/tok extra={self.extra_flops_per_token / 1e6:.2f} "
-                f"MFLOP/tok (limit {self.flop_limit_ratio:.3f}x) materialize={self.materialize_flops / 1e9:.2f} GFLOP "
-                f"{self.materialize_bytes / 2**20:.0f} MiB tokens={self.tokens}")
-
-
-def _dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return DTYPES[dtype]
-    except KeyError:
-        raise TwinError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}") from None
 
 
 class TwinModel:
@@ -63,7 +29,7 @@ class TwinModel:
     """
 
     def __init__(self, artifact: Artifact, model: nn.Module, tokenizer: Any, device: torch.device,
-                 dtype: torch.dtype, materialize_budget_bytes: int) -> None:
+                 dtype: torch.dtype, materialize_budget_bytes: int, policy: MixPolicy | None = None) -> None:
         self.artifact = artifact
         self.model = model
         self.tokenizer = tokenizer
@@ -71,38 +37,31 @@ class TwinModel:
         self.dtype = dtype
         self.experts: list[str] = list(artifact.experts)
         self.state = MixState(len(self.experts))
-        self.materialize_budget_bytes = materialize_budget_bytes
-        # When the grouped path pays (benchmarks/bench_fusion.py times both paths on top-1 mixes): at most
-        # `grouped_density` of the (row, active expert) pairs have weight, each active expert gets at least
-        # `grouped_min_tokens` tokens of this forward on average (so its GEMMs are not launch-bound: prefill
-        # yes, decode of a few rows no), and the active experts' mean rank is at least `grouped_min_rank`
-        # (at rank 16 the skipped FLOPs are too few to pay for the gathers on a CPU).
-        self.grouped_density = 0.5
-        self.grouped_min_tokens = 64
-        self.grouped_min_rank = 32
-        self._materialized: OrderedDict[tuple, int] = OrderedDict()  # mix key -> bytes, LRU order
-        self._costs: tuple | None = None  # see _expert_costs
+        self.policy = policy or MixPolicy()  # when the grouped path is taken (see MixPolicy)
         self.mix_linears: list[MixLinear] = []
         self._attach()
         self.config = model.config
+        self.costs = ExpertCosts.of(model, self.mix_linears, len(self.experts), dtype)
+        self.materialized = MaterializedWeights(self.mix_linears, dtype, device, materialize_budget_bytes)
 
     # ---- loading ---------------------------------------------------------------------------------------------
 
     @classmethod
     def from_artifact(cls, path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
-                      *, verify: bool = True, materialize_budget_mib: int = 1024) -> TwinModel:
+                      *, verify: bool = True, materialize_budget_mib: int = 1024,
+                      policy: MixPolicy | None = None) -> TwinModel:
         """Load the core with transformers and attach every expert's factors and dense deltas."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         art = Artifact.open(path, verify=verify)
-        torch_dtype = _dtype(dtype)
+        dt = torch_dtype(dtype)
         dev = torch.device(device)
-        model = AutoModelForCausalLM.from_pretrained(art.core_dir, dtype=torch_dtype).to(dev).eval()
+        model = AutoModelForCausalLM.from_pretrained(art.core_dir, dtype=dt).to(dev).eval()
         tok = AutoTokenizer.from_pretrained(art.core_dir)
         tok.padding_side = "left"
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        return cls(art, model, tok, dev, torch_dtype, materialize_budget_mib * 2**20)
+        return cls(art, model, tok, dev, dt, materialize_budget_mib * 2**20, policy)
 
     def _attach(self) -> None:
         art, m = self.artifact, self.model
@@ -187,100 +146,15 @@ class TwinModel:
             raise ValueError(f"mix row {b}: weight of {self.experts[e]!r} is negative ({w[b, e].item()})")
         return w
 
-    @staticmethod
-    def mix_key(row: torch.Tensor) -> tuple:
-        return tuple(round(float(v), 7) for v in row)
-
-    def _expert_costs(self) -> tuple[int, list[int], list[int], list[int], list[int], int]:
-        """Per-expert cost terms, computed once (plan() runs every decode step, so no per-call module walks).
-
-        -> (base FLOPs/token, factored FLOPs/token per expert, dense-delta FLOPs/token per expert,
-            materialize FLOPs per expert, rank summed over mixing layers per expert, bytes of all W')
-        """
-        if self._costs is None:
-            n = len(self.experts)
-            fac, dense, mat, rank = [0] * n, [0] * n, [0] * n, [0] * n
-            for layer in self.mix_linears:
-                i, o = layer.in_features, layer.out_features
-                for e, rk in zip(layer.experts, layer.ranks):
-                    fac[e] += 2 * rk * (i + o)
-                    mat[e] += 2 * rk * i * o
-                    rank[e] += rk
-                for e in layer.dense:
-                    dense[e] += 2 * i * o
-                    mat[e] += 2 * i * o
-            base = sum(2 * m.in_features * m.out_features for m in self.model.modules() if isinstance(m, nn.Linear))
-            mat_bytes = sum(layer.base.weight.numel() for layer in self.mix_linears) * self.dtype.itemsize
-            self._costs = (base, fac, dense, mat, rank, mat_bytes)
-        return self._costs
-
-    def _flops(self, active: tuple[int, ...], share: dict[int, float] | None = None) -> tuple[int, int, int]:
-        """(base, extra factored, materialize) FLOPs: per token for the first two, once for the last.
-
-        `share`: the fraction of rows each expert's factors run on (grouped path); default all rows.
-        """
-        base, fac, dense, mat, _, _ = self._expert_costs()
-        extra = sum(round(fac[e] * (1.0 if share is None else share[e])) + dense[e] for e in active)
-        return base, extra, sum(mat[e] for e in active)
-
     def plan(self, mix: torch.Tensor | None, tokens: int, step_tokens: int | None = None) -> Plan:
-        """Choose the path for a batch with this mix that will process about `tokens` tokens in all.
+        """The path a batch with this mix ([B, N], validated) takes, processing about `tokens` tokens in all and
+        `step_tokens` in this forward (see planning.plan_batch; `self.policy` decides the grouped path)."""
+        return plan_batch(mix, tokens, step_tokens, experts=self.experts, costs=self.costs, policy=self.policy,
+                          is_cached=self.materialized.cached, budget_bytes=self.materialized.budget_bytes)
 
-        core: no expert has weight. materialized: every row shares one mix, and building W' costs less than
-        the factored GEMMs over `tokens` (or W' is cached) and fits the memory budget. grouped: rows have
-        different mixes, at most `grouped_density` of the (row, active expert) pairs have weight (top-k
-        routing), and this forward (`step_tokens` tokens) gives each active expert enough tokens at a high
-        enough rank that running each expert's GEMMs on its own rows only beats the concatenated GEMMs.
-        factored: otherwise.
-        """
-        rows = 0 if mix is None else mix.shape[0]
-        active = () if mix is None else tuple(int(i) for i in torch.nonzero((mix != 0).any(0)).flatten())
-        base, extra, mat = self._flops(active)
-        mat_bytes = self._expert_costs()[5]
-        names = tuple(self.experts[i] for i in active)
-        mk = lambda path, why, mf=mat: Plan(path, why, rows, names, base, extra if path != "core" else 0, mf,  # noqa: E731
-                                            mat_bytes, tokens)
-        if not active:
-            return mk("core", "no expert has weight", 0)
-        if not bool((mix == mix[0]).all()):
-            nz = (mix[:, list(active)] != 0).float()  # [B, A]
-            density = float(nz.mean())
-            rank = self._expert_costs()[4]
-            mean_rank = sum(rank[e] for e in active) / max(len(self.mix_linears) * len(active), 1)
-            if (rows > 1 and len(active) > 1 and density <= self.grouped_density and step_tokens is not None
-                    and step_tokens * density >= self.grouped_min_tokens and mean_rank >= self.grouped_min_rank):
-                share = nz.mean(0).tolist()  # fraction of rows using each active expert
-                extra_g = self._flops(active, share=dict(zip(active, share)))[1]
-                return Plan("grouped", f"rows have different mixes; {density:.0%} of (row, expert) pairs have "
-                            f"weight: GEMMs per expert on its rows", rows, names, base, extra_g, mat, mat_bytes,
-                            tokens)
-            return mk("factored", "rows have different mixes")
-        if self.mix_key(mix[0]) in self._materialized:
-            return mk("materialized", "all rows share a mix whose W' is cached", 0)
-        if mat_bytes > self.materialize_budget_bytes:
-            return mk("factored", "W' would not fit the materialize budget")
-        if tokens * extra <= mat:
-            return mk("factored", f"building W' costs more than {tokens} tokens of factored GEMMs")
-        return mk("materialized", "all rows share a mix; building W' once is cheaper than the factored GEMMs")
-
-    def materialize(self, row: torch.Tensor) -> tuple:
+    def materialize(self, row: torch.Tensor) -> MixKey:
         """Build and cache W' = W + Σ_n w_n (B_n A_n + D_n) for every mixing layer; LRU within the budget."""
-        key = self.mix_key(row)
-        if key in self._materialized:
-            self._materialized.move_to_end(key)
-            return key
-        nbytes = 0
-        with torch.no_grad():
-            for layer in self.mix_linears:
-                w = (layer.base.weight.float() + layer.delta_weight(row.to(self.device))).to(self.dtype)
-                layer.materialized[key] = w
-                nbytes += w.numel() * w.element_size()
-        self._materialized[key] = nbytes
-        while sum(self._materialized.values()) > self.materialize_budget_bytes and len(self._materialized) > 1:
-            old, _ = self._materialized.popitem(last=False)
-            for layer in self.mix_linears:
-                layer.materialized.pop(old, None)
-        return key
+        return self.materialized.build(row)
 
     def set_mix(self, mix: torch.Tensor | None, tokens: int = 1, allow_materialize: bool = True,
                 step_tokens: int | None = None) -> Plan:
@@ -327,8 +201,6 @@ class TwinModel:
 
         Each row keeps its own mix for the whole request; greedy when temperature == 0.
         """
-        from twinrt.runtime.engine import Engine, SamplingParams
-
         if len(prompts) == 0:
             raise ValueError("prompts is empty")
         w = self.parse_mix(mix, len(prompts))
