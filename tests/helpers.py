@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 import yaml
 
 from router.synthetic import make_prompts
@@ -17,6 +18,7 @@ from router.synthetic import make_prompts
 if TYPE_CHECKING:
     from serving.server import ServeOptions, ThreadedServer
     from twinrt.artifact import Artifact
+    from twinrt.runtime import TwinModel
 
 EXPERTS = ("math", "code", "chat")  # the session artifacts' experts, the synthetic prompts' classes too
 KEY = "sk-test-serving"  # the API key of the tests' live servers
@@ -51,6 +53,41 @@ def core_plus_expert(art: Artifact, name: str):
         for k, d in art.load_dense(name).items():
             params[k].add_(d)
     return PeftModel.from_pretrained(core, art.expert_dir(name)).eval()
+
+
+# ---- faults injected into a runtime ---------------------------------------------------------------------------
+
+
+EXTREME = torch.tensor([1e20, 0.0, 0.0])  # squares overflow float32 inside the model: NaN logits (1e30 here
+# overflows further, to the point where RMSNorm's rsqrt(inf) = 0 zeroes the logits: finite, nothing to detect)
+
+
+class Poison:
+    """Makes the second decoder layer raise when `condition(input_ids)` holds for the forward's input ids, so the
+    first layer has already appended to the KV cache when it does."""
+
+    def __init__(self, tm: TwinModel, condition, error: Exception | None = None) -> None:
+        self.condition, self.error, self.armed, self.raised = condition, error or RuntimeError("poisoned row"), False, 0
+        inner = tm.model.model
+        self.handles = [inner.embed_tokens.register_forward_pre_hook(self._look),
+                        inner.layers[1].register_forward_pre_hook(self._fire)]
+
+    def _look(self, _module, args) -> None:
+        self.armed = bool(self.condition(args[0]))  # args[0]: input ids [B, T]
+
+    def _fire(self, _module, _args) -> None:
+        if self.armed:
+            self.raised += 1
+            raise self.error
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def carries(token: int, phase: str):
+    """The condition: `token` is in the input of a decode step (T = 1) or of a prefill (T > 1)."""
+    return lambda ids: (ids.shape[1] == 1) == (phase == "decode") and bool((ids == token).any())
 
 
 # ---- routing data ----------------------------------------------------------------------------------------------

@@ -9,9 +9,9 @@ import itertools
 import pytest
 import torch
 
-from test_engine_faults import EXTREME, Poison, carries
+from helpers import EXTREME, Poison, carries
 from twinrt.runtime import Engine, SamplingParams, TwinModel
-from twinrt.runtime.engine import chunk_tokens, prefill_cost
+from twinrt.runtime.token_cost import chunk_tokens, prefill_cost
 
 GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
 MIX = torch.tensor([0.5, 0.25, 0.25])

@@ -9,15 +9,15 @@ import logging
 import pytest
 import torch
 
+from helpers import EXTREME, Poison, carries
 from twinrt.runtime import Engine, SamplingParams, TwinModel
-from twinrt.runtime.engine import RowFailure, culprits
+from twinrt.runtime.engine import culprits
+from twinrt.runtime.request import RowFailure
 from twinrt.runtime.sampling import SAMPLING_EPS, sample_row, top_p_filter
 
 PROMPTS = ["what is two plus three", "hello world", "def add(a, b):", "the capital of france is"]
 MIXES = [torch.tensor([0.0, 0.0, 0.0]), torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.5, 0.25, 0.25]),
          torch.tensor([0.0, 0.7, 0.3])]
-EXTREME = torch.tensor([1e20, 0.0, 0.0])  # squares overflow float32 inside the model: NaN logits (1e30 here
-# overflows further, to the point where RMSNorm's rsqrt(inf) = 0 zeroes the logits: finite, nothing to detect)
 GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
 
 
@@ -49,34 +49,6 @@ def run_together(tm: TwinModel, rows, params: SamplingParams = GREEDY, **kw):
         returned += engine.step()
     assert sorted(r.id for r in returned) == sorted(r.id for r in reqs)  # every row comes back exactly once
     return reqs, finals
-
-
-class Poison:
-    """Makes the second decoder layer raise when `condition(input_ids)` holds for the forward's input ids, so the
-    first layer has already appended to the KV cache when it does."""
-
-    def __init__(self, tm: TwinModel, condition, error: Exception | None = None) -> None:
-        self.condition, self.error, self.armed, self.raised = condition, error or RuntimeError("poisoned row"), False, 0
-        inner = tm.model.model
-        self.handles = [inner.embed_tokens.register_forward_pre_hook(self._look),
-                        inner.layers[1].register_forward_pre_hook(self._fire)]
-
-    def _look(self, _module, args) -> None:
-        self.armed = bool(self.condition(args[0]))  # args[0]: input ids [B, T]
-
-    def _fire(self, _module, _args) -> None:
-        if self.armed:
-            self.raised += 1
-            raise self.error
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def carries(token: int, phase: str):
-    """The condition: `token` is in the input of a decode step (T = 1) or of a prefill (T > 1)."""
-    return lambda ids: (ids.shape[1] == 1) == (phase == "decode") and bool((ids == token).any())
 
 
 # ---- sampling --------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The runtime's contract: exact per-row mixing, PEFT equivalence, materialized == factored, the layer against its
-plain-torch reference, the planner's choice of path, greedy batched generation == per-row generation, and
-bad-input errors."""
+plain-torch reference, the planner's choice of path, greedy batched generation == per-row generation, the
+engine's own queue (cancel, abort, counts), and bad-input errors."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import torch
 
 from helpers import EXPERTS, core_plus_expert
 from twinrt.artifact import Artifact
-from twinrt.runtime import Engine, SamplingParams, TwinModel
+from twinrt.runtime import Engine, MixPolicy, SamplingParams, TwinModel
+from twinrt.runtime.engine import Counts
 from twinrt.runtime.materialized import MaterializedWeights, mix_key
 from twinrt.runtime.mixing import MixLinear, MixState, reference_forward_linear
-from twinrt.runtime.planning import MixPolicy
+from twinrt.runtime.request import RowFailure
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +223,35 @@ def test_cancel_frees_the_row(tm):
     engine.cancel(req)
     engine.step()
     assert req.finish_reason == "cancelled" and not engine.busy
+
+
+def test_the_engine_owns_its_queue_cancel_abort_and_counts(tm):
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    engine = Engine(tm, max_batch=1, materialize=False)
+    finals = []
+    first = engine.add(PROMPTS[0], None, params)
+    queued = engine.add(PROMPTS[1], MIXES[1], params, on_token=lambda r, d: finals.append((r.done, d)))
+    last = engine.add(PROMPTS[2], MIXES[4], params)
+    assert engine.counts() == Counts(waiting=3, prefilling=0, running=0)
+    engine.step()
+    assert engine.running == (first,) and engine.waiting == (queued, last)
+    assert engine.counts() == Counts(waiting=2, prefilling=0, running=1)
+    assert tm.state.mix is None  # the engine cleared the mix after its forward
+    assert engine.cancel(queued)  # still waiting: it leaves the queue now
+    assert queued.finish_reason == "cancelled" and finals == [(True, "")] and engine.waiting == (last,)
+    assert not engine.cancel(first)  # running: it leaves at the next step, which returns it
+    assert engine.step() == [first] and first.finish_reason == "cancelled"
+    engine.step()  # `last` joins the batch
+    tail = engine.add(PROMPTS[3], None, params)
+    assert engine.running == (last,) and engine.waiting == (tail,)
+    dropped = engine.abort("the server is shutting down")
+    assert dropped == [tail, last] and not engine.busy and engine.counts() == Counts(0, 0, 0)
+    assert all(r.finish_reason == "error" and r.error == RowFailure("the server is shutting down", client=False)
+               for r in dropped)
+    assert queued.error is None and first.error is None  # requests already done are left as they were
+    again = engine.add(PROMPTS[0], None, SamplingParams(max_new_tokens=3, ignore_eos=True))
+    engine.run_until_done()  # an aborted engine serves again
+    assert again.finish_reason == "length" and again.completion_tokens == 3
 
 
 @pytest.mark.parametrize("mix,message", [

@@ -2,7 +2,7 @@
 
     event loop thread          tokenizer thread                      worker thread (owns the Engine)
     submit(req) ──────────▶    encode, check the context ─ inbox ─▶  engine.add(...) ─▶ gen.admit
-    gen.cancel() ─ inbox ("cancel", gen) ─────────────────────────▶  drop it from the queue, or engine.cancel
+    gen.cancel() ─ inbox ("cancel", gen) ─────────────────────────▶  engine.cancel: a waiting one ends now
                                                                      engine.step(): one token for every
     gen.push(delta) ◀── call_soon_threadsafe ───────────────────────  running row; finished ─▶ gen.finish
 
@@ -147,7 +147,7 @@ class LocalBackend:
         return gen
 
     def stats(self) -> BackendStats:
-        running = len(self.engine.running)
+        running = self.engine.counts().running
         return BackendStats(queued=max(0, self._inflight - running), running=running, inflight=self._inflight)
 
     def _request_cancel(self, gen: Generation) -> None:
@@ -273,12 +273,8 @@ class LocalBackend:
         req = gen.handle
         if not isinstance(req, Request) or req.id not in self._gens:
             return  # rejected, or already finished
-        if req in self.engine.waiting:
-            self.engine.waiting.remove(req)
-            req.finish_reason = "cancelled"
+        if self.engine.cancel(req):  # it was still waiting: it left the queue now, no step will return it
             self._finish(req)
-        else:
-            self.engine.cancel(req)
 
     def _finish(self, req: Request) -> None:
         gen = self._gens.pop(req.id, None)
@@ -291,11 +287,13 @@ class LocalBackend:
                                         req.completion_tokens, tuple(req.output_ids)))
 
     def _fail_engine(self, error: BackendError) -> None:
-        """Fail every request the engine holds (running or waiting); the inbox is left for the next engine."""
+        """Fail every request the engine holds (running or waiting); the inbox is left for the next engine.
+
+        Every admitted handle fails, even one a failed step left outside the engine's queue and batch."""
         for gen in self._gens.values():
             self._post(gen.fail, error)
         self._gens.clear()
-        self.engine.waiting.clear()
+        self.engine.abort(str(error))
 
     def _reject_inbox(self, error: BackendError) -> None:
         while True:

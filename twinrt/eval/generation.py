@@ -1,9 +1,9 @@
 """Batched greedy generation for every arm through twinrt's continuous-batching `Engine`.
 
 The twin arms run a `TwinModel`; the plain arms (original experts, static merges) run a `PlainModel`: an HF
-causal LM with the TwinModel attributes the Engine drives (model, tokenizer, config, device, experts,
-set_mix, state) and no experts. Every arm thus shares one decoding loop (left-padded prefill, KV cache, the
-same EOS rule), so scores differ only by weights and tokens/s compare like with like.
+causal LM that implements the engine's `Runner` interface with no experts. Every arm thus shares one decoding
+loop (left-padded prefill, KV cache, the same EOS rule), so scores differ only by weights and tokens/s compare
+like with like.
 """
 
 from __future__ import annotations
@@ -17,22 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from twinrt.dtypes import torch_dtype
 from twinrt.errors import TwinError
 from twinrt.eval.tasks import Messages
-from twinrt.runtime.engine import Engine, SamplingParams
-from twinrt.runtime.model import DTYPES
+from twinrt.runtime.engine import Engine
+from twinrt.runtime.request import SamplingParams
+from twinrt.runtime.runner import Runner  # a TwinModel or a PlainModel: what `generate` drives
 
 
-class _NoMix:
-    """The mix state of a model without experts: only "no mix" can be set."""
-
-    def set(self, mix: torch.Tensor | None, materialized: tuple | None = None) -> None:
-        if mix is not None:
-            raise ValueError("a plain model has no experts to mix")
-
-
-class PlainModel:
-    """An HF causal LM (one set of weights) that `Engine` runs like a TwinModel with no experts.
+class PlainModel(Runner):
+    """An HF causal LM (one set of weights) that `Engine` runs as a `Runner` without experts: no mix but None.
 
     `assign(weights)` overwrites every weight in place, so one loaded model serves every plain arm in turn.
     """
@@ -44,7 +38,6 @@ class PlainModel:
         self.dtype = dtype
         self.config = model.config
         self.experts: list[str] = []
-        self.state = _NoMix()
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str | torch.device = "cpu",
@@ -52,9 +45,7 @@ class PlainModel:
         """Load an HF model dir (e.g. an artifact's core/, for its architecture and tokenizer)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if isinstance(dtype, str) and dtype not in DTYPES:
-            raise TwinError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-        dt, dev = DTYPES[dtype] if isinstance(dtype, str) else dtype, torch.device(device)
+        dt, dev = torch_dtype(dtype), torch.device(device)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dt).to(dev).eval()
         tok = AutoTokenizer.from_pretrained(model_dir)
         tok.padding_side = "left"
@@ -64,7 +55,12 @@ class PlainModel:
 
     def set_mix(self, mix: torch.Tensor | None, tokens: int = 1, allow_materialize: bool = True,
                 step_tokens: int | None = None) -> None:
-        self.state.set(mix)
+        """Only "no mix" (None) can be set: there are no experts (ValueError otherwise)."""
+        if mix is not None:
+            raise ValueError("a plain model has no experts to mix")
+
+    def clear_mix(self) -> None:
+        """Nothing to clear: every forward runs the one set of weights."""
 
     def assign(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy every (name, tensor) into the model's weight of that name (cast to its dtype).
@@ -87,9 +83,6 @@ class PlainModel:
         missing = sorted(n for n, t in state.items() if t.data_ptr() not in covered)
         if missing:
             raise TwinError(f"the weights left {len(missing)} model tensor(s) unset, e.g. {missing[0]}")
-
-
-Runner = Any  # a TwinModel or a PlainModel: what Engine drives
 
 
 @dataclass(frozen=True)

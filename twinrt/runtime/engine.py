@@ -13,29 +13,40 @@ at once. A row fails alone (finish_reason "error", `Request.error` says why): it
 sampling, decoding or callback raised, or a batched forward raised and bisection pinned it on that row; the
 others go on as if it had never been there. The engine is single-threaded; a server drives `step()` from one
 worker thread.
+
+The engine owns its queue and batch: callers `add`, `cancel` and `abort` requests and read `waiting`,
+`running`, `prefilling` and `counts()`. What it needs from the model it drives is `runner.Runner`; its cost
+rule is in `token_cost`, what a request is in `request`.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import math
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from twinrt.runtime import cache_ops
+from twinrt.runtime.request import (
+    Prompt,
+    Request,
+    RowFailure,
+    SamplingParams,
+    TokenCallback,
+    encode_prompt,
+    end_ids,
+)
+from twinrt.runtime.runner import Runner
 from twinrt.runtime.sampling import is_greedy, sample_row
+from twinrt.runtime.token_cost import attention_share, chunk_tokens, prefill_cost
 
 log = logging.getLogger(__name__)
 
-Prompt = str | Sequence[Mapping[str, str]]
 DEFAULT_STEP_TOKENS = 64  # see Engine and README (serving benchmarks): what it costs, what it buys
 DEFAULT_IDLE_GROWTH = 16
 DEFAULT_CHUNK_SHARE = 0.5
@@ -44,143 +55,13 @@ NOT_FINITE = ("the model's output for this request is not finite (are the routin
               "parameters extreme?)")
 
 
-class Runner(Protocol):
-    """What the engine drives: a TwinModel, or a plain HF model with the same attributes (eval.PlainModel)."""
-
-    model: nn.Module  # an HF causal LM taking input_ids, attention_mask, position_ids, past_key_values
-    tokenizer: Any
-    config: Any
-    device: torch.device
-    experts: list[str]
-    state: Any  # .set(None) clears the mix after a forward
-
-    def set_mix(self, mix: torch.Tensor | None, tokens: int = 1, allow_materialize: bool = True,
-                step_tokens: int | None = None) -> Any: ...
-
-
-def encode_prompt(tok, prompt: Prompt) -> list[int]:
-    """Token ids of a prompt with a transformers tokenizer: a string as is (with the tokenizer's special
-    tokens), chat messages through the chat template with a generation prompt. Every backend encodes this way,
-    so the same request is the same tokens on each."""
-    if isinstance(prompt, str):
-        ids = tok(prompt)["input_ids"]
-    else:
-        messages = list(prompt)
-        if not messages or not all(isinstance(m, Mapping) and "role" in m and "content" in m for m in messages):
-            raise ValueError("chat prompts must be a non-empty list of {'role', 'content'} messages")
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError("prompt is empty (no tokens)")
-    return ids
-
-
-def end_ids(generation_eos: int | Sequence[int] | None, tok) -> set[int]:
-    """The token ids that end a generation: the generation config's eos id(s) and the tokenizer's. Every backend
-    stops on the same set, so the same request ends at the same token on each."""
-    ids = [generation_eos] if isinstance(generation_eos, int) else list(generation_eos or [])
-    if tok.eos_token_id is not None:
-        ids.append(tok.eos_token_id)
-    return set(ids)
-
-
-# ---- the cost rule ------------------------------------------------------------------------------------------
-
-def attention_share(model: nn.Module, config: Any) -> float:
-    """a = attention FLOPs per (query token, key) pair / linear-layer FLOPs per token, for `prefill_cost`.
-
-    Per (query, key) and layer: QKᵀ and the weighted sum of V, 2·heads·head_dim each. Per token: 2·in·out for
-    every nn.Linear except the output head (prefill keeps the logits of the last token only).
-    """
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    heads = int(text.num_attention_heads)
-    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
-    per_key = 4 * heads * head_dim * int(text.num_hidden_layers)
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head = {id(m) for m in out.modules()} if out is not None else set()
-    linear = sum(2 * m.in_features * m.out_features for m in model.modules()
-                 if isinstance(m, nn.Linear) and id(m) not in head)
-    return per_key / max(linear, 1)
-
-
-def prefill_cost(start: int, n: int, attn: float) -> float:
-    """Token-equivalents of running n tokens after `start` cached ones (a token at context 0 costs 1):
-
-        Σ_{i < n} (1 + attn · (start + i + 1)) = n + attn · (n · start + n (n + 1) / 2)
-    """
-    return n + attn * (n * start + n * (n + 1) / 2)
-
-
-def chunk_tokens(start: int, left: int, budget: float, attn: float) -> int:
-    """The largest n in [1, left] with prefill_cost(start, n, attn) <= budget (1 when even one token is over)."""
-    a, b = attn / 2, 1 + attn * (start + 0.5)
-    n = int(budget / b) if a == 0 else int((-b + math.sqrt(b * b + 4 * a * max(budget, 0.0))) / (2 * a))
-    n = max(1, min(left, n))
-    while n > 1 and prefill_cost(start, n, attn) > budget:
-        n -= 1
-    return n
-
-
-# ---- requests -----------------------------------------------------------------------------------------------
-
-TokenCallback = Callable[["Request", str], None]
-
-
 @dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # below sampling.SAMPLING_EPS: greedy
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    ignore_eos: bool = False  # as vLLM's: an end-of-sequence token does not finish the row (benchmarks)
+class Counts:
+    """A snapshot of an engine's requests: queued, the long prompt being prefilled (0 or 1), decoding."""
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not (self.temperature >= 0.0) or self.temperature != self.temperature:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty strings")
-
-
-@dataclass(frozen=True)
-class RowFailure:
-    """Why a row failed. `client`: the request's own input caused it (a server answers 400), else the failure is
-    internal (500). `message` is safe to show the client (exception types only, no internal text)."""
-
-    message: str
-    client: bool
-
-
-@dataclass(eq=False)
-class Request:
-    id: int
-    prompt_ids: list[int]
-    mix: torch.Tensor | None  # [N] or None (core only)
-    params: SamplingParams
-    on_token: TokenCallback | None = None
-    output_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
-    error: RowFailure | None = None  # set with finish_reason "error"
-    emitted: int = 0  # characters of `text` already streamed
-    generator: torch.Generator | None = None
-    cancelled: bool = False
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.output_ids)
+    waiting: int
+    prefilling: int
+    running: int
 
 
 @dataclass(eq=False)
@@ -235,18 +116,17 @@ class Engine:
     When its chunks run. While other rows run beside it (`chunk_share` set), the long prompt earns
     `chunk_share` × the wall time of the other work as credit, and a chunk runs once the credit covers
     `chunk_span` × a typical other step (a moving average of their times): on a CPU a forward pass costs about
-    a decode step whatever its length, so a chunk worth several of them is mostly prefill, not overhead. The
-    chunk is sized to spend the credit (at most twice that threshold), from the seconds per token-equivalent
-    of this prompt's last chunk, between `max_step_tokens / 8` and `idle_growth` × `max_step_tokens`. So the
-    others lose about `chunk_share` of their time, any one of them at most one chunk of about `2·chunk_span`
-    steps at a time, and the long prompt always advances. With `chunk_share=None` a chunk runs every step on
+    a decode step whatever its length, so a chunk worth more than one is mostly prefill, not overhead. The
+    chunk is sized to take that threshold's time, from the seconds per token-equivalent of this prompt's last
+    chunk, between `max_step_tokens / 8` and `idle_growth` × `max_step_tokens`; credit left over is not kept.
+    So the others lose at most about `chunk_share` of their time, any one of them about `chunk_span` steps
+    per chunk, and the long prompt always advances. With `chunk_share=None` a chunk runs every step on
     the budget the others left (at least `max_step_tokens / 8`). With nothing else to run the long prompt
     needs no fairness: each step it runs alone doubles its chunk's budget, up to `idle_growth` ×
     `max_step_tokens`, and the first step with other work brings it back, so an arrival waits for at most one
-    such chunk (large only after the engine has had nothing else to do for several steps). The defaults are
-    the fairness the README's serving benchmark measured on a CPU (short requests' p99 within 2× while a
-    long prompt prefills, at the long prompt's expense); a deployment that favours long prompts wants a
-    larger share.
+    such chunk (large only after the engine has had nothing else to do for several steps). The defaults favour
+    short requests' latency while a long prompt prefills, at the long prompt's expense (the README's serving
+    benchmark measures both); a deployment that favours long prompts wants a larger share.
     """
 
     def __init__(self, tm: Runner, max_batch: int = 64, materialize: bool = True,
@@ -271,8 +151,8 @@ class Engine:
         self._chunk_s = self._work_s = 0.0  # wall time of chunks / of the rest, since the long prompt began
         self._other_step_s: float | None = None  # moving average of a step's other work, while a prompt chunks
         self._alone = 1  # the chunk budget's factor while the long prompt runs alone (doubles per step)
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
         self._partial: _Partial | None = None
         self._cache = None
         self._mask: torch.Tensor | None = None  # [B, L] attention mask of the running rows
@@ -302,21 +182,65 @@ class Engine:
             gen = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
         req = Request(next(self._ids), ids, None if mix is None or not bool(mix.any()) else mix, params, on_token,
                       generator=gen)
-        self.waiting.append(req)
+        self._waiting.append(req)
         return req
 
-    def cancel(self, req: Request) -> None:
-        """Stop a request (a client went away); it leaves the batch (or its prefill) at the next step."""
+    def cancel(self, req: Request) -> bool:
+        """Stop a request (a client went away).
+
+        Still waiting: it leaves the queue now (finish_reason "cancelled", its final callback called) -> True;
+        no step returns it. Prefilling or running: it leaves at the next step, which returns it -> False.
+        """
         req.cancelled = True
+        if req.done or req not in self._waiting:
+            return False
+        self._waiting.remove(req)
+        req.finish_reason = "cancelled"
+        self._final_callback(req)
+        return True
+
+    def abort(self, reason: str) -> list[Request]:
+        """Drop every request the engine holds (waiting, prefilling, running), e.g. to shut down or to replace an
+        engine whose step failed. Each not yet done finishes with finish_reason "error" and an internal
+        `RowFailure(reason)`. -> those requests; no callback is called (the caller is tearing down)."""
+        held = list(self._waiting) + ([] if self._partial is None else [self._partial.req]) + self._running
+        failure = RowFailure(reason, client=False)
+        for r in held:
+            if not r.done:
+                r.finish_reason, r.error = "error", failure
+        self._waiting.clear()
+        self._partial = None
+        self._running = []
+        self._cache = self._mask = self._next = None
+        self._chunk_s = self._work_s = 0.0
+        self._other_step_s = None
+        self._alone = 1
+        return [r for r in held if r.error is failure]
+
+    @property
+    def waiting(self) -> tuple[Request, ...]:
+        """The requests queued for a prefill, in arrival order."""
+        return tuple(self._waiting)
+
+    @property
+    def running(self) -> tuple[Request, ...]:
+        """The rows of the decode batch, in batch order."""
+        return tuple(self._running)
 
     @property
     def prefilling(self) -> Request | None:
         """The long prompt being prefilled in chunks, if any (neither waiting nor running)."""
         return None if self._partial is None else self._partial.req
 
+    def counts(self) -> Counts:
+        """How many requests wait, prefill in chunks, and decode (for metrics; safe to read from another
+        thread: each count is one read of a container the engine replaces or mutates atomically)."""
+        return Counts(waiting=len(self._waiting), prefilling=int(self._partial is not None),
+                      running=len(self._running))
+
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.running or self._partial is not None)
+        return bool(self._waiting or self._running or self._partial is not None)
 
     def run_until_done(self) -> None:
         while self.busy:
@@ -331,15 +255,15 @@ class Engine:
         finished: list[Request] = []
         t0 = time.perf_counter()
         budget = float(self.max_step_tokens)
-        if self.running:
-            budget -= len(self.running) * prefill_cost(self._mask.shape[1], 1, self.attn)
+        if self._running:
+            budget -= len(self._running) * prefill_cost(self._mask.shape[1], 1, self.attn)
             self._decode(finished)
         whole, budget = self._schedule(budget, finished)
         if whole:
             self._admit(whole, finished)
         if self._partial is not None:
-            self._chunk_step(budget, bool(self.running), time.perf_counter() - t0, finished)
-        done = [r for r in self.running if r.done]
+            self._chunk_step(budget, bool(self._running), time.perf_counter() - t0, finished)
+        done = [r for r in self._running if r.done]
         if done:
             self._remove_running(done)
         return finished + done
@@ -382,14 +306,14 @@ class Engine:
     def _schedule(self, budget: float, finished: list[Request]) -> tuple[list[Request], float]:
         """Pick waiting prompts that fit `budget` whole (in arrival order; one that does not fit becomes the long
         prompt, or waits if there is one). -> (prompts to prefill now, budget left)."""
-        room = self.max_batch - len(self.running) - (self._partial is not None)
-        if not self._joinable and (self.running or self._partial is not None):
+        room = self.max_batch - len(self._running) - (self._partial is not None)
+        if not self._joinable and (self._running or self._partial is not None):
             room = 0  # rows of a cache that cannot be joined wait for the batch to empty
         take: list[Request] = []
         width = 0
         kept: list[Request] = []
-        while self.waiting:
-            r = self.waiting.popleft()
+        while self._waiting:
+            r = self._waiting.popleft()
             if r.cancelled:
                 r.finish_reason = "cancelled"
                 self._final_callback(r)
@@ -412,7 +336,7 @@ class Engine:
                     room = 0
             else:
                 kept.append(r)
-        self.waiting.extend(kept)
+        self._waiting.extend(kept)
         return take, budget
 
     def _mix_matrix(self, reqs: list[Request]) -> torch.Tensor | None:
@@ -435,7 +359,7 @@ class Engine:
                 out = self.tm.model(input_ids=ids.to(dev), attention_mask=mask, position_ids=positions,
                                     past_key_values=cache, use_cache=True, logits_to_keep=1)
         finally:
-            self.tm.state.set(None)
+            self.tm.clear_mix()
         return out.logits[:, -1, :].float()  # [B, V]
 
     @staticmethod
@@ -445,7 +369,7 @@ class Engine:
     def _decode(self, finished: list[Request]) -> None:
         """One token for every running row. A forward that raises is undone and bisected (see `_blame`)."""
         def run(rows: list[int] | None) -> torch.Tensor:
-            reqs = self.running if rows is None else [self.running[i] for i in rows]
+            reqs = self._running if rows is None else [self._running[i] for i in rows]
             sel = None if rows is None else torch.tensor(rows)
             cache = self._cache if sel is None else cache_ops.select_copy(self._cache, sel)
             nxt = self._next if sel is None else self._next.index_select(0, sel)
@@ -458,14 +382,14 @@ class Engine:
             logits = run(None)
         except Exception as e:  # noqa: BLE001 - undo, then find the rows that cause it
             cache_ops.restore(self._cache, snap)
-            bad = self._blame(self.running, e, run, "decode")
+            bad = self._blame(self._running, e, run, "decode")
             finished += bad
             self._remove_running(bad)
-            if not self.running:
+            if not self._running:
                 return
             logits = run(None)
-        self._mask = torch.cat([self._mask, torch.ones(len(self.running), 1, dtype=torch.long)], dim=1)
-        self._next = self._advance(self.running, logits)
+        self._mask = torch.cat([self._mask, torch.ones(len(self._running), 1, dtype=torch.long)], dim=1)
+        self._next = self._advance(self._running, logits)
 
     def _prefill(self, reqs: list[Request]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
         """Whole prompts, left-padded into a new cache -> (logits [B, V], cache, mask [B, W])."""
@@ -533,18 +457,18 @@ class Engine:
         else:
             self._cache, self._mask = cache_ops.join(self._cache, self._mask, cache, mask)
             self._next = torch.cat([self._next, nxt])
-        self.running = self.running + new
+        self._running = self._running + new
 
     def _remove_running(self, gone: list[Request]) -> None:
-        keep = [i for i, r in enumerate(self.running) if r not in gone]
+        keep = [i for i, r in enumerate(self._running) if r not in gone]
         if not keep:
             self._cache = self._mask = self._next = None
-            self.running = []
+            self._running = []
             return
         rows = torch.tensor(keep)
         self._mask = cache_ops.keep_rows(self._cache, self._mask, rows)
         self._next = self._next.index_select(0, rows)
-        self.running = [self.running[i] for i in keep]
+        self._running = [self._running[i] for i in keep]
 
     # ---- failures --------------------------------------------------------------------------------------------
 

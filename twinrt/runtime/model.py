@@ -12,15 +12,17 @@ from torch import nn
 from twinrt.artifact import Artifact
 from twinrt.dtypes import torch_dtype
 from twinrt.errors import TwinError
-from twinrt.runtime.engine import Engine, SamplingParams
+from twinrt.runtime.engine import Engine
 from twinrt.runtime.materialized import MaterializedWeights, MixKey
 from twinrt.runtime.mixing import MixEmbedding, MixLinear, MixScaleNorm, MixState
 from twinrt.runtime.planning import ExpertCosts, MixPolicy, Plan, plan_batch
+from twinrt.runtime.request import SamplingParams
+from twinrt.runtime.runner import Runner
 
 MixLike = torch.Tensor | Sequence[Mapping[str, float]] | None
 
 
-class TwinModel:
+class TwinModel(Runner):
     """The core model whose linear layers mix the experts' factors per row.
 
     >>> tm = TwinModel.from_artifact("ARTIFACT", device="cpu", dtype="float32")
@@ -167,10 +169,14 @@ class TwinModel:
         if plan.path == "materialized" and allow_materialize:
             key = self.materialize(mix[0])
         if plan.path == "core":
-            self.state.set(None)
+            self.clear_mix()
         else:
             self.state.set(mix.to(self.device), key, grouped=plan.path == "grouped")
         return plan
+
+    def clear_mix(self) -> None:
+        """Every mixing layer runs the core alone until the next `set_mix`."""
+        self.state.set(None)
 
     # ---- running ---------------------------------------------------------------------------------------------
 
@@ -191,7 +197,7 @@ class TwinModel:
                 return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   use_cache=False).logits
         finally:
-            self.state.set(None)
+            self.clear_mix()
 
     def generate(self, prompts: Sequence[str | Sequence[Mapping[str, str]]], mix: MixLike = None, *,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
