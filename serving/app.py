@@ -32,12 +32,12 @@ from serving.completions import complete
 from serving.errors import APIError, CatchAll
 from serving.metrics import Metrics
 from serving.middleware import ApiKeyAuth, BodyLimit, StatusCounter
+from serving.options import MAX_BODY_BYTES
 from serving.responses import CHAT, COMPLETIONS
 from serving.routelog import RouteLog
 from serving.routing import RoutingService
 from serving.schemas import ChatCompletionRequest, CompletionRequest
 
-MAX_BODY_BYTES = 1 << 20
 WATCHDOG_S = 0.5
 RECORD_FLUSH_S = 15.0
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from twinrt.dtypes import DtypeName
 from twinrt.errors import TwinError
 from twinrt.validation import Frozen, describe
 
-MAX_BODY_BYTES = 1 << 20  # a request body's default limit (serving.app.Server's default should be this one)
+MAX_BODY_BYTES = 1 << 20  # a request body's default limit (also serving.app.Server's)
 VLLM_GROUP = ("vllm backend", "passed to vLLM's engine; a mix is served as one adapter of its top-k experts with "
               "weights rounded to --mix-step")
 

@@ -49,12 +49,13 @@ from serving.backends.base import (
     PromptEncoder,
     PromptError,
     ShuttingDown,
+    check_capacity,
     check_submit,
+    engine_sampling,
 )
 from twinrt.runtime import Engine, Request, SamplingParams, TwinModel
 
 log = logging.getLogger(__name__)
-SEED_MASK = 2**64 - 1
 MAX_STEP_FAILURES = 3          # unexplained step failures within the window before the engine is given up
 STEP_FAILURE_WINDOW_S = 60.0
 
@@ -73,8 +74,7 @@ class LocalBackend:
 
     def __init__(self, tm: TwinModel, max_batch: int = 32, max_queue: int = 256, materialize: bool = True,
                  max_step_tokens: int | None = None, long_prefill_share: float | None = None) -> None:
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        check_capacity(max_batch, max_queue)
         self.tm = tm
         self.experts = list(tm.experts)
         self.max_batch = max_batch
@@ -165,14 +165,8 @@ class LocalBackend:
             if gen.cancelled:
                 self._post(gen.finish, Finished("", "cancelled", 0, 0))
                 return
-            ids = self._encoder.encode(r.prompt, r.max_tokens)
-            max_tokens = r.max_tokens if r.max_tokens is not None else self.context - len(ids)
-            try:
-                params = SamplingParams(max_new_tokens=max_tokens, temperature=r.temperature, top_p=r.top_p,
-                                        stop=r.stop, seed=None if r.seed is None else r.seed & SEED_MASK,
-                                        ignore_eos=r.ignore_eos)
-            except ValueError as e:
-                raise PromptError(str(e)) from None
+            ids, admission = self._encoder.admit(r.prompt, r.max_tokens)
+            params = engine_sampling(SamplingParams, r, max_new_tokens=admission.max_tokens, stop=r.stop)
             mix = None
             if r.mix is not None:
                 mix = torch.tensor(r.mix, dtype=torch.float32)  # [N]
@@ -188,7 +182,7 @@ class LocalBackend:
         if self._stopping or self._dead:
             self._post(gen.reject, ShuttingDown("the server is shutting down"))
             return
-        self._inbox.put(("add", gen, ids, params, mix, max_tokens))
+        self._inbox.put(("add", gen, ids, params, mix, admission))
         self._wake.set()
 
     # ---- worker side -----------------------------------------------------------------------------------------
@@ -260,14 +254,14 @@ class LocalBackend:
                 self._post(gen.fail, BackendFailure("admitting the request failed"))
 
     def _admit(self, gen: Generation, ids: list[int], params: SamplingParams, mix: torch.Tensor | None,
-               max_tokens: int) -> None:
+               admission: Admission) -> None:
         if gen.cancelled:
             self._post(gen.finish, Finished("", "cancelled", 0, 0))
             return
         req = self.engine.add(ids, mix, params, on_token=lambda _req, delta: self._post(gen.push, delta))
         gen.handle = req
         self._gens[req.id] = gen
-        self._post(gen.admit, Admission(prompt_tokens=len(ids), max_tokens=max_tokens))
+        self._post(gen.admit, admission)
 
     def _cancel(self, gen: Generation) -> None:
         req = gen.handle
