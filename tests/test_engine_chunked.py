@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from helpers import EXTREME, Poison, carries
+from helpers import EXTREME, Poison
 from twinrt.runtime import Engine, SamplingParams, TwinModel
 from twinrt.runtime.token_cost import chunk_tokens, prefill_cost
 
@@ -93,7 +93,7 @@ def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill(tm, long_ids, chunk
 
 
 def test_a_long_prompt_beside_short_requests_keeps_every_row_exact(tm, long_ids):
-    engine = Engine(tm, materialize=False, max_step_tokens=16, idle_growth=1, chunk_share=None)
+    engine = Engine(tm, materialize=False, max_step_tokens=16, idle_growth=1, chunk_share=None, packed=False)
     rec = Forwards(engine)
     mixes = [None, torch.tensor([1.0, 0.0, 0.0]), MIX, torch.tensor([0.0, 0.7, 0.3])]
     first = engine.add(SHORT[0], mixes[0], GREEDY)
@@ -122,7 +122,7 @@ def test_a_long_prompt_beside_short_requests_keeps_every_row_exact(tm, long_ids)
 
 
 def test_a_long_prompt_alone_grows_its_chunks_and_shrinks_them_when_work_arrives(tm, long_ids):
-    engine = Engine(tm, materialize=False, max_step_tokens=8, idle_growth=4, chunk_share=None)
+    engine = Engine(tm, materialize=False, max_step_tokens=8, idle_growth=4, chunk_share=None, packed=False)
     engine.attn = 0.0  # every token costs 1
     rec = Forwards(engine)
     long = engine.add(long_ids, None, GREEDY)
@@ -143,7 +143,7 @@ def test_chunks_take_at_most_their_share_of_the_time_while_rows_decode(tm, long_
 
     clock = [0.0]  # a decode step takes 1 s, a chunk 3 s whatever its size
     monkeypatch.setattr(engine_module.time, "perf_counter", lambda: clock[0])
-    engine = Engine(tm, materialize=False, max_step_tokens=64, chunk_share=1.0, chunk_span=2.0)
+    engine = Engine(tm, materialize=False, max_step_tokens=64, chunk_share=1.0, chunk_span=2.0, packed=False)
     for p in SHORT:
         engine.add(p, None, SamplingParams(max_new_tokens=40, ignore_eos=True))
     engine.step()
@@ -198,7 +198,7 @@ def test_a_long_prompt_is_not_held_back_by_requests_that_cannot_run_beside_it(tm
 
 
 def test_a_long_prompt_is_never_starved(tm, long_ids):
-    engine = Engine(tm, materialize=False, max_step_tokens=64, chunk_share=None)
+    engine = Engine(tm, materialize=False, max_step_tokens=64, chunk_share=None, packed=False)
     for p in SHORT:
         engine.add(p, None, SamplingParams(max_new_tokens=60, ignore_eos=True))
     engine.step()
@@ -228,14 +228,17 @@ def test_cancel_mid_prefill_frees_the_request(tm, long_ids):
     assert finals == [(True, "")]
 
 
-def test_a_failing_chunk_fails_only_its_request(tm, long_ids):
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_failing_chunk_fails_only_its_request(tm, long_ids, packed):
     short_ids = [tm.tokenizer(p)["input_ids"] for p in SHORT[:2]]
     token = next(t for t in long_ids if all(t not in s for s in short_ids))
     alone = [whole(tm, p, None) for p in SHORT[:2]]
     assert all(token not in out for out in alone)
-    poison = Poison(tm, carries(token, "prefill"))
+    # any pass that carries the token raises: only the long prompt's chunk does (a packed pass, then the chunk
+    # on its own when the engine runs the pass's parts separately)
+    poison = Poison(tm, lambda ids: bool((ids == token).any()))
     try:
-        engine = Engine(tm, materialize=False, max_step_tokens=16)
+        engine = Engine(tm, materialize=False, max_step_tokens=16, packed=packed)
         shorts = [engine.add(p, None, GREEDY) for p in SHORT[:2]]
         engine.step()
         bad = engine.add(long_ids, None, GREEDY)
@@ -246,3 +249,117 @@ def test_a_failing_chunk_fails_only_its_request(tm, long_ids):
     assert bad.finish_reason == "error" and not bad.error.client and bad.output_ids == []
     assert nan.finish_reason == "error" and nan.error.client
     assert [r.output_ids for r in shorts] == alone
+
+
+# ---- the chunk in the rows' decode pass ----------------------------------------------------------------------
+
+def _count_passes(engine, monkeypatch):
+    """Per step: how many packed passes, and the (rows, tokens) of every other forward."""
+    import twinrt.runtime.engine as engine_module
+
+    steps: list[list] = []
+    inner_packed, inner_forward = engine_module.packing.packed_forward, engine._forward
+
+    def packed_forward(*a):
+        steps[-1].append("packed")
+        return inner_packed(*a)
+
+    def forward(ids, mask, cache, reqs, tokens):
+        steps[-1].append((ids.shape[0], ids.shape[1]))
+        return inner_forward(ids, mask, cache, reqs, tokens)
+
+    monkeypatch.setattr(engine_module.packing, "packed_forward", packed_forward)
+    monkeypatch.setattr(engine, "_forward", forward)
+    return steps
+
+
+def test_a_long_prompts_chunks_ride_in_the_rows_decode_pass(tm, long_ids, monkeypatch):
+    engine = Engine(tm, materialize=False, max_step_tokens=64, idle_growth=1, chunk_share=None)
+    assert engine.packed
+    steps = _count_passes(engine, monkeypatch)
+    mixes = [None, torch.tensor([1.0, 0.0, 0.0]), MIX, torch.tensor([0.0, 0.7, 0.3])]
+    shorts = []
+    for p, m in zip(SHORT, mixes):
+        shorts.append(engine.add(p, m, SamplingParams(max_new_tokens=30, ignore_eos=True)))
+    steps.append([])
+    engine.step()
+    assert len(engine.running) == 4
+    engine.max_step_tokens, engine.min_chunk_cost = 16, 2.0  # from now on the long prompt goes in chunks
+    long = engine.add(long_ids, MIX, GREEDY)
+    while engine.busy:
+        steps.append([])
+        engine.step()
+    packed = [i for i, s in enumerate(steps) if "packed" in s]
+    assert len(packed) >= 4  # the long prompt is in over several steps, each one pass with the rows' decode
+    for i in packed:
+        assert steps[i] == ["packed"], steps[i]  # no decode pass and no chunk pass of their own
+    assert [r.output_ids for r in shorts] == [whole(tm, p, m, SamplingParams(max_new_tokens=30, ignore_eos=True))
+                                              for p, m in zip(SHORT, mixes)]
+    assert long.output_ids == whole(tm, long_ids, MIX)
+
+
+def test_a_packed_chunk_gets_its_share_of_the_decode_passs_time(tm, long_ids, monkeypatch):
+    import twinrt.runtime.engine as engine_module
+
+    clock = [0.0]  # the rows' decode pass alone takes 1 s; a packed pass 1 s + 1/8 s per chunk token
+    monkeypatch.setattr(engine_module.time, "perf_counter", lambda: clock[0])
+    engine = Engine(tm, materialize=False, max_step_tokens=64, chunk_share=0.5)
+    engine.attn = 0.0  # a token costs 1
+    for p in SHORT:
+        engine.add(p, None, SamplingParams(max_new_tokens=60, ignore_eos=True))
+    engine.step()
+    assert len(engine.running) == 4
+    engine.max_step_tokens, engine.min_chunk_cost = 8, 1.0
+    decode, packed_forward = engine._decode, engine_module.packing.packed_forward
+    kinds = []
+
+    def slow_decode(*a):
+        clock[0] += 1.0
+        kinds[-1] = "decode"
+        return decode(*a)
+
+    def slow_packed(*a):
+        n = int(a[4].shape[0])
+        clock[0] += 1.0 + n / 8
+        kinds[-1] = ("packed", n)
+        return packed_forward(*a)
+
+    monkeypatch.setattr(engine, "_decode", slow_decode)
+    monkeypatch.setattr(engine_module.packing, "packed_forward", slow_packed)
+    long = engine.add(long_ids, None, GREEDY)
+    kinds.append(None)
+    engine.step()  # the long prompt is scheduled after this step's decode pass
+    kinds.clear()
+    for _ in range(19):
+        kinds.append(None)
+        engine.step()
+    assert kinds[0] == "decode"  # the decode pass is timed alone before any chunk rides in it
+    assert kinds[1] == ("packed", 8)  # the first chunk gets the step budget
+    # then 0.5 x the decode pass's 1 s, at the 1/8 s per token the first chunk took beyond the decode pass
+    assert kinds[2:17] == [("packed", 4)] * 15
+    assert kinds[17] == "decode"  # timed alone again after REMEASURE_STEPS packed passes
+    assert kinds[18] == ("packed", 4)
+    monkeypatch.undo()
+    engine.run_until_done()
+    assert long.output_ids == whole(tm, long_ids, None)
+
+
+def test_a_packed_pass_that_fails_runs_its_parts_separately(tm, long_ids, monkeypatch):
+    import twinrt.runtime.engine as engine_module
+
+    engine = Engine(tm, materialize=False, max_step_tokens=16, idle_growth=1, chunk_share=None)
+    failures = []
+
+    def failing(*a):
+        failures.append(1)
+        raise RuntimeError("packed pass failed")
+
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    shorts = [engine.add(p, None, params) for p in SHORT[:2]]
+    engine.step()
+    long = engine.add(long_ids, MIX, GREEDY)
+    monkeypatch.setattr(engine_module.packing, "packed_forward", failing)
+    engine.run_until_done()
+    assert len(failures) >= 4  # every packed pass failed; the rows and the chunks ran separately, each exactly
+    assert [r.output_ids for r in shorts] == [whole(tm, p, None, params) for p in SHORT[:2]]
+    assert long.output_ids == whole(tm, long_ids, MIX) and long.finish_reason == "length"

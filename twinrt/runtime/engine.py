@@ -1,12 +1,14 @@
 """Batched generation with continuous batching: requests join and leave a running batch between decode steps.
 
-One `Engine.step()` spends at most `max_step_tokens` (in token-equivalents, see `prefill_cost`):
+One `Engine.step()` runs, with `max_step_tokens` (in token-equivalents, see `prefill_cost`) deciding which
+prompts go whole:
 
     1. one decode token for every running row (each row with its own mix), in one forward;
     2. waiting prompts that fit the rest of the budget whole, prefilled together (left-padded) and joined to
        the running batch;
-    3. the rest of the budget, never less than a floor, on the next chunk of one long prompt, prefilled into
-       its own cache; when its last chunk is in, it samples its first token and joins the running batch.
+    3. the next chunk of one long prompt, prefilled into its own cache, inside the decode pass of step 1 when
+       the model allows (`packed`), else as a pass of its own; when its last chunk is in, it samples its first
+       token and joins the running batch. How large a chunk is and how often one runs: see `Engine`.
 
 Finished rows (EOS, a stop string, max_new_tokens, the context length, a cancel, or an error) leave the batch
 at once. A row fails alone (finish_reason "error", `Request.error` says why): its logits are not finite, its
@@ -32,6 +34,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from twinrt.runtime import cache_ops
+from twinrt.runtime import packed as packing
 from twinrt.runtime.request import (
     Prompt,
     Request,
@@ -51,6 +54,7 @@ DEFAULT_STEP_TOKENS = 64  # see Engine and README (serving benchmarks): what it 
 DEFAULT_IDLE_GROWTH = 16
 DEFAULT_CHUNK_SHARE = 0.5
 DEFAULT_CHUNK_SPAN = 2.0
+REMEASURE_STEPS = 16  # a packed long prompt skips one step in this many, to time the rows' decode pass alone
 NOT_FINITE = ("the model's output for this request is not finite (are the routing weights or sampling "
               "parameters extreme?)")
 
@@ -71,7 +75,8 @@ class _Partial:
     req: Request
     cache: DynamicCache
     done: int = 0
-    s_per_cost: float | None = None  # wall seconds per token-equivalent of its last chunk
+    s_per_cost: float | None = None  # wall seconds per token-equivalent of its last chunk (beyond the decode
+    #                                  pass, when packed into it)
 
 
 def _holdback(text: str, stops: tuple[str, ...]) -> int:
@@ -113,25 +118,35 @@ class Engine:
     prompt: it is prefilled in chunks (sized by `chunk_tokens`) into its own cache, so its attention scores
     stay [heads, chunk, L], never [heads, L, L], and joins the batch when it is all in.
 
-    When its chunks run. While other rows run beside it (`chunk_share` set), the long prompt earns
-    `chunk_share` × the wall time of the other work as credit, and a chunk runs once the credit covers
-    `chunk_span` × a typical other step (a moving average of their times): on a CPU a forward pass costs about
-    a decode step whatever its length, so a chunk worth more than one is mostly prefill, not overhead. The
-    chunk is sized to take that threshold's time, from the seconds per token-equivalent of this prompt's last
-    chunk, between `max_step_tokens / 8` and `idle_growth` × `max_step_tokens`; credit left over is not kept.
-    So the others lose at most about `chunk_share` of their time, any one of them about `chunk_span` steps
-    per chunk, and the long prompt always advances. With `chunk_share=None` a chunk runs every step on
-    the budget the others left (at least `max_step_tokens / 8`). With nothing else to run the long prompt
-    needs no fairness: each step it runs alone doubles its chunk's budget, up to `idle_growth` ×
-    `max_step_tokens`, and the first step with other work brings it back, so an arrival waits for at most one
-    such chunk (large only after the engine has had nothing else to do for several steps). The defaults favour
-    short requests' latency while a long prompt prefills, at the long prompt's expense (the README's serving
-    benchmark measures both); a deployment that favours long prompts wants a larger share.
+    Where its chunks run. With `packed` (the default, where the model allows: `packed.supported`) a chunk
+    rides in the running rows' decode pass, every token a row of its own (see `packed`), so it costs its own
+    tokens and no extra pass over the weights. With `chunk_share` set, each such chunk is sized to add
+    `chunk_share` × the time of the rows' decode pass alone (a moving average, timed on a step without a chunk
+    before the first one and again every `REMEASURE_STEPS` packed passes), from the seconds per
+    token-equivalent its last chunk added, between `max_step_tokens / 8` and `idle_growth` × `max_step_tokens`.
+    Every step the rows lose about `chunk_share` of their time and the long prompt advances. With
+    `chunk_share=None` a chunk runs every step on the budget the others left (at least `max_step_tokens / 8`).
+
+    Without packed passes a chunk is a forward pass of its own, which on a CPU costs about a decode step
+    whatever its length. While other rows run beside it, the long prompt then earns `chunk_share` × the wall
+    time of the other work as credit, and a chunk runs once the credit covers `chunk_span` × a typical other
+    step (a moving average of their times), so it is mostly prefill, not overhead; it is sized to take that
+    time, from the seconds per token-equivalent of its last chunk, and credit left over is not kept. So the
+    others lose at most about `chunk_share` of their time, any one of them about `chunk_span` steps per
+    chunk. With `chunk_share=None` a chunk runs every step on the budget the others left.
+
+    With nothing else to run the long prompt needs no fairness: each step it runs alone doubles its chunk's
+    budget, up to `idle_growth` × `max_step_tokens`, and the first step with other work brings it back, so an
+    arrival waits for at most one such chunk (large only after the engine has had nothing else to do for
+    several steps). The defaults favour short requests' latency while a long prompt prefills, at the long
+    prompt's expense (the README's serving benchmark measures both); a deployment that favours long prompts
+    wants a larger share.
     """
 
     def __init__(self, tm: Runner, max_batch: int = 64, materialize: bool = True,
                  max_step_tokens: int = DEFAULT_STEP_TOKENS, idle_growth: int = DEFAULT_IDLE_GROWTH,
-                 chunk_share: float | None = DEFAULT_CHUNK_SHARE, chunk_span: float = DEFAULT_CHUNK_SPAN) -> None:
+                 chunk_share: float | None = DEFAULT_CHUNK_SHARE, chunk_span: float = DEFAULT_CHUNK_SPAN,
+                 packed: bool = True) -> None:
         if not isinstance(max_step_tokens, int) or max_step_tokens < 1:
             raise ValueError(f"max_step_tokens must be an integer >= 1, got {max_step_tokens!r}")
         if not isinstance(idle_growth, int) or idle_growth < 1:
@@ -151,6 +166,8 @@ class Engine:
         self._chunk_s = self._work_s = 0.0  # wall time of chunks / of the rest, since the long prompt began
         self._other_step_s: float | None = None  # moving average of a step's other work, while a prompt chunks
         self._alone = 1  # the chunk budget's factor while the long prompt runs alone (doubles per step)
+        self._decode_s: float | None = None  # moving average of the rows' decode pass alone, in seconds
+        self._packed_steps = 0  # packed passes since the decode pass was last timed alone
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._partial: _Partial | None = None
@@ -163,6 +180,9 @@ class Engine:
         self.attn = attention_share(tm.model, tm.config)
         self._joinable = cache_ops.joinable(DynamicCache(config=tm.config))
         self._pad = tm.tokenizer.pad_token_id or 0
+        self.packed = packed and packing.supported(tm.model, DynamicCache(config=tm.config))
+        if self.packed:
+            packing.enable(tm.model)
 
     # ---- requests --------------------------------------------------------------------------------------------
 
@@ -255,14 +275,21 @@ class Engine:
         finished: list[Request] = []
         t0 = time.perf_counter()
         budget = float(self.max_step_tokens)
+        packs = self.packed and self._partial is not None and bool(self._running)
         if self._running:
             budget -= len(self._running) * prefill_cost(self._mask.shape[1], 1, self.attn)
-            self._decode(finished)
+            if not (packs and self._packed_decode(budget, finished)):
+                t = time.perf_counter()
+                self._decode(finished)
+                if packs or self._decode_s is not None:
+                    self._time_decode(time.perf_counter() - t)
         whole, budget = self._schedule(budget, finished)
         if whole:
             self._admit(whole, finished)
-        if self._partial is not None:
+        if self._partial is not None and not (self.packed and self._running):
             self._chunk_step(budget, bool(self._running), time.perf_counter() - t0, finished)
+        if self._partial is None:
+            self._decode_s = None
         done = [r for r in self._running if r.done]
         if done:
             self._remove_running(done)
@@ -289,7 +316,7 @@ class Engine:
             rate = self._partial.s_per_cost
             most = float(self.max_step_tokens * self.idle_growth)
             chunk_budget = (float(self.max_step_tokens) if rate is None
-                            else min(max(min(credit, 2 * due) / rate, self.min_chunk_cost), most))
+                            else min(max(due / rate, self.min_chunk_cost), most))
         p = self._partial
         t = time.perf_counter()
         cost = self._continue_prefill(chunk_budget, finished)
@@ -302,6 +329,65 @@ class Engine:
         if self._partial is None:
             self._chunk_s = self._work_s = 0.0
             self._other_step_s = None
+
+    def _time_decode(self, seconds: float) -> None:
+        self._decode_s = seconds if self._decode_s is None else 0.8 * self._decode_s + 0.2 * seconds
+        self._packed_steps = 0
+
+    def _packed_decode(self, budget: float, finished: list[Request]) -> bool:
+        """The running rows' decode pass with the long prompt's next chunk in it, if this step gets one (see the
+        class). -> whether the rows were decoded (False: decode them alone this step)."""
+        p = self._partial
+        r = p.req
+        if r.cancelled:
+            self._continue_prefill(0.0, finished)  # ends it
+            return False
+        if self.chunk_share is None:
+            chunk_budget = max(budget, self.min_chunk_cost)
+        else:
+            if self._decode_s is None or self._packed_steps >= REMEASURE_STEPS:
+                return False  # time the decode pass alone first: a chunk gets chunk_share of that time
+            most = float(self.max_step_tokens * self.idle_growth)
+            chunk_budget = (float(self.max_step_tokens) if p.s_per_cost is None else
+                            min(max(self.chunk_share * self._decode_s / p.s_per_cost, self.min_chunk_cost), most))
+        n = chunk_tokens(p.done, r.prompt_tokens - p.done, chunk_budget, self.attn)
+        rows = self._running
+        snaps = cache_ops.snapshot(self._cache), cache_ops.snapshot(p.cache)
+        t = time.perf_counter()
+        try:
+            mixes = self._mix_matrix(rows + [r] * n)
+            tokens = self._remaining(rows) + r.prompt_tokens - p.done + r.params.max_new_tokens
+            self.tm.set_mix(mixes, tokens=tokens, allow_materialize=self.materialize, step_tokens=len(rows) + n)
+            try:
+                logits = packing.packed_forward(self.tm.model, self._next.to(self.tm.device), self._cache,
+                                                self._mask.to(self.tm.device),
+                                                torch.tensor(r.prompt_ids[p.done:p.done + n], device=self.tm.device),
+                                                p.cache, p.done)
+            finally:
+                self.tm.clear_mix()
+        except Exception:  # noqa: BLE001 - undo; the separate passes find the rows (or the chunk) that fail
+            log.warning("a packed pass failed; running its rows and chunk separately", exc_info=True)
+            cache_ops.restore(self._cache, snaps[0])
+            cache_ops.restore(p.cache, snaps[1])
+            self._decode(finished)
+            self._continue_prefill(chunk_budget, finished)
+            return True
+        spent = time.perf_counter() - t
+        self._packed_steps += 1
+        cost = prefill_cost(p.done, n, self.attn)
+        if self._decode_s is not None:
+            p.s_per_cost = max(spent - self._decode_s, 0.05 * spent) / cost
+        self._mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
+        self._next = self._advance(rows, logits[:-1])
+        p.done += n
+        if not bool(torch.isfinite(logits[-1]).all()):
+            self._fail_not_finite(r)
+            self._partial = None
+            finished.append(r)
+        elif p.done == r.prompt_tokens:
+            self._partial = None
+            self._join([r], logits[-1:], p.cache, torch.ones(1, p.done, dtype=torch.long))
+        return True
 
     def _schedule(self, budget: float, finished: list[Request]) -> tuple[list[Request], float]:
         """Pick waiting prompts that fit `budget` whole (in arrival order; one that does not fit becomes the long
