@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 import torch
+from torch import nn
 
 from helpers import EXPERTS, core_plus_expert
 from twinrt.artifact import Artifact
@@ -287,3 +288,32 @@ def test_bfloat16_runtime_is_close_to_float32(tiny_artifact, tm, ids):
     got = bf.forward(ids, mix=MIXES).float()
     want = tm.forward(ids, mix=MIXES)
     assert (got - want).abs().max() / want.abs().max() < 0.05
+
+
+class _ScaleByAnotherName(nn.Module):
+    """An RMSNorm whose class name does not say so."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class _GatedNorm(_ScaleByAnotherName):
+    """Named a norm, but its output is not affine in its weight: per-row mixing of its deltas would be wrong."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.weight
+
+
+def test_norms_are_recognised_by_what_they_compute_not_their_name():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from twinrt.runtime.mixing import scales_affinely
+
+    assert scales_affinely(LlamaRMSNorm(8)) and scales_affinely(nn.LayerNorm(8)) and scales_affinely(
+        _ScaleByAnotherName(8))
+    assert not scales_affinely(_GatedNorm(8))
+    assert not scales_affinely(nn.Linear(8, 8)) and not scales_affinely(nn.Embedding(4, 8))

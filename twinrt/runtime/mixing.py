@@ -206,6 +206,27 @@ class MixEmbedding(nn.Module):
         return e
 
 
+def scales_affinely(mod: nn.Module) -> bool:
+    """Whether `mod`'s output is affine in its 1-D `weight` (what MixScaleNorm needs: RMSNorm, LayerNorm, and
+    (1 + w) variants alike), checked on its behaviour: out(w) == out(0) + w ⊙ (out(1) − out(0)) for a random
+    input and weight. A module is recognised by what it computes, not by its name."""
+    w = getattr(mod, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 1:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, w.shape[0], generator=gen).to(w)
+    probe = torch.randn(w.shape[0], generator=gen).to(w)
+    try:
+        with torch.no_grad():
+            out = [functional_call(mod, {"weight": v}, (x,)) for v in (torch.zeros_like(w), torch.ones_like(w), probe)]
+    except Exception:  # noqa: BLE001 - a module that cannot run on a [.., dim] input is not a norm over dim
+        return False
+    zero, one, got = out
+    if not all(isinstance(o, torch.Tensor) and o.shape == x.shape for o in out):
+        return False
+    return bool(torch.allclose(got, zero + probe * (one - zero), rtol=1e-3, atol=1e-4))
+
+
 class MixScaleNorm(nn.Module):
     """A norm whose output is affine in its weight (RMSNorm, LayerNorm without bias deltas), mixed per row.
 

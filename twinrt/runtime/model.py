@@ -14,7 +14,7 @@ from twinrt.dtypes import torch_dtype
 from twinrt.errors import TwinError
 from twinrt.runtime.engine import Engine
 from twinrt.runtime.materialized import MaterializedWeights, MixKey
-from twinrt.runtime.mixing import MixEmbedding, MixLinear, MixScaleNorm, MixState
+from twinrt.runtime.mixing import MixEmbedding, MixLinear, MixScaleNorm, MixState, scales_affinely
 from twinrt.runtime.planning import ExpertCosts, MixPolicy, Plan, plan_batch
 from twinrt.runtime.request import SamplingParams
 from twinrt.runtime.runner import Runner
@@ -106,7 +106,7 @@ class TwinModel(Runner):
                 return wrapped
         elif isinstance(mod, nn.Embedding) and set(parts) == {"weight"}:
             return MixEmbedding(mod, st, parts["weight"])
-        elif "norm" in type(mod).__name__.lower() and set(parts) == {"weight"} and mod.weight.dim() == 1:
+        elif set(parts) == {"weight"} and scales_affinely(mod):
             return MixScaleNorm(mod, st, parts["weight"])
         raise TwinError(f"artifact has deltas of {sorted(parts)} for {name} ({type(mod).__name__}), which twinrt "
                         "cannot mix per row")
