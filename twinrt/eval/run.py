@@ -1,4 +1,4 @@
-"""`twinrt eval`: every arm on every task of a suite's test split (the A/B table of issue 6).
+"""`twinrt eval`: every arm on every task of a suite's test split: the A/B table of quality per arm.
 
 Arms, in table order:
 
