@@ -298,12 +298,12 @@ def test_a_long_prompts_chunks_ride_in_the_rows_decode_pass(tm, long_ids, monkey
     assert long.output_ids == whole(tm, long_ids, MIX)
 
 
-def test_a_packed_chunk_gets_its_share_of_the_decode_passs_time(tm, long_ids, monkeypatch):
+def test_a_packed_chunk_takes_its_share_of_the_others_time(tm, long_ids, monkeypatch):
     import twinrt.runtime.engine as engine_module
 
     clock = [0.0]  # the rows' decode pass alone takes 1 s; a packed pass 1 s + 1/8 s per chunk token
     monkeypatch.setattr(engine_module.time, "perf_counter", lambda: clock[0])
-    engine = Engine(tm, materialize=False, max_step_tokens=64, chunk_share=0.5)
+    engine = Engine(tm, materialize=False, max_step_tokens=64, chunk_share=0.5, chunk_span=2.0)
     engine.attn = 0.0  # a token costs 1
     for p in SHORT:
         engine.add(p, None, SamplingParams(max_new_tokens=60, ignore_eos=True))
@@ -321,7 +321,7 @@ def test_a_packed_chunk_gets_its_share_of_the_decode_passs_time(tm, long_ids, mo
     def slow_packed(*a):
         n = int(a[4].shape[0])
         clock[0] += 1.0 + n / 8
-        kinds[-1] = ("packed", n)
+        kinds[-1] = n
         return packed_forward(*a)
 
     monkeypatch.setattr(engine, "_decode", slow_decode)
@@ -330,15 +330,14 @@ def test_a_packed_chunk_gets_its_share_of_the_decode_passs_time(tm, long_ids, mo
     kinds.append(None)
     engine.step()  # the long prompt is scheduled after this step's decode pass
     kinds.clear()
-    for _ in range(19):
+    for _ in range(13):
         kinds.append(None)
         engine.step()
-    assert kinds[0] == "decode"  # the decode pass is timed alone before any chunk rides in it
-    assert kinds[1] == ("packed", 8)  # the first chunk gets the step budget
-    # then 0.5 x the decode pass's 1 s, at the 1/8 s per token the first chunk took beyond the decode pass
-    assert kinds[2:17] == [("packed", 4)] * 15
-    assert kinds[17] == "decode"  # timed alone again after REMEASURE_STEPS packed passes
-    assert kinds[18] == ("packed", 4)
+    # the decode pass is timed alone first; a chunk rides in it once the credit (0.5 x the others' 1 s a step)
+    # covers chunk_span (2) steps: the first gets the step budget (8 tokens, 1 s more, so 1 s of credit is
+    # left and the next comes after one step), the next ones the 2 s due at the 1/8 s a token they were
+    # measured to add
+    assert kinds == ["decode"] * 4 + [8, "decode", 16] + ["decode"] * 3 + [16, "decode", "decode"]
     monkeypatch.undo()
     engine.run_until_done()
     assert long.output_ids == whole(tm, long_ids, None)

@@ -3,7 +3,8 @@
 Rows are left-padded: every row's tokens end at the last column. Joining pads the shorter cache on the left;
 leaving selects rows and drops columns that are padding in every remaining row. `snapshot`/`restore` undo a
 forward that failed half-way (it appended to some layers), and `select_copy` runs a forward on some rows
-without touching the batch's cache.
+without touching the batch's cache. `reserved` is the cache of one long prompt prefilled in chunks: each chunk
+is written into room reserved for the whole prompt, where a DynamicCache would copy the whole prefix again.
 """
 
 from __future__ import annotations
@@ -94,3 +95,55 @@ def keep_rows(cache: DynamicCache, mask: torch.Tensor, rows: torch.Tensor) -> to
     first = int(used[0]) if used.numel() else mask.shape[1]
     drop_left(cache, first)
     return mask[:, first:]
+
+
+class ReservedLayer(DynamicLayer):
+    """A DynamicLayer with room reserved for `capacity` tokens: an update is written into it (`keys` and
+    `values` are views of its first tokens), so a prompt prefilled in k chunks copies each token once, not
+    the whole prefix k times. Beyond `capacity` it grows by concatenation, as a DynamicLayer does."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self._room: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start = self.get_seq_length()
+        end = start + key_states.shape[-2]
+        if end > self.capacity or (self._room is not None and self._room[0].shape[0] != key_states.shape[0]):
+            return super().update(key_states, value_states, *args, **kwargs)
+        if self._room is None:
+            b, h, _, d = key_states.shape
+            self._room = (key_states.new_empty(b, h, self.capacity, d), value_states.new_empty(b, h, self.capacity, d))
+        k, v = self._room
+        k[:, :, start:end] = key_states
+        v[:, :, start:end] = value_states
+        self.keys, self.values = k[:, :, :end], v[:, :, :end]
+        return self.keys, self.values
+
+
+def reserved(config, capacity: int) -> DynamicCache:
+    """A cache for one sequence of at most `capacity` tokens (a DynamicCache for models whose layers are not
+    all plain full attention). `released` turns it into a plain DynamicCache with the same contents."""
+    cache = DynamicCache(config=config)
+    if joinable(cache):
+        cache.layers = [ReservedLayer(capacity) for _ in cache.layers]
+    return cache
+
+
+def released(cache: DynamicCache) -> DynamicCache:
+    """The same cache with plain DynamicLayers (holding the same tensors), to join a batch."""
+    layers = []
+    for layer in cache.layers:
+        if type(layer) is ReservedLayer:
+            plain = DynamicLayer()
+            if layer.is_initialized:
+                plain.lazy_initialization(layer.keys, layer.values)
+                plain.keys, plain.values = layer.keys, layer.values
+            layer = plain
+        layers.append(layer)
+    cache.layers = layers
+    return cache

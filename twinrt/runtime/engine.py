@@ -53,8 +53,7 @@ log = logging.getLogger(__name__)
 DEFAULT_STEP_TOKENS = 64  # see Engine and README (serving benchmarks): what it costs, what it buys
 DEFAULT_IDLE_GROWTH = 16
 DEFAULT_CHUNK_SHARE = 0.5
-DEFAULT_CHUNK_SPAN = 2.0
-REMEASURE_STEPS = 16  # a packed long prompt skips one step in this many, to time the rows' decode pass alone
+DEFAULT_CHUNK_SPAN = 1.0
 NOT_FINITE = ("the model's output for this request is not finite (are the routing weights or sampling "
               "parameters extreme?)")
 
@@ -75,8 +74,10 @@ class _Partial:
     req: Request
     cache: DynamicCache
     done: int = 0
-    s_per_cost: float | None = None  # wall seconds per token-equivalent of its last chunk (beyond the decode
-    #                                  pass, when packed into it)
+    s_per_cost: float | None = None  # wall seconds per token-equivalent of its last chunk (separate passes), or
+    #                                  of its recent chunks beyond the decode pass (packed: decayed sums below)
+    packed_s: float = 0.0
+    packed_cost: float = 0.0
 
 
 def _holdback(text: str, stops: tuple[str, ...]) -> int:
@@ -120,20 +121,18 @@ class Engine:
 
     Where its chunks run. With `packed` (the default, where the model allows: `packed.supported`) a chunk
     rides in the running rows' decode pass, every token a row of its own (see `packed`), so it costs its own
-    tokens and no extra pass over the weights. With `chunk_share` set, each such chunk is sized to add
-    `chunk_share` × the time of the rows' decode pass alone (a moving average, timed on a step without a chunk
-    before the first one and again every `REMEASURE_STEPS` packed passes), from the seconds per
-    token-equivalent its last chunk added, between `max_step_tokens / 8` and `idle_growth` × `max_step_tokens`.
-    Every step the rows lose about `chunk_share` of their time and the long prompt advances. With
-    `chunk_share=None` a chunk runs every step on the budget the others left (at least `max_step_tokens / 8`).
+    tokens and no extra pass over the weights; otherwise it is a pass of its own, which on a CPU costs about
+    a decode step whatever its length.
 
-    Without packed passes a chunk is a forward pass of its own, which on a CPU costs about a decode step
-    whatever its length. While other rows run beside it, the long prompt then earns `chunk_share` × the wall
-    time of the other work as credit, and a chunk runs once the credit covers `chunk_span` × a typical other
-    step (a moving average of their times), so it is mostly prefill, not overhead; it is sized to take that
-    time, from the seconds per token-equivalent of its last chunk, and credit left over is not kept. So the
-    others lose at most about `chunk_share` of their time, any one of them about `chunk_span` steps per
-    chunk. With `chunk_share=None` a chunk runs every step on the budget the others left.
+    When they run. While other rows run beside it (`chunk_share` set), the long prompt earns `chunk_share` ×
+    the wall time of the other work as credit, and a chunk runs once the credit covers `chunk_span` × a
+    typical other step (a moving average of their times), sized to take that long: from the seconds per
+    token-equivalent its recent chunks took (in the decode pass: what they added to the rows' decode pass
+    alone, timed per batch size), between `max_step_tokens / 8` and `idle_growth` × `max_step_tokens`.
+    Credit left over is kept up to one chunk's worth. So the others lose at most about `chunk_share` of their
+    time, any one of them about `chunk_span` steps per chunk, and the long prompt always advances; a larger span makes fewer,
+    longer chunks (which a chunk in a pass of its own needs, to amortise the pass). With `chunk_share=None`
+    a chunk runs every step on the budget the others left (at least `max_step_tokens / 8`).
 
     With nothing else to run the long prompt needs no fairness: each step it runs alone doubles its chunk's
     budget, up to `idle_growth` × `max_step_tokens`, and the first step with other work brings it back, so an
@@ -166,8 +165,7 @@ class Engine:
         self._chunk_s = self._work_s = 0.0  # wall time of chunks / of the rest, since the long prompt began
         self._other_step_s: float | None = None  # moving average of a step's other work, while a prompt chunks
         self._alone = 1  # the chunk budget's factor while the long prompt runs alone (doubles per step)
-        self._decode_s: float | None = None  # moving average of the rows' decode pass alone, in seconds
-        self._packed_steps = 0  # packed passes since the decode pass was last timed alone
+        self._decode_s: dict[int, float] = {}  # batch size -> moving average of the rows' decode pass, seconds
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._partial: _Partial | None = None
@@ -276,20 +274,34 @@ class Engine:
         t0 = time.perf_counter()
         budget = float(self.max_step_tokens)
         packs = self.packed and self._partial is not None and bool(self._running)
+        chunk_s = 0.0  # what a chunk in the decode pass added to it
         if self._running:
             budget -= len(self._running) * prefill_cost(self._mask.shape[1], 1, self.attn)
-            if not (packs and self._packed_decode(budget, finished)):
+            rows = len(self._running)
+            chunk_budget = self._packed_budget(budget, rows) if packs else None
+            if chunk_budget is not None:
+                chunk_s = self._packed_decode(chunk_budget, finished)
+            else:
                 t = time.perf_counter()
                 self._decode(finished)
-                if packs or self._decode_s is not None:
-                    self._time_decode(time.perf_counter() - t)
+                if packs:
+                    old = self._decode_s.get(rows)
+                    dt = time.perf_counter() - t
+                    self._decode_s[rows] = dt if old is None else 0.8 * old + 0.2 * dt
         whole, budget = self._schedule(budget, finished)
         if whole:
             self._admit(whole, finished)
-        if self._partial is not None and not (self.packed and self._running):
-            self._chunk_step(budget, bool(self._running), time.perf_counter() - t0, finished)
+        if self._partial is not None and self._partial.req.cancelled:
+            self._continue_prefill(0.0, finished)  # ends it
+        if self._partial is not None:
+            if packs:  # the chunk, if any, was in the decode pass; the rest of the step was other work
+                self._account_chunk(time.perf_counter() - t0 - chunk_s, chunk_s)
+            elif not (self.packed and self._running):
+                self._chunk_step(budget, bool(self._running), time.perf_counter() - t0, finished)
         if self._partial is None:
-            self._decode_s = None
+            self._chunk_s = self._work_s = 0.0
+            self._other_step_s = None
+            self._decode_s = {}
         done = [r for r in self._running if r.done]
         if done:
             self._remove_running(done)
@@ -306,12 +318,8 @@ class Engine:
             chunk_budget = max(budget, self.min_chunk_cost)
         else:
             self._alone = 1
-            self._work_s += other_s
-            ema = self._other_step_s
-            self._other_step_s = ema = other_s if ema is None else 0.8 * ema + 0.2 * other_s
-            credit = self.chunk_share * self._work_s - self._chunk_s
-            due = self.chunk_span * ema
-            if credit < due:
+            due = self._credit_due(other_s)
+            if due is None:
                 return
             rate = self._partial.s_per_cost
             most = float(self.max_step_tokens * self.idle_growth)
@@ -323,33 +331,55 @@ class Engine:
         spent = time.perf_counter() - t
         if cost > 0:
             p.s_per_cost = spent / cost
-        if others:  # credit left over is not kept, so the next chunk waits for its own (a share at most)
-            self._chunk_s = max(self._chunk_s + spent, self.chunk_share * self._work_s) if self.chunk_share \
-                else self._chunk_s + spent
-        if self._partial is None:
-            self._chunk_s = self._work_s = 0.0
-            self._other_step_s = None
+        if others:
+            self._spend(spent)
 
-    def _time_decode(self, seconds: float) -> None:
-        self._decode_s = seconds if self._decode_s is None else 0.8 * self._decode_s + 0.2 * seconds
-        self._packed_steps = 0
+    def _credit_due(self, other_s: float) -> float | None:
+        """Count `other_s` seconds of other work; -> the time a chunk may take now, or None if its credit
+        (`chunk_share` × the other work's time) does not cover `chunk_span` typical other steps yet."""
+        self._work_s += other_s
+        ema = self._other_step_s
+        self._other_step_s = ema = other_s if ema is None else 0.8 * ema + 0.2 * other_s
+        due = self.chunk_span * ema
+        return due if self.chunk_share * self._work_s - self._chunk_s >= due else None
 
-    def _packed_decode(self, budget: float, finished: list[Request]) -> bool:
-        """The running rows' decode pass with the long prompt's next chunk in it, if this step gets one (see the
-        class). -> whether the rows were decoded (False: decode them alone this step)."""
+    def _spend(self, chunk_s: float) -> None:
+        """A chunk took `chunk_s` of the others' time. Credit it left over is kept up to one chunk's worth (a
+        chunk that took less than its due lets the next come sooner, not two at once)."""
+        self._chunk_s += chunk_s
+        if self.chunk_share is not None and self._other_step_s is not None:
+            keep = self.chunk_span * self._other_step_s
+            self._chunk_s = max(self._chunk_s, self.chunk_share * self._work_s - keep)
+
+    def _account_chunk(self, other_s: float, chunk_s: float) -> None:
+        """After a step whose decode pass may have carried a chunk: its other work, and the chunk's time."""
+        self._work_s += other_s
+        ema = self._other_step_s
+        self._other_step_s = other_s if ema is None else 0.8 * ema + 0.2 * other_s
+        if chunk_s:
+            self._spend(chunk_s)
+
+    def _packed_budget(self, budget: float, rows: int) -> float | None:
+        """The token-equivalents of the chunk this step's decode pass carries, or None for none (see the class)."""
+        p = self._partial
+        if p.req.cancelled:
+            return None  # the chunk step ends it
+        if self.chunk_share is None:
+            return max(budget, self.min_chunk_cost)
+        if rows not in self._decode_s or self._other_step_s is None:
+            return None  # time the decode pass alone first
+        due = self.chunk_span * self._other_step_s
+        if self.chunk_share * self._work_s - self._chunk_s < due:
+            return None
+        most = float(self.max_step_tokens * self.idle_growth)
+        return float(self.max_step_tokens) if p.s_per_cost is None else min(
+            max(due / p.s_per_cost, self.min_chunk_cost), most)
+
+    def _packed_decode(self, chunk_budget: float, finished: list[Request]) -> float:
+        """The running rows' decode pass with the long prompt's next chunk (`chunk_budget` token-equivalents) in
+        it. -> the seconds the chunk added to the pass."""
         p = self._partial
         r = p.req
-        if r.cancelled:
-            self._continue_prefill(0.0, finished)  # ends it
-            return False
-        if self.chunk_share is None:
-            chunk_budget = max(budget, self.min_chunk_cost)
-        else:
-            if self._decode_s is None or self._packed_steps >= REMEASURE_STEPS:
-                return False  # time the decode pass alone first: a chunk gets chunk_share of that time
-            most = float(self.max_step_tokens * self.idle_growth)
-            chunk_budget = (float(self.max_step_tokens) if p.s_per_cost is None else
-                            min(max(self.chunk_share * self._decode_s / p.s_per_cost, self.min_chunk_cost), most))
         n = chunk_tokens(p.done, r.prompt_tokens - p.done, chunk_budget, self.attn)
         rows = self._running
         snaps = cache_ops.snapshot(self._cache), cache_ops.snapshot(p.cache)
@@ -370,13 +400,16 @@ class Engine:
             cache_ops.restore(self._cache, snaps[0])
             cache_ops.restore(p.cache, snaps[1])
             self._decode(finished)
+            t1 = time.perf_counter()
             self._continue_prefill(chunk_budget, finished)
-            return True
+            return time.perf_counter() - t1
         spent = time.perf_counter() - t
-        self._packed_steps += 1
+        decode_s = self._decode_s.get(len(rows))
+        added = max(spent - decode_s, 0.05 * spent) if decode_s is not None else spent / 2
         cost = prefill_cost(p.done, n, self.attn)
-        if self._decode_s is not None:
-            p.s_per_cost = max(spent - self._decode_s, 0.05 * spent) / cost
+        p.packed_s = 0.8 * p.packed_s + added  # a ratio of decayed sums: one noisy pass moves it little
+        p.packed_cost = 0.8 * p.packed_cost + cost
+        p.s_per_cost = p.packed_s / p.packed_cost
         self._mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
         self._next = self._advance(rows, logits[:-1])
         p.done += n
@@ -386,8 +419,8 @@ class Engine:
             finished.append(r)
         elif p.done == r.prompt_tokens:
             self._partial = None
-            self._join([r], logits[-1:], p.cache, torch.ones(1, p.done, dtype=torch.long))
-        return True
+            self._join([r], logits[-1:], cache_ops.released(p.cache), torch.ones(1, p.done, dtype=torch.long))
+        return added
 
     def _schedule(self, budget: float, finished: list[Request]) -> tuple[list[Request], float]:
         """Pick waiting prompts that fit `budget` whole (in arrival order; one that does not fit becomes the long
@@ -416,7 +449,7 @@ class Engine:
                 width = max(width, r.prompt_tokens)
                 room -= 1
             elif self._partial is None and not (take and not self._joinable):
-                self._partial = _Partial(r, DynamicCache(config=self.tm.config))
+                self._partial = _Partial(r, cache_ops.reserved(self.tm.config, r.prompt_tokens))
                 room -= 1
                 if not self._joinable:
                     room = 0
@@ -533,7 +566,7 @@ class Engine:
             finished.append(r)
         elif p.done == r.prompt_tokens:
             self._partial = None
-            self._join([r], logits, p.cache, mask)
+            self._join([r], logits, cache_ops.released(p.cache), mask)
         return cost
 
     def _join(self, new: list[Request], logits: torch.Tensor, cache: DynamicCache, mask: torch.Tensor) -> None:

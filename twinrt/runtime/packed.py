@@ -22,6 +22,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicCache
@@ -38,8 +39,9 @@ class _Pack:
     """The two caches of one packed forward and what each layer's attention needs from them."""
 
     rows: DynamicCache  # [B, H, L, D] before the pass
-    rows_mask: torch.Tensor  # [B, L + 1] bool: the rows' padding mask, the new token included
+    rows_mask: torch.Tensor  # [B, 1, 1, L + 1] bool: the rows' padding mask, the new token included
     chunk: DynamicCache  # [1, H, done, D] before the pass
+    chunk_mask: torch.Tensor  # [1, 1, n, done + n] bool: causal over the prompt
     n_rows: int
     kv: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # layer -> rows' K, V, chunk's K, V
 
@@ -78,14 +80,14 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kr, vr, kc, vc = p.kv.pop(module.layer_idx)
     b = p.n_rows
-    kwargs.pop("is_causal", None)
-    out_rows, _ = sdpa_attention_forward(module, query[:b], kr, vr, p.rows_mask[:, None, None, :], is_causal=False,
-                                         **kwargs)  # [B, 1, H, D]
+    scale = kwargs.get("scaling")
+    gqa = query.shape[1] != kr.shape[1]
+    out_rows = F.scaled_dot_product_attention(query[:b], kr, vr, attn_mask=p.rows_mask, scale=scale,
+                                              enable_gqa=gqa)  # [B, H, 1, D]
     qc = query[b:].transpose(0, 2)  # [n, H, 1, D] -> [1, H, n, D]
-    n, total = qc.shape[2], kc.shape[2]
-    causal = torch.ones(n, total, dtype=torch.bool, device=qc.device).tril(total - n)  # [n, done + n]
-    out_chunk, _ = sdpa_attention_forward(module, qc, kc, vc, causal[None, None], is_causal=False, **kwargs)
-    return torch.cat([out_rows, out_chunk.transpose(0, 1)]), None  # [B + n, 1, H, D]
+    out_chunk = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=p.chunk_mask, scale=scale, enable_gqa=gqa)
+    # [B + n, 1, H, D], the layout attention functions return
+    return torch.cat([out_rows.transpose(1, 2), out_chunk.permute(2, 0, 1, 3)]), None
 
 
 AttentionInterface.register(ATTENTION, _attention)
@@ -128,7 +130,9 @@ def packed_forward(model: nn.Module, rows_next: torch.Tensor, rows_cache: Dynami
     chunk_pos = torch.arange(chunk_start, chunk_start + n, device=dev)
     ids = torch.cat([rows_next, chunk_ids])[:, None]  # [B + n, 1]
     positions = torch.cat([rows_pos, chunk_pos])[:, None]  # [B + n, 1]
-    pack = _Pack(rows_cache, mask.bool(), chunk_cache, b)
+    total = chunk_start + n
+    causal = torch.ones(n, total, dtype=torch.bool, device=dev).tril(chunk_start)  # [n, done + n]
+    pack = _Pack(rows_cache, mask.bool()[:, None, None, :], chunk_cache, causal[None, None], b)
     # a 4-D mask makes transformers skip building one; the two-part attention builds its own
     unused = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=dev)
     with _packing(pack), torch.no_grad():
