@@ -130,9 +130,9 @@ class Engine:
     token-equivalent its recent chunks took (in the decode pass: what they added to the rows' decode pass
     alone, timed per batch size), between `max_step_tokens / 8` and `idle_growth` × `max_step_tokens`.
     Credit left over is kept up to one chunk's worth. So the others lose at most about `chunk_share` of their
-    time, any one of them about `chunk_span` steps per chunk, and the long prompt always advances; a larger span makes fewer,
-    longer chunks (which a chunk in a pass of its own needs, to amortise the pass). With `chunk_share=None`
-    a chunk runs every step on the budget the others left (at least `max_step_tokens / 8`).
+    time, any one of them about `chunk_span` steps per chunk, and the long prompt always advances; a larger
+    span makes fewer, longer chunks (which a chunk in a pass of its own needs, to amortise the pass). With
+    `chunk_share=None` a chunk runs every step on the budget the others left (at least `max_step_tokens / 8`).
 
     With nothing else to run the long prompt needs no fairness: each step it runs alone doubles its chunk's
     budget, up to `idle_growth` × `max_step_tokens`, and the first step with other work brings it back, so an
