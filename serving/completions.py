@@ -95,7 +95,8 @@ def _backend_error(err: BackendError, chat: bool) -> APIError:
     return internal_error("generation", err)  # a bug or a device error: logged with an id, never shown
 
 
-def _rows(body: ChatCompletionRequest | CompletionRequest, decision: Decision) -> list[GenerationRequest]:
+def _rows(body: ChatCompletionRequest | CompletionRequest, decision: Decision, deadline: float | None
+          ) -> list[GenerationRequest]:
     temperature = DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
     if temperature < SAMPLING_EPS:
         temperature = 0.0  # vLLM's rule: greedy
@@ -104,7 +105,7 @@ def _rows(body: ChatCompletionRequest | CompletionRequest, decision: Decision) -
     return [GenerationRequest(prompt=prompt, mix=decision.mix, max_tokens=body.max_completion(),
                               temperature=temperature, top_p=1.0 if body.top_p is None else body.top_p,
                               stop=body.stops(), seed=None if body.seed is None else body.seed + i,
-                              ignore_eos=body.ignore_eos)
+                              ignore_eos=body.ignore_eos, deadline=deadline)
             for i in range(rows)]
 
 
@@ -166,7 +167,7 @@ async def complete(server: Any, shape: Shape, body: ChatCompletionRequest | Comp
               "arm": decision.arm, "ab": decision.ab, "user": user_hash(body.user), "router": decision.router,
               "rule": decision.rule, "overridden": decision.overridden, "weights": decision.weights(server.experts),
               "n": body.n, "stream": body.stream}
-    rows = _rows(body, decision)
+    rows = _rows(body, decision, None if server.request_timeout is None else track.t0 + server.request_timeout)
     gens, prompt_tokens = await _submit(server, rows, chat, track)
     record["prompt_tokens"] = prompt_tokens  # admitted: from here on the request is logged exactly once
     headers = {"x-request-id": rid}

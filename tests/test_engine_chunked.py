@@ -362,3 +362,41 @@ def test_a_packed_pass_that_fails_runs_its_parts_separately(tm, long_ids, monkey
     assert len(failures) >= 4  # every packed pass failed; the rows and the chunks ran separately, each exactly
     assert [r.output_ids for r in shorts] == [whole(tm, p, None, params) for p in SHORT[:2]]
     assert long.output_ids == whole(tm, long_ids, MIX) and long.finish_reason == "length"
+
+
+def test_a_long_prompt_that_would_miss_its_deadline_takes_what_it_needs(tm, long_ids, monkeypatch):
+    import twinrt.runtime.engine as engine_module
+
+    def prefilled_by(deadline_in):
+        """Fake clock (decode pass 1 s, a packed pass 1 s + 1/8 s per chunk token): when the prompt is in."""
+        clock = [0.0]
+        monkeypatch.setattr(engine_module.time, "perf_counter", lambda: clock[0])
+        engine = Engine(tm, materialize=False, max_step_tokens=64, chunk_share=0.5)
+        engine.attn = 0.0
+        for p in SHORT:
+            engine.add(p, None, SamplingParams(max_new_tokens=200, ignore_eos=True))
+        engine.step()
+        engine.max_step_tokens, engine.min_chunk_cost = 8, 1.0
+        decode, packed_forward = engine._decode, engine_module.packing.packed_forward
+
+        def slow_decode(*a):
+            clock[0] += 1.0
+            return decode(*a)
+
+        def slow_packed(*a):
+            clock[0] += 1.0 + a[4].shape[0] / 8
+            return packed_forward(*a)
+
+        monkeypatch.setattr(engine, "_decode", slow_decode)
+        monkeypatch.setattr(engine_module.packing, "packed_forward", slow_packed)
+        long = engine.add(long_ids, None, GREEDY, deadline=None if deadline_in is None else clock[0] + deadline_in)
+        while long not in engine.running and not long.done:
+            engine.step()
+        monkeypatch.undo()
+        return clock[0], long
+
+    fair, _ = prefilled_by(None)
+    assert fair > 40  # at its share: about 13 s of chunks beside 27 s of the others' decode
+    for deadline in (30.0, 20.0):
+        t, long = prefilled_by(deadline)
+        assert t <= deadline and not long.done  # in before its deadline: it took more than its share

@@ -82,6 +82,8 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # an end-of-sequence token does not finish the completion (vLLM's ignore_eos)
+    deadline: float | None = None  # time.perf_counter() past which the server gives up on it; a backend may
+    #                                schedule by it (the local one does, for long prompts)
 
 
 @dataclass(frozen=True)

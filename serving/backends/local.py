@@ -182,7 +182,7 @@ class LocalBackend:
         if self._stopping or self._dead:
             self._post(gen.reject, ShuttingDown("the server is shutting down"))
             return
-        self._inbox.put(("add", gen, ids, params, mix, admission))
+        self._inbox.put(("add", gen, ids, params, mix, admission, r.deadline))
         self._wake.set()
 
     # ---- worker side -----------------------------------------------------------------------------------------
@@ -254,11 +254,12 @@ class LocalBackend:
                 self._post(gen.fail, BackendFailure("admitting the request failed"))
 
     def _admit(self, gen: Generation, ids: list[int], params: SamplingParams, mix: torch.Tensor | None,
-               admission: Admission) -> None:
+               admission: Admission, deadline: float | None) -> None:
         if gen.cancelled:
             self._post(gen.finish, Finished("", "cancelled", 0, 0))
             return
-        req = self.engine.add(ids, mix, params, on_token=lambda _req, delta: self._post(gen.push, delta))
+        req = self.engine.add(ids, mix, params, on_token=lambda _req, delta: self._post(gen.push, delta),
+                              deadline=deadline)
         gen.handle = req
         self._gens[req.id] = gen
         self._post(gen.admit, admission)

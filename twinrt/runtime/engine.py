@@ -54,6 +54,8 @@ DEFAULT_STEP_TOKENS = 64  # see Engine and README (serving benchmarks): what it 
 DEFAULT_IDLE_GROWTH = 16
 DEFAULT_CHUNK_SHARE = 0.5
 DEFAULT_CHUNK_SPAN = 1.0
+DEADLINE_MARGIN = 1.5  # a long prompt with a deadline plans for its chunks taking this much longer than measured
+MAX_SHARE = 100.0  # the most a long prompt behind its deadline takes: chunks nearly all the time
 NOT_FINITE = ("the model's output for this request is not finite (are the routing weights or sampling "
               "parameters extreme?)")
 
@@ -134,6 +136,11 @@ class Engine:
     span makes fewer, longer chunks (which a chunk in a pass of its own needs, to amortise the pass). With
     `chunk_share=None` a chunk runs every step on the budget the others left (at least `max_step_tokens / 8`).
 
+    A long prompt with a `deadline` that its chunks would miss at `chunk_share` (its remaining
+    token-equivalents at its measured rate, × DEADLINE_MARGIN, against the time left) takes what it needs
+    instead, up to MAX_SHARE, its chunks as much longer: past fairness, a prompt the server will give up on is
+    work lost for everyone.
+
     With nothing else to run the long prompt needs no fairness: each step it runs alone doubles its chunk's
     budget, up to `idle_growth` × `max_step_tokens`, and the first step with other work brings it back, so an
     arrival waits for at most one such chunk (large only after the engine has had nothing else to do for
@@ -189,8 +196,10 @@ class Engine:
         return encode_prompt(self.tm.tokenizer, prompt)
 
     def add(self, prompt: Prompt | list[int], mix: torch.Tensor | None, params: SamplingParams,
-            on_token: TokenCallback | None = None) -> Request:
-        """Queue a request; `mix` is a validated [N] row (None or all zeros = core)."""
+            on_token: TokenCallback | None = None, deadline: float | None = None) -> Request:
+        """Queue a request; `mix` is a validated [N] row (None or all zeros = core). `deadline`: the
+        time.perf_counter() past which its caller gives up on it; a long prompt's chunks get more than
+        `chunk_share` when they would otherwise miss it (see the class)."""
         token_ids = isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)
         ids = list(prompt) if token_ids else self.encode(prompt)
         if len(ids) >= self.context:
@@ -199,7 +208,7 @@ class Engine:
         if not is_greedy(params.temperature):
             gen = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
         req = Request(next(self._ids), ids, None if mix is None or not bool(mix.any()) else mix, params, on_token,
-                      generator=gen)
+                      generator=gen, deadline=deadline)
         self._waiting.append(req)
         return req
 
@@ -340,16 +349,31 @@ class Engine:
         self._work_s += other_s
         ema = self._other_step_s
         self._other_step_s = ema = other_s if ema is None else 0.8 * ema + 0.2 * other_s
-        due = self.chunk_span * ema
-        return due if self.chunk_share * self._work_s - self._chunk_s >= due else None
+        share = self._share()
+        due = self.chunk_span * ema * max(1.0, share / self.chunk_share)
+        return due if share * self._work_s - self._chunk_s >= due else None
+
+    def _share(self) -> float:
+        """`chunk_share`, or what the long prompt needs to be in before its deadline: with `need` seconds of
+        chunks left (at its measured rate, × DEADLINE_MARGIN) and `left` seconds to its deadline, chunks must
+        take need / (left − need) of the others' time (at most MAX_SHARE)."""
+        p = self._partial
+        if p is None or p.req.deadline is None or p.s_per_cost is None:
+            return self.chunk_share
+        need = DEADLINE_MARGIN * p.s_per_cost * prefill_cost(p.done, p.req.prompt_tokens - p.done, self.attn)
+        left = p.req.deadline - time.perf_counter()
+        if left <= need:
+            return MAX_SHARE
+        return min(max(self.chunk_share, need / (left - need)), MAX_SHARE)
 
     def _spend(self, chunk_s: float) -> None:
         """A chunk took `chunk_s` of the others' time. Credit it left over is kept up to one chunk's worth (a
         chunk that took less than its due lets the next come sooner, not two at once)."""
         self._chunk_s += chunk_s
         if self.chunk_share is not None and self._other_step_s is not None:
-            keep = self.chunk_span * self._other_step_s
-            self._chunk_s = max(self._chunk_s, self.chunk_share * self._work_s - keep)
+            share = self._share()
+            keep = self.chunk_span * self._other_step_s * max(1.0, share / self.chunk_share)
+            self._chunk_s = max(self._chunk_s, share * self._work_s - keep)
 
     def _account_chunk(self, other_s: float, chunk_s: float) -> None:
         """After a step whose decode pass may have carried a chunk: its other work, and the chunk's time."""
@@ -368,8 +392,9 @@ class Engine:
             return max(budget, self.min_chunk_cost)
         if rows not in self._decode_s or self._other_step_s is None:
             return None  # time the decode pass alone first
-        due = self.chunk_span * self._other_step_s
-        if self.chunk_share * self._work_s - self._chunk_s < due:
+        share = self._share()
+        due = self.chunk_span * self._other_step_s * max(1.0, share / self.chunk_share)
+        if share * self._work_s - self._chunk_s < due:
             return None
         most = float(self.max_step_tokens * self.idle_growth)
         return float(self.max_step_tokens) if p.s_per_cost is None else min(

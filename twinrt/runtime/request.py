@@ -92,6 +92,7 @@ class Request:
     emitted: int = 0  # characters of `text` already streamed
     generator: torch.Generator | None = None
     cancelled: bool = False
+    deadline: float | None = None  # time.perf_counter() past which its caller gives up on it (None: never)
 
     @property
     def done(self) -> bool:
