@@ -54,8 +54,9 @@ DEFAULT_STEP_TOKENS = 64  # see Engine and README (serving benchmarks): what it 
 DEFAULT_IDLE_GROWTH = 16
 DEFAULT_CHUNK_SHARE = 0.5
 DEFAULT_CHUNK_SPAN = 1.0
-DEADLINE_MARGIN = 1.5  # a long prompt with a deadline plans for its chunks taking this much longer than measured
+DEADLINE_MARGIN = 1.5  # a long prompt is behind when, at its pace so far, it would need this x the time left
 MAX_SHARE = 100.0  # the most a long prompt behind its deadline takes: chunks nearly all the time
+BOOST_STEP = 1.25  # its share's factor grows by this each step it is behind, and shrinks so while it is not
 NOT_FINITE = ("the model's output for this request is not finite (are the routing weights or sampling "
               "parameters extreme?)")
 
@@ -80,6 +81,8 @@ class _Partial:
     #                                  of its recent chunks beyond the decode pass (packed: decayed sums below)
     packed_s: float = 0.0
     packed_cost: float = 0.0
+    started: float = 0.0  # time.perf_counter() when it became the long prompt
+    boost: float = 1.0  # its share's factor while it is behind its deadline
 
 
 def _holdback(text: str, stops: tuple[str, ...]) -> int:
@@ -169,7 +172,7 @@ class Engine:
             raise ValueError(f"chunk_span must be > 0, got {chunk_span!r}")
         self.chunk_share = chunk_share
         self.chunk_span = chunk_span
-        self._chunk_s = self._work_s = 0.0  # wall time of chunks / of the rest, since the long prompt began
+        self._credit = 0.0  # seconds of chunks the long prompt may take: its share of the others' time, less chunks
         self._other_step_s: float | None = None  # moving average of a step's other work, while a prompt chunks
         self._alone = 1  # the chunk budget's factor while the long prompt runs alone (doubles per step)
         self._decode_s: dict[int, float] = {}  # batch size -> moving average of the rows' decode pass, seconds
@@ -239,7 +242,7 @@ class Engine:
         self._partial = None
         self._running = []
         self._cache = self._mask = self._next = None
-        self._chunk_s = self._work_s = 0.0
+        self._credit = 0.0
         self._other_step_s = None
         self._alone = 1
         return [r for r in held if r.error is failure]
@@ -283,6 +286,8 @@ class Engine:
         t0 = time.perf_counter()
         budget = float(self.max_step_tokens)
         packs = self.packed and self._partial is not None and bool(self._running)
+        if self._partial is not None:
+            self._pace()
         chunk_s = 0.0  # what a chunk in the decode pass added to it
         if self._running:
             budget -= len(self._running) * prefill_cost(self._mask.shape[1], 1, self.attn)
@@ -308,7 +313,7 @@ class Engine:
             elif not (self.packed and self._running):
                 self._chunk_step(budget, bool(self._running), time.perf_counter() - t0, finished)
         if self._partial is None:
-            self._chunk_s = self._work_s = 0.0
+            self._credit = 0.0
             self._other_step_s = None
             self._decode_s = {}
         done = [r for r in self._running if r.done]
@@ -345,39 +350,46 @@ class Engine:
 
     def _credit_due(self, other_s: float) -> float | None:
         """Count `other_s` seconds of other work; -> the time a chunk may take now, or None if its credit
-        (`chunk_share` × the other work's time) does not cover `chunk_span` typical other steps yet."""
-        self._work_s += other_s
-        ema = self._other_step_s
-        self._other_step_s = ema = other_s if ema is None else 0.8 * ema + 0.2 * other_s
-        share = self._share()
-        due = self.chunk_span * ema * max(1.0, share / self.chunk_share)
-        return due if share * self._work_s - self._chunk_s >= due else None
+        (its share of the other work's time, less its chunks) does not cover `_due()` yet."""
+        self._account_chunk(other_s, 0.0)
+        due = self._due()
+        return due if self._credit >= due else None
+
+    def _due(self) -> float:
+        """How long a chunk takes: `chunk_span` typical other steps, as much longer as its share is boosted."""
+        return self.chunk_span * self._other_step_s * max(1.0, self._share() / self.chunk_share)
 
     def _share(self) -> float:
-        """`chunk_share`, or what the long prompt needs to be in before its deadline: with `need` seconds of
-        chunks left (at its measured rate, × DEADLINE_MARGIN) and `left` seconds to its deadline, chunks must
-        take need / (left − need) of the others' time (at most MAX_SHARE)."""
+        """The long prompt's share: `chunk_share`, times its boost while it is behind its deadline."""
         p = self._partial
-        if p is None or p.req.deadline is None or p.s_per_cost is None:
-            return self.chunk_share
-        need = DEADLINE_MARGIN * p.s_per_cost * prefill_cost(p.done, p.req.prompt_tokens - p.done, self.attn)
-        left = p.req.deadline - time.perf_counter()
-        if left <= need:
-            return MAX_SHARE
-        return min(max(self.chunk_share, need / (left - need)), MAX_SHARE)
+        return self.chunk_share if p is None else self.chunk_share * p.boost
+
+    def _pace(self) -> None:
+        """Once a step: is the long prompt behind its deadline? At its pace so far (wall seconds per
+        token-equivalent since it began) the rest would take `eta`; behind = DEADLINE_MARGIN × eta > the time
+        left. Behind, its share's factor grows by BOOST_STEP (up to MAX_SHARE); ahead, it shrinks back to 1."""
+        p = self._partial
+        if self.chunk_share is None or p.req.deadline is None or p.done == 0:
+            return
+        now = time.perf_counter()
+        eta = (now - p.started) / prefill_cost(0, p.done, self.attn) * prefill_cost(
+            p.done, p.req.prompt_tokens - p.done, self.attn)
+        if DEADLINE_MARGIN * eta > p.req.deadline - now:
+            p.boost = min(p.boost * BOOST_STEP, MAX_SHARE / self.chunk_share)
+        else:
+            p.boost = max(1.0, p.boost / BOOST_STEP)
 
     def _spend(self, chunk_s: float) -> None:
         """A chunk took `chunk_s` of the others' time. Credit it left over is kept up to one chunk's worth (a
         chunk that took less than its due lets the next come sooner, not two at once)."""
-        self._chunk_s += chunk_s
+        self._credit -= chunk_s
         if self.chunk_share is not None and self._other_step_s is not None:
-            share = self._share()
-            keep = self.chunk_span * self._other_step_s * max(1.0, share / self.chunk_share)
-            self._chunk_s = max(self._chunk_s, share * self._work_s - keep)
+            self._credit = min(self._credit, self._due())
 
     def _account_chunk(self, other_s: float, chunk_s: float) -> None:
         """After a step whose decode pass may have carried a chunk: its other work, and the chunk's time."""
-        self._work_s += other_s
+        if self.chunk_share is not None:
+            self._credit += self._share() * other_s
         ema = self._other_step_s
         self._other_step_s = other_s if ema is None else 0.8 * ema + 0.2 * other_s
         if chunk_s:
@@ -392,9 +404,8 @@ class Engine:
             return max(budget, self.min_chunk_cost)
         if rows not in self._decode_s or self._other_step_s is None:
             return None  # time the decode pass alone first
-        share = self._share()
-        due = self.chunk_span * self._other_step_s * max(1.0, share / self.chunk_share)
-        if share * self._work_s - self._chunk_s < due:
+        due = self._due()
+        if self._credit < due:
             return None
         most = float(self.max_step_tokens * self.idle_growth)
         return float(self.max_step_tokens) if p.s_per_cost is None else min(
@@ -474,7 +485,8 @@ class Engine:
                 width = max(width, r.prompt_tokens)
                 room -= 1
             elif self._partial is None and not (take and not self._joinable):
-                self._partial = _Partial(r, cache_ops.reserved(self.tm.config, r.prompt_tokens))
+                self._partial = _Partial(r, cache_ops.reserved(self.tm.config, r.prompt_tokens),
+                                         started=time.perf_counter())
                 room -= 1
                 if not self._joinable:
                     room = 0
