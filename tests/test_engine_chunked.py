@@ -400,3 +400,24 @@ def test_a_long_prompt_that_would_miss_its_deadline_takes_what_it_needs(tm, long
     for deadline in (35.0, 30.0):
         t, long = prefilled_by(deadline)
         assert t <= deadline and not long.done  # in before its deadline: it took more than its share
+
+
+def test_a_model_whose_attention_packed_passes_lack_turns_them_off(tm, long_ids, monkeypatch):
+    import twinrt.runtime.engine as engine_module
+
+    engine = Engine(tm, materialize=False, max_step_tokens=16, idle_growth=1, chunk_share=None)
+    calls = []
+
+    def lacking(*a):
+        calls.append(1)
+        raise NotImplementedError("packed passes do not do attention softcapping, sliding windows or sinks")
+
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    shorts = [engine.add(p, None, params) for p in SHORT[:2]]
+    engine.step()
+    long = engine.add(long_ids, MIX, GREEDY)
+    monkeypatch.setattr(engine_module.packing, "packed_forward", lacking)
+    engine.run_until_done()
+    assert calls == [1] and not engine.packed  # tried once, then separate passes
+    assert [r.output_ids for r in shorts] == [whole(tm, p, None, params) for p in SHORT[:2]]
+    assert long.output_ids == whole(tm, long_ids, MIX)

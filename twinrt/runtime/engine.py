@@ -431,8 +431,12 @@ class Engine:
                                                 p.cache, p.done)
             finally:
                 self.tm.clear_mix()
-        except Exception:  # noqa: BLE001 - undo; the separate passes find the rows (or the chunk) that fail
-            log.warning("a packed pass failed; running its rows and chunk separately", exc_info=True)
+        except Exception as e:  # noqa: BLE001 - undo; the separate passes find the rows (or the chunk) that fail
+            if isinstance(e, NotImplementedError):  # this model's attention needs what packed passes lack
+                log.warning("packed passes are off for this model: %s", e)
+                self.packed = False
+            else:
+                log.warning("a packed pass failed; running its rows and chunk separately", exc_info=True)
             cache_ops.restore(self._cache, snaps[0])
             cache_ops.restore(p.cache, snaps[1])
             self._decode(finished)

@@ -79,6 +79,8 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     if p is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kr, vr, kc, vc = p.kv.pop(module.layer_idx)
+    if any(kwargs.get(k) is not None for k in ("softcap", "sliding_window", "s_aux")):
+        raise NotImplementedError("packed passes do not do attention softcapping, sliding windows or sinks")
     b = p.n_rows
     scale = kwargs.get("scaling")
     gqa = query.shape[1] != kr.shape[1]
