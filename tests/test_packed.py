@@ -96,3 +96,16 @@ def test_outside_a_packed_pass_the_attention_is_transformers_sdpa(tiny_artifact)
         b = routed.model(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(a[mask.bool()], b[mask.bool()])
     assert packed.supported(routed.model, DynamicCache(config=routed.config))
+
+
+@pytest.mark.parametrize("kwarg", ["softcap", "sliding_window", "s_aux"])
+def test_attention_a_packed_pass_does_not_do_is_refused(tm, kwarg):
+    layer = tm.model.model.layers[0].self_attn
+    q, kv = torch.zeros(3, 4, 1, 8), torch.zeros(1, 2, 5, 8)
+    mask = torch.ones(1, 1, 1, 5, dtype=torch.bool)
+    rows_kv = kv.expand(2, -1, -1, -1)
+    pack = packed._Pack(None, mask.expand(2, -1, -1, -1), None, mask, 2,
+                        kv={layer.layer_idx: (rows_kv, rows_kv, kv, kv)})
+    with packed._packing(pack), pytest.raises(NotImplementedError, match="softcapping, sliding windows or sinks"):
+        packed._attention(layer, q, q, q, None, scaling=1.0, **{kwarg: 4})
+    assert packed._current.get() is None
