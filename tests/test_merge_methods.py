@@ -55,6 +55,29 @@ def ref_consensus(t: np.ndarray, scaling: float, k: int, lam: float) -> np.ndarr
     return out
 
 
+def ref_pcb(t: np.ndarray, scaling: float, ratio: float, outlier: float) -> np.ndarray:
+    """PCB-merging as the paper's algorithm states it, on the whole flattened tensor at once: clip |τ| at the
+    reference code's sorted positions, intra-balancing exp(N · minmax(|τ|)²), inter-balancing tanh(τ_i Σ τ_j),
+    drop below the (1 − r) quantile of the score, min-max rescale, weighted mean of the clipped τ."""
+    n = t.shape[0]
+    x = t.reshape(n, -1)
+    d = x.shape[1]
+
+    def clip_rows(v, low, high):
+        s = np.sort(v, axis=1)
+        return np.clip(v, s[:, int(d * low)][:, None], s[:, int(d * (1 - high) - 1)][:, None])
+
+    def minmax_rows(v):
+        lo, hi = v.min(axis=1, keepdims=True), v.max(axis=1, keepdims=True)
+        return (v - lo) / (hi - lo)
+
+    mag = clip_rows(np.abs(x), outlier, outlier)
+    score = np.exp(n * minmax_rows(mag) ** 2) * np.tanh(x * x.sum(axis=0))
+    weight = minmax_rows(clip_rows(score, 1 - ratio, 0))
+    merged = scaling * (weight * np.sign(x) * mag).sum(axis=0) / np.maximum(weight.sum(axis=0), 1e-12)
+    return merged.reshape(t.shape[1:])
+
+
 def test_average(tau):
     assert torch.allclose(M.average(tau), torch.from_numpy(tau.numpy().sum(0) / 4), atol=1e-6)
 
@@ -116,6 +139,28 @@ def test_consensus_removes_selfish_weights():
     assert torch.equal(M.consensus(tau, scaling=1.0, k=2, tall_lambda=0.4), torch.tensor([0.0, 3.0]))
 
 
+@pytest.mark.parametrize("ratio,outlier,shape", [(0.1, 0.0001, (4, 12, 9)), (0.3, 0.05, (4, 12, 9)),
+                                                  (1.0, 0.0, (3, 40, 25)), (0.05, 0.01, (2, 30, 20))])
+def test_pcb_matches_reference(ratio, outlier, shape):
+    t = 0.1 * torch.randn(*shape, generator=torch.Generator().manual_seed(11))
+    params = get_method("pcb").resolve({"scaling": 0.8, "density": ratio, "outlier": outlier})
+    ours = get_method("pcb").merge(t, params)
+    ref = ref_pcb(t.numpy().astype(np.float64), 0.8, ratio, outlier)
+    assert torch.allclose(ours, torch.from_numpy(ref).float(), atol=1e-6, rtol=1e-5)
+
+
+def test_pcb_drops_the_low_scores_and_keeps_a_zero_tensor_zero(tau):
+    m = get_method("pcb")
+    params = m.resolve({"density": 0.2})
+    stats = M.pcb_statistics(tau.reshape(4, -1), density=0.2, outlier=params["outlier"])
+    weight = M.min_max(M.pcb_scores(tau.reshape(4, -1), stats["lo"], stats["hi"]).clamp(stats["floor"], stats["top"]),
+                       stats["floor"], stats["top"])
+    kept = (weight > 0).float().mean(dim=1)  # every expert keeps about density of its entries, not more
+    assert torch.all(kept <= 0.2) and torch.all(kept >= 0.15), kept
+    zero = torch.zeros(3, 5, 4)
+    assert torch.equal(m.merge(zero, params), torch.zeros(5, 4))  # no NaN from a constant row
+
+
 def test_registry_resolves_defaults_and_refuses_unknowns():
     assert get_method("ties").resolve({}) == {"scaling": 1.0, "density": 0.2}
     assert get_method("dare_ties").resolve({"density": 0.3}) == {"scaling": 1.0, "density": 0.3, "seed": 0}
@@ -140,12 +185,15 @@ def test_parameter_models_refuse_bad_values_naming_them(given, message):
     assert str(e.value) == message
     with pytest.raises(TwinError, match="shared.seed must be a non-negative integer, got -1"):
         get_method("dare_linear").resolve({"seed": -1})
+    with pytest.raises(TwinError, match=r"shared.outlier must be a number in \[0, 0.5\), got 0.5"):
+        get_method("pcb").resolve({"outlier": 0.5})
+    assert get_method("pcb").resolve({}) == {"scaling": 1.0, "density": 0.1, "outlier": 0.0001}
 
 
 def test_methods_declare_their_trim_and_expert_needs():
     trims = {name: m.params.model_validate(m.resolve({})).trim_density() for name, m in METHODS.items()}
     assert trims == {"average": None, "task_arithmetic": None, "ties": 0.2, "dare_linear": None, "dare_ties": None,
-                     "consensus": None}
+                     "consensus": None, "pcb": None}
     consensus = get_method("consensus")
     ties_based = consensus.resolve({"base": "ties", "density": 0.4})
     assert consensus.params.model_validate(ties_based).trim_density() == 0.4
@@ -161,6 +209,7 @@ def test_methods_declare_their_trim_and_expert_needs():
 @pytest.mark.parametrize("name,given", [
     ("average", {}), ("task_arithmetic", {}), ("ties", {"density": 0.3}), ("dare_linear", {}),
     ("dare_ties", {"density": 0.4}), ("consensus", {"k": 2}), ("consensus", {"base": "ties", "density": 0.5}),
+    ("pcb", {"density": 0.3}),
 ])
 def test_chunked_merge_equals_whole_tensor_merge(tau, name, given):
     # the split merges large tensors a slice of columns at a time (bounded memory); trim thresholds come
@@ -172,8 +221,9 @@ def test_chunked_merge_equals_whole_tensor_merge(tau, name, given):
     whole = m.merge(tau, params, keep)
     kw = {k: v for k, v in params.items() if k != "seed"}
     if m.random:
-        kw["keep"] = keep
-    assert torch.equal(whole, m.fn(tau, **kw))
+        kw["keep"] = keep.reshape(4, -1)
+    kw.update(m.prepare(tau.reshape(4, -1), m.params.model_validate(params)))
+    assert torch.equal(whole, m.fn(tau.reshape(4, -1), **kw).reshape(whole.shape))
     for chunk in (1, 7, 50, 107):
         assert torch.equal(m.merge(tau, params, keep, chunk=chunk), whole), chunk
 

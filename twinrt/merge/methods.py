@@ -2,7 +2,9 @@
 
 Every method maps `tau: [N, *shape]` (τ_i = θ_i − θ_base, float32) to one merged task vector `[*shape]`;
 the core is then `θ_core = θ_base + merged`. Random methods take their keep-masks as an argument so the
-function itself stays pure; `dare_keep_masks` draws them from a seeded generator.
+function itself stays pure; `dare_keep_masks` draws them from a seeded generator. Statistics of the whole
+tensor that a method needs (TIES' trim thresholds, PCB's clip bounds and drop thresholds) are computed by
+a separate function and passed in, so the method itself can run on any slice of columns.
 """
 
 from __future__ import annotations
@@ -128,3 +130,77 @@ def consensus(
     merged = (ties(tau, scaling=scaling, density=density, threshold=threshold) if base == "ties"
               else task_arithmetic(tau, scaling=scaling))
     return merged * agree
+
+
+def sorted_at(flat: torch.Tensor, index: int) -> torch.Tensor:
+    """Per row of `flat: [N, P]`, the value at 0-based position `index` of the row sorted ascending.  -> [N, 1]
+
+    One row at a time by quickselect (one row-sized temporary, not a sort of the whole [N, P])."""
+    out = torch.empty((flat.shape[0], 1), dtype=flat.dtype, device=flat.device)
+    for i in range(flat.shape[0]):
+        out[i, 0] = flat[i].kthvalue(index + 1).values
+    return out
+
+
+def clip_indices(p: int, low_share: float, high_share: float) -> tuple[int, int]:
+    """The sorted positions PCB clips a row of `p` values to: `int(p·low)` and `int(p·(1 − high) − 1)`.
+
+    This is the PCB-merging reference's rule, float arithmetic and truncation toward zero included, so the
+    upper bound of a small row sits one below its maximum whenever `p · high < 1`.
+    """
+    return int(p * low_share), max(0, int(p * (1 - high_share) - 1))
+
+
+def min_max(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """(x − lo) / (hi − lo) per row (lo, hi: [N, 1]); 0 in a row where hi == lo (nothing to tell apart)."""
+    span = hi - lo
+    return torch.where(span > 0, (x - lo) / torch.where(span > 0, span, 1.0), 0.0)
+
+
+def pcb_scores(tau: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """PCB's balancing score of every entry:  β_i = exp(N · intra_i²) ⊙ tanh(τ_i ⊙ Σ_j τ_j).   -> [N, P]
+
+    intra (intra-balancing, the entry's weight within its own task) is |τ_i| clipped to [lo_i, hi_i] and
+    min-max scaled per expert; the tanh term (inter-balancing) is the entry's agreement with all the tasks'
+    sum. `lo`, `hi`: [N, 1], the clip bounds of the whole tensor (`pcb_statistics`).
+    """
+    # tau: [N, P]
+    intra = min_max(tau.abs().clamp(lo, hi), lo, hi)
+    return torch.exp(tau.shape[0] * intra.square()) * torch.tanh(tau * tau.sum(dim=0))
+
+
+def pcb_statistics(flat: torch.Tensor, *, density: float, outlier: float,
+                   chunk: int = 1 << 20) -> dict[str, torch.Tensor]:
+    """The whole-tensor statistics `pcb` needs, each [N, 1]: the clip bounds of |τ_i| (`lo`, `hi`, at the
+    `outlier` share from either end), and the drop threshold and maximum of the scores β_i (`floor`: the
+    value at sorted position int(P · (1 − density)), `top`)."""
+    n, p = flat.shape  # [N, P]
+    lo_at, hi_at = clip_indices(p, outlier, outlier)
+    mag = flat.abs()
+    lo, hi = sorted_at(mag, lo_at), sorted_at(mag, hi_at)
+    del mag
+    scores = torch.empty_like(flat)
+    for s in range(0, p, chunk):
+        scores[:, s:s + chunk] = pcb_scores(flat[:, s:s + chunk], lo, hi)
+    floor_at, _ = clip_indices(p, 1 - density, 0.0)
+    return {"lo": lo, "hi": hi, "floor": sorted_at(scores, floor_at), "top": scores.amax(dim=1, keepdim=True)}
+
+
+def pcb(tau: torch.Tensor, *, scaling: float, density: float, outlier: float, lo: torch.Tensor, hi: torch.Tensor,
+        floor: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """PCB-merging (Du et al., NeurIPS 2024, "Parameter Competition Balancing for Model Merging").
+
+        c_i    = sign(τ_i) · clip(|τ_i|, lo_i, hi_i)                  outliers clipped
+        β_i    = exp(N · intra_i²) ⊙ tanh(τ_i ⊙ Σ_j τ_j)              intra- and inter-balancing (pcb_scores)
+        s_i    = (clip(β_i, floor_i, top_i) − floor_i) / (top_i − floor_i)   drop: every β_i at or below the
+                                                                      (1 − density) quantile gets weight 0
+        merged = λ · Σ_i s_i ⊙ c_i / max(Σ_i s_i, 1e-12)              rescale by the kept weights
+
+    per tensor (the paper flattens the whole model into one vector; twinrt merges tensor by tensor, as it
+    does TIES), with `density` the paper's ratio r of entries kept per expert and `outlier` its clip share
+    (0.0001 in the reference code). The statistics come from the whole tensor (`pcb_statistics`).
+    """
+    # tau: [N, P] (a slice of columns of the whole tensor)
+    clipped = tau.sign() * tau.abs().clamp(lo, hi)
+    weight = min_max(pcb_scores(tau, lo, hi).clamp(floor, top), floor, top)  # [N, P] in [0, 1]
+    return scaling * (weight * clipped).sum(dim=0) / weight.sum(dim=0).clamp(min=1e-12)

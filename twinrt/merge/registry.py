@@ -6,6 +6,8 @@ ConfigParameterDef), and on it what the rest of twinrt asks of a method, so noth
 
     params.trim_density()          the density each τ_i is magnitude-trimmed to before merging, or None
     params.min_experts_param       a parameter the number of experts must reach (consensus' k), or None
+    method.prepare(flat, params)   statistics of the whole tensor the method needs (TIES' trim thresholds,
+                                   PCB's clip and drop bounds), computed once and passed to every chunk
 
 `MergeMethod.resolve(given)` fills defaults and refuses parameters the method does not take; `check(params, n)`
 refuses parameters that cannot merge n experts.
@@ -53,6 +55,12 @@ def _seed(value: Any) -> int:
     return value
 
 
+def _outlier_share(value: Any) -> float:
+    if not _number(value) or not 0.0 <= float(value) < 0.5:
+        raise ValueError(f"must be a number in [0, 0.5), got {value!r}")
+    return float(value)
+
+
 def _consensus_base(value: Any) -> str:
     if value not in ("task_arithmetic", "ties"):
         raise ValueError(f"must be 'task_arithmetic' or 'ties', got {value!r}")
@@ -63,6 +71,7 @@ Fraction = Annotated[float, BeforeValidator(_fraction)]  # in (0, 1]
 Positive = Annotated[float, BeforeValidator(_positive)]  # > 0
 AtLeast1 = Annotated[int, BeforeValidator(_int_at_least_1)]
 Seed = Annotated[int, BeforeValidator(_seed)]  # >= 0
+OutlierShare = Annotated[float, BeforeValidator(_outlier_share)]  # in [0, 0.5)
 ConsensusBase = Annotated[Literal["task_arithmetic", "ties"], BeforeValidator(_consensus_base)]
 
 
@@ -113,11 +122,33 @@ class ConsensusParams(MethodParams):
         return self.density if self.base == "ties" else None
 
 
+class PcbParams(MethodParams):
+    scaling: Positive = 1.0  # λ on the merged task vector
+    density: Fraction = 0.1  # the paper's ratio r: the share of each τ_i's entries kept (by balancing score)
+    outlier: OutlierShare = 0.0001  # the share of |τ_i| clipped at either end before scoring
+
+
+def trim_statistics(flat: torch.Tensor, params: MethodParams) -> dict[str, torch.Tensor]:
+    """The default whole-tensor statistics: the magnitude-trim thresholds, where the method trims."""
+    density = params.trim_density()
+    if density is None or density >= 1.0:
+        return {}
+    return {"threshold": methods.trim_thresholds(flat, density)}
+
+
+def pcb_statistics(flat: torch.Tensor, params: MethodParams) -> dict[str, torch.Tensor]:
+    return methods.pcb_statistics(flat, density=params.density, outlier=params.outlier)
+
+
+Prepare = Callable[[torch.Tensor, MethodParams], dict[str, torch.Tensor]]
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     """A merge method: `fn(tau [N, ...], **params) -> merged [...]`, its parameters declared by `params`.
 
     `random` methods also take `keep`, a bool mask [N, ...] drawn per tensor from `seed` (see merge.tensor).
+    `prepare(flat [N, P], params)` gives the whole-tensor statistics `fn` takes as further keyword arguments.
     """
 
     name: str
@@ -125,6 +156,7 @@ class MergeMethod:
     params: type[MethodParams] = MethodParams
     random: bool = False
     summary: str = ""
+    prepare: Prepare = trim_statistics
 
     def resolve(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Validated parameters with defaults filled in; a parameter this method does not take is an error."""
@@ -155,7 +187,7 @@ class MergeMethod:
 
         Large tensors are merged `chunk` columns (of the flattened tensor) at a time, so the method's
         [N, ...]-sized temporaries stay small whatever the tensor's size: every method is elementwise once
-        the magnitude-trim thresholds, the only whole-tensor statistic, are computed on the whole τ first.
+        the whole-tensor statistics (`prepare`: trim thresholds, PCB's bounds) are computed on the whole τ first.
         """
         p_model = self.params.model_validate(dict(params))
         kwargs = p_model.model_dump(exclude={"seed"})  # the seed only draws the keep masks
@@ -163,9 +195,7 @@ class MergeMethod:
             raise ValueError(f"merge method {self.name} needs keep masks")
         n, shape = tau.shape[0], tau.shape[1:]
         flat = tau.reshape(n, -1)  # [N, P]
-        density = p_model.trim_density()
-        if density is not None and density < 1.0:
-            kwargs["threshold"] = methods.trim_thresholds(flat, density)
+        kwargs.update(self.prepare(flat, p_model))
         keep_flat = keep.reshape(n, -1) if keep is not None else None
         p = flat.shape[1]
         if p <= chunk:
@@ -192,6 +222,8 @@ METHODS: dict[str, MergeMethod] = {
                     summary="random drop + rescale, then sign election and disjoint mean"),
         MergeMethod("consensus", methods.consensus, ConsensusParams,
                     summary="TALL-mask consensus: keep weights at least k experts need"),
+        MergeMethod("pcb", methods.pcb, PcbParams, prepare=pcb_statistics,
+                    summary="parameter competition balancing: intra/inter-task scores, drop, rescale"),
     )
 }
 
