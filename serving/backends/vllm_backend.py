@@ -23,9 +23,7 @@ import itertools
 import logging
 import shutil
 import tempfile
-from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +41,7 @@ from serving.backends.base import (
     check_submit,
     engine_sampling,
 )
-from serving.backends.mixadapter import MixAdapterBuilder, MixKey, MixQuantizer
+from serving.backends.mixadapter import AdapterCache, MixAdapterBuilder, MixKey, MixQuantizer
 from serving.options import VLLMOptions
 from twinrt.artifact import Artifact
 from twinrt.dtypes import DtypeName
@@ -108,108 +106,6 @@ def pick_lora_rank(needed: int, given: int | None) -> int:
             return r
     raise TwinError(f"a served mix needs LoRA rank {needed}, above vLLM's largest ({LORA_RANKS[-1]}); "
                     "lower --mix-top-k or split with a smaller rank")
-
-
-@dataclass
-class _Adapter:
-    request: Any       # vllm LoRARequest
-    path: Path
-    owned: bool        # a mix adapter we wrote (evictable), or an expert's own adapter in the artifact
-    users: int = 0
-
-
-class AdapterCache:
-    """Quantised mix key -> LoRARequest. Builds on demand (in a thread), evicts idle mix adapters past
-    `capacity` (deleting their files and removing them from the engine); experts' own adapters stay."""
-
-    def __init__(self, builder: MixAdapterBuilder, quantizer: MixQuantizer, workdir: Path, capacity: int,
-                 engine: Any = None, zero_core: bool = False) -> None:
-        from vllm.lora.request import LoRARequest
-
-        self._lora_request = LoRARequest
-        self.builder = builder
-        self.quantizer = quantizer
-        self.workdir = workdir
-        self.capacity = capacity
-        self.engine = engine  # AsyncLLM: remove_lora on eviction
-        self.entries: OrderedDict[MixKey, _Adapter] = OrderedDict()
-        self._ids = itertools.count(1)  # a rebuilt adapter gets a new id: vLLM caches adapters by id
-        self._building: dict[MixKey, asyncio.Future] = {}
-        self.built = 0
-        self.evicted = 0
-        n = len(builder.experts)
-        for i, name in enumerate(builder.experts):  # one expert at weight 1 uses the expert's own adapter
-            path = builder.art.expert_dir(name)
-            request = LoRARequest(f"expert:{name}", next(self._ids), str(path))
-            self.entries[quantizer.one(i)] = _Adapter(request, path, owned=False)
-        self._n = n
-        self.core: Any = None
-        if zero_core:  # the core as an all-zero adapter (see VLLMBackend.zero_core)
-            path = builder.write_zero(workdir / "core-zero")
-            self.core = LoRARequest("core", next(self._ids), str(path))
-
-    async def acquire(self, key: MixKey) -> Any:
-        """The LoRARequest of a key (None or the zero adapter for the core), in use until `release(key)`."""
-        if not key or self.builder.rank(key) == 0:  # the core, or experts without any factors
-            return self.core
-        entry = self.entries.get(key)
-        if entry is None:
-            pending = self._building.get(key)
-            if pending is None:
-                pending = self._building[key] = asyncio.get_running_loop().create_future()
-                try:
-                    entry = await self._build(key)
-                except BaseException as e:
-                    pending.set_exception(e)
-                    pending.exception()  # retrieved: a failed build with no waiters is not a warning
-                    raise
-                finally:
-                    del self._building[key]
-                pending.set_result(entry)
-            else:
-                entry = await asyncio.shield(pending)
-        self.entries.move_to_end(key)
-        entry.users += 1
-        await self._evict()
-        return entry.request
-
-    def release(self, key: MixKey) -> None:
-        entry = self.entries.get(key)
-        if entry is not None and entry.users > 0:
-            entry.users -= 1
-
-    async def _build(self, key: MixKey) -> _Adapter:
-        lora_id = next(self._ids)
-        path = self.workdir / f"mix-{lora_id}"
-        weights = self.quantizer.weights(key, self._n)
-        await asyncio.to_thread(self.builder.write, key, weights, path)
-        name = "mix:" + ",".join(f"{self.builder.experts[i]}={s * self.quantizer.step:g}" for i, s in key)
-        entry = _Adapter(self._lora_request(name, lora_id, str(path)), path, owned=True)
-        self.entries[key] = entry
-        self.built += 1
-        return entry
-
-    async def _evict(self) -> None:
-        owned = [k for k, e in self.entries.items() if e.owned]
-        excess = len(owned) - self.capacity
-        for k in owned:  # least recently used first
-            if excess <= 0:
-                break
-            e = self.entries[k]
-            if e.users:
-                continue
-            del self.entries[k]
-            excess -= 1
-            self.evicted += 1
-            if self.engine is not None:
-                try:
-                    await self.engine.remove_lora(e.request.lora_int_id)
-                except Exception:  # noqa: BLE001 - not loaded (never used, or already dropped by vLLM's LRU)
-                    log.debug("remove_lora(%s) failed", e.request.lora_int_id, exc_info=True)
-            shutil.rmtree(e.path, ignore_errors=True)
-
-    def owned_count(self) -> int:
-        return sum(1 for e in self.entries.values() if e.owned)
 
 
 class VLLMBackend:
