@@ -193,7 +193,7 @@ def test_parameter_models_refuse_bad_values_naming_them(given, message):
 def test_methods_declare_their_trim_and_expert_needs():
     trims = {name: m.params.model_validate(m.resolve({})).trim_density() for name, m in METHODS.items()}
     assert trims == {"average": None, "task_arithmetic": None, "ties": 0.2, "dare_linear": None, "dare_ties": None,
-                     "consensus": None, "pcb": None}
+                     "consensus": None, "pcb": None, "fisher": None, "regmean": None, "mats": None}
     consensus = get_method("consensus")
     ties_based = consensus.resolve({"base": "ties", "density": 0.4})
     assert consensus.params.model_validate(ties_based).trim_density() == 0.4

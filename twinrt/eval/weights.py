@@ -105,4 +105,4 @@ def merge_weights(src: Sources, method: MergeMethod, params: Mapping[str, Any]) 
             continue
         tau = torch.stack([t.float() for t in thetas]) - base32  # [N, ...]
         del thetas
-        yield name, base32 + merge_tensor(method, params, name, tau)
+        yield name, base32 + merge_tensor(method, params, name, tau).tau

@@ -150,7 +150,7 @@ class _Plan:
             del theta
             tau[i] -= base32
         excluded = any(r.search(name) for r in self.excluded)
-        merged = torch.zeros_like(base32) if excluded else merge_tensor(self.method, self.params, name, tau)
+        merged = torch.zeros_like(base32) if excluded else merge_tensor(self.method, self.params, name, tau).tau
         core_t = (base32 + merged).to(self.store)
         out.add_core(name, core_t)
         del merged
