@@ -104,7 +104,7 @@ def test_mats_starts_from_task_arithmetic_and_keeps_it_without_a_system(layer):
     *_, grams, tau = layer
     m = get_method("mats")
     out = m.apply(tau, m.resolve({"scaling": 0.4}), stats=TensorStats(gram_in=grams))  # kfac lacks gram_out
-    assert torch.allclose(out.tau, 0.4 * tau.sum(0)) and out.report == {"iterations": 0, "residual": 0.0}
+    assert torch.allclose(out.tau, 0.4 * tau.sum(0)) and out.report == {}
     one_step = m.apply(tau, m.resolve({"objective": "regmean", "iterations": 1}), stats=TensorStats(gram_in=grams))
     assert one_step.report["iterations"] == 1 and one_step.report["residual"] > 1e-3
 

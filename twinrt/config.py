@@ -3,11 +3,14 @@
     base: path/to/base                      # HF model dir, or a .gguf file
     experts:
       - {name: math, path: path/to/math}    # full fine-tuned HF dir, or a PEFT LoRA adapter dir over base
+        calibration: {data: math.jsonl, samples: 128, max_tokens: 65536, batch_size: 8}   # or just: math.jsonl
     shared: {method: ties, scaling: 1.0, density: 0.2}
     exclusive: {rank: 16}                   # or {energy: 0.95}; optional svd: auto | full | randomized
     dtype: float32
 
-Relative paths are resolved against the config file's directory. Unknown keys are errors.
+Relative paths are resolved against the config file's directory. Unknown keys are errors. A method that needs
+data (fisher, regmean, mats: `statistics()` of its parameters) needs `calibration` for every expert; data-free
+methods ignore it. What the calibration file holds is checked when the split reads it (twinrt.split.calibration).
 """
 
 from __future__ import annotations
@@ -28,9 +31,25 @@ from twinrt.validation import Frozen, describe
 __all__ = ["RESERVED_NAMES", "SplitConfig", "check_device", "load_config", "parse_config"]
 
 
+class CalibrationSpec(Frozen):
+    """An expert's calibration data: a JSONL of its own examples, the first `samples` of them, stopping before
+    the example that would take the total past `max_tokens` tokens (no limit when None)."""
+
+    data: Path
+    samples: int = Field(default=128, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=8, ge=1)  # examples per forward pass (1 when Fishers are collected)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"data": data} if isinstance(data, str) else data  # `calibration: file.jsonl`
+
+
 class ExpertSpec(Frozen):
     name: str
     path: Path
+    calibration: CalibrationSpec | None = None
 
     @field_validator("name")
     @classmethod
@@ -104,13 +123,27 @@ def parse_config(data: Any, root: Path | None = None) -> SplitConfig:
         cfg = SplitConfig.model_validate(data)
     except ValidationError as e:
         raise TwinError(f"invalid split config: {describe(e)}") from None
+    _check_calibration(cfg)
     if root is None:
         return cfg
     resolve = lambda p: p if p.is_absolute() else (root / p)  # noqa: E731
-    return cfg.model_copy(update={
-        "base": resolve(cfg.base),
-        "experts": tuple(e.model_copy(update={"path": resolve(e.path)}) for e in cfg.experts),
-    })
+
+    def expert(e: ExpertSpec) -> ExpertSpec:
+        calib = e.calibration and e.calibration.model_copy(update={"data": resolve(e.calibration.data)})
+        return e.model_copy(update={"path": resolve(e.path), "calibration": calib})
+
+    return cfg.model_copy(update={"base": resolve(cfg.base), "experts": tuple(expert(e) for e in cfg.experts)})
+
+
+def _check_calibration(cfg: SplitConfig) -> None:
+    """Refuse a method that needs data when an expert has no calibration data, naming them."""
+    method = get_method(cfg.shared.method)
+    needs = method.statistics(cfg.shared.params)
+    lacking = [e.name for e in cfg.experts if e.calibration is None]
+    if needs and lacking:
+        raise TwinError(f"shared.method {method.name!r} needs calibration data for every expert; "
+                        f"{', '.join(repr(n) for n in lacking)} {'has' if len(lacking) == 1 else 'have'} none "
+                        "(add `calibration: FILE.jsonl` to the expert)")
 
 
 def load_config(path: str | Path) -> SplitConfig:

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from twinrt.dtypes import torch_dtype
-from twinrt.errors import TwinError
 from twinrt.eval.tasks import Messages
 from twinrt.runtime.engine import Engine
 from twinrt.runtime.request import SamplingParams
 from twinrt.runtime.runner import Runner  # a TwinModel or a PlainModel: what `generate` drives
+from twinrt.sources.model import assign_weights
 
 
 class PlainModel(Runner):
@@ -63,26 +63,9 @@ class PlainModel(Runner):
         """Nothing to clear: every forward runs the one set of weights."""
 
     def assign(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy every (name, tensor) into the model's weight of that name (cast to its dtype).
-
-        The names must cover every weight of the model (a tied weight counts as covered by its twin) and
-        name no weight it lacks: a partial assignment would leave an earlier arm's weights behind.
-        """
-        state = self.model.state_dict()
-        covered: set[int] = set()
-        with torch.no_grad():
-            for name, t in weights:
-                target = state.get(name)
-                if target is None:
-                    raise TwinError(f"weight {name} is not a weight of the {type(self.model).__name__} built from "
-                                    "the artifact's core config")
-                if tuple(target.shape) != tuple(t.shape):
-                    raise TwinError(f"weight {name} has shape {list(t.shape)}, the model's is {list(target.shape)}")
-                target.copy_(t)
-                covered.add(target.data_ptr())
-        missing = sorted(n for n, t in state.items() if t.data_ptr() not in covered)
-        if missing:
-            raise TwinError(f"the weights left {len(missing)} model tensor(s) unset, e.g. {missing[0]}")
+        """Copy every (name, tensor) into the model's weight of that name (`twinrt.sources.model.assign_weights`:
+        the names must cover every weight, so no earlier arm's weights are left behind)."""
+        assign_weights(self.model, weights)
 
 
 @dataclass(frozen=True)

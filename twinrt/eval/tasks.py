@@ -11,7 +11,7 @@ sizes, seed) are ignored. Every file is validated when read and an error names t
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,13 +98,31 @@ def open_suite(path: str | Path) -> TaskSuite:
     return TaskSuite(root, tasks)
 
 
-def _messages(raw: Any, where: str) -> Messages:
+def parse_messages(raw: Any, where: str) -> Messages:
+    """A chat as the suite writes it: a non-empty list of {role, content} strings; errors name `where`."""
     if not isinstance(raw, list) or not raw:
         raise TwinError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
     for j, m in enumerate(raw):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise TwinError(f"{where}: message {j} must have a string 'role' and a string 'content'")
     return tuple({"role": m["role"], "content": m["content"]} for m in raw)
+
+
+def jsonl_objects(path: Path, expected: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(`path:line`, object) for every non-blank line of a JSONL file, read lazily; a line that is not valid
+    JSON, or not an object, is a TwinError naming file and line (`expected` says what an object should be)."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TwinError(f"{where}: not valid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise TwinError(f"{where}: expected {expected}")
+            yield where, row
 
 
 def read_split(path: Path, task: str, limit: int | None = None) -> list[Example]:
@@ -114,24 +132,14 @@ def read_split(path: Path, task: str, limit: int | None = None) -> list[Example]
     if not path.is_file():
         raise TwinError(f"task {task!r}: {path} is missing")
     out: list[Example] = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if limit is not None and len(out) >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TwinError(f"{where}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise TwinError(f"{where}: expected an object with task, messages and answer")
-            if row.get("task") != task:
-                raise TwinError(f"{where}: 'task' is {row.get('task')!r}, expected {task!r}")
-            if not isinstance(row.get("answer"), str):
-                raise TwinError(f"{where}: 'answer' must be a string")
-            out.append(Example(task, _messages(row.get("messages"), where), row["answer"]))
+    for where, row in jsonl_objects(path, "an object with task, messages and answer"):
+        if limit is not None and len(out) >= limit:
+            break
+        if row.get("task") != task:
+            raise TwinError(f"{where}: 'task' is {row.get('task')!r}, expected {task!r}")
+        if not isinstance(row.get("answer"), str):
+            raise TwinError(f"{where}: 'answer' must be a string")
+        out.append(Example(task, parse_messages(row.get("messages"), where), row["answer"]))
     if not out:
         raise TwinError(f"task {task!r}: {path} has no examples")
     return out

@@ -24,6 +24,7 @@ from twinrt.errors import TwinError
 from twinrt.merge import MergeMethod, merge_tensor
 from twinrt.sources.checkpoint import GGUFFile, SafetensorsDir, open_base
 from twinrt.sources.experts import FullExpert, LoraExpert, check_compatible, open_expert
+from twinrt.sources.model import expert_tensors
 
 Weights = Iterator[tuple[str, torch.Tensor]]
 
@@ -85,9 +86,7 @@ def expert_weights(src: Sources, expert: str) -> Weights:
     """(name, θ_expert) for every tensor of the base, in the base's tensor order."""
     if expert not in src.experts:
         raise TwinError(f"unknown expert {expert!r}; known: {', '.join(src.experts)}")
-    e = src.experts[expert]
-    for name in src.base.names():
-        yield name, e.get(name, src.base.get(name))
+    yield from expert_tensors(src.base, src.experts[expert])
 
 
 def merge_weights(src: Sources, method: MergeMethod, params: Mapping[str, Any]) -> Weights:

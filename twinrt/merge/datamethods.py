@@ -118,13 +118,13 @@ def mats(tau: torch.Tensor, *, scaling: float, objective: str, alpha: float, ite
 
     G̃_i the input Gram with off-diagonal entries times `alpha` (1: the exact K-FAC block), B_i the output-
     gradient Gram. A tensor without the statistics its objective needs keeps the initialization (task
-    arithmetic). -> (merged, {"iterations", "residual"}) with the CG steps and final relative residual
-    (both 0 where nothing was solved).
+    arithmetic). -> (merged, {"iterations", "residual"}: the CG steps and final relative residual, or {}
+    where there was no system to solve).
     """
     # tau: [N, out, in]; stats.gram_in: [N, in, in]; stats.gram_out: [N, out, out]
     init = scaling * tau.sum(dim=0)
     if stats.gram_in is None or (objective == "kfac" and stats.gram_out is None):
-        return init, {"iterations": 0, "residual": 0.0}
+        return init, {}
     t = tau.double()
     g_in = scale_off_diagonal(stats.gram_in.double(), alpha)
     if objective == "regmean":

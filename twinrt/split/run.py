@@ -3,13 +3,22 @@
 For every tensor name: τ_i = θ_i − θ_base for all experts, θ_core = θ_base + merge(τ) (stored in the
 artifact's dtype), and each expert's exclusive part d_i = θ_i − θ_core: truncated SVD factors for the
 decoder's linear weights, exact dense deltas for everything else (norms, biases, embeddings).
+
+A method that needs data (`method.statistics(params)`) first gets a statistics pass (twinrt.split.statistics):
+every expert's calibration data is read and checked before anything is written, then each expert's statistics
+are computed with its own weights, one expert at a time, into files inside the artifact's temp dir; the merge
+reads them one tensor at a time. `statistics.json` in the artifact (listed with its sha256 in twin.json's
+files) records what the pass cost per expert and what the method reported per tensor (MaTS: CG steps and
+residual).
 """
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +31,17 @@ from twinrt.artifact.writer import ArtifactWriter
 from twinrt.config import ExclusiveSpec, SplitConfig
 from twinrt.dtypes import DTYPES
 from twinrt.errors import TwinError
-from twinrt.merge import MergeMethod, get_method, merge_tensor, tensor_seed
+from twinrt.merge import MergeMethod, TensorStats, get_method, merge_tensor, tensor_seed
 from twinrt.sources.checkpoint import GGUFFile, SafetensorsDir, open_base
 from twinrt.sources.experts import FullExpert, LoraExpert, check_compatible, open_expert
+from twinrt.sources.model import expert_tensors, load_model
+from twinrt.split.calibration import Calibration, load_calibration
+from twinrt.split.statistics import ExpertCost, StatisticsFiles, StatisticsPlan, collect_statistics
 from twinrt.split.svd import truncated_svd
 
-Progress = Callable[[str], None]  # called once per tensor name, after it is done
+Progress = Callable[[str], None]  # called once per tensor name (or calibration example), after it is done
+STATISTICS_FILE = "statistics.json"
+STATISTICS_FORMAT = "twinrt-statistics/1"
 
 
 def _hf_config(base: SafetensorsDir | GGUFFile) -> Any:
@@ -129,9 +143,11 @@ class _Plan:
     exclusive: ExclusiveSpec
     store: torch.dtype
     device: str
+    stats: Callable[[str], TensorStats] | None = None  # the experts' statistics of a tensor, for data methods
 
-    def tensor(self, name: str, out: ArtifactWriter) -> bool:
-        """Split tensor `name` into `out`; True if it is excluded from the merge (its core is the base's)."""
+    def tensor(self, name: str, out: ArtifactWriter) -> tuple[bool, dict[str, Any]]:
+        """Split tensor `name` into `out`; -> (excluded from the merge: its core is the base's, the method's
+        report on the tensor)."""
         base_t = self.base.get(name)
         _finite(base_t, name, f"base {self.base.label}")
         if not base_t.is_floating_point():
@@ -139,7 +155,7 @@ class _Plan:
                 if not torch.equal(e.get(name, base_t), base_t):
                     raise TwinError(f"{e.label}: non-float tensor {name} differs from the base")
             out.add_core(name, base_t)
-            return False
+            return False, {}
         base32 = base_t.to(device=self.device, dtype=torch.float32)
         # τ filled one expert at a time: memory holds the base, one τ per expert and the merged result
         tau = torch.empty((len(self.experts), *base_t.shape), dtype=torch.float32, device=self.device)  # [N, ...]
@@ -150,7 +166,14 @@ class _Plan:
             del theta
             tau[i] -= base32
         excluded = any(r.search(name) for r in self.excluded)
-        merged = torch.zeros_like(base32) if excluded else merge_tensor(self.method, self.params, name, tau).tau
+        report: dict[str, Any] = {}
+        if excluded:
+            merged = torch.zeros_like(base32)
+        else:
+            stats = self.stats(name) if self.stats is not None else None
+            result = merge_tensor(self.method, self.params, name, tau, stats)
+            merged, report = result.tau, result.report
+            del stats, result
         core_t = (base32 + merged).to(self.store)
         out.add_core(name, core_t)
         del merged
@@ -163,7 +186,36 @@ class _Plan:
                 for expert, d in zip(self.experts, deltas)})
         else:
             out.add_dense(name, base_t.shape, dict(zip(self.experts, deltas)))
-        return excluded
+        return excluded, report
+
+
+def read_calibrations(cfg: SplitConfig, tokenizer: Any, config: Any) -> dict[str, Calibration]:
+    """Every expert's calibration data, read and checked (before the split writes anything), in mix order."""
+    context = getattr(config, "max_position_embeddings", None)
+    out = {}
+    for e in cfg.experts:
+        c = e.calibration
+        if c is None:  # the config's own check names every expert without data; this is its last line
+            raise TwinError(f"expert {e.name!r} has no calibration data, which shared.method {cfg.shared.method!r} "
+                            "needs")
+        out[e.name] = load_calibration(c.data, tokenizer, samples=c.samples, max_tokens=c.max_tokens,
+                                       context=context, expert=e.name, batch_size=c.batch_size)
+    return out
+
+
+def statistics_record(method: MergeMethod, plan: StatisticsPlan, costs: list[ExpertCost],
+                      reports: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    """The content of ARTIFACT/statistics.json: what the statistics pass cost and what the merge reported."""
+    return {
+        "format": STATISTICS_FORMAT,
+        "method": method.name,
+        "statistics": sorted(plan.kinds),
+        "linear_weights": len(plan.linear),
+        "experts": [asdict(c) for c in costs],
+        "total": {"seconds": round(sum(c.seconds for c in costs), 3), "bytes": sum(c.bytes for c in costs),
+                  "peak_rss_bytes": max((c.peak_rss_bytes or 0 for c in costs), default=0) or None},
+        "tensors": dict(sorted(reports.items())),
+    }
 
 
 def split(cfg: SplitConfig, out: Path, *, force: bool = False, device: str = "cpu",
@@ -183,20 +235,41 @@ def split(cfg: SplitConfig, out: Path, *, force: bool = False, device: str = "cp
     method = get_method(cfg.shared.method)
     method.check(cfg.shared.params, len(experts))
     hf_config = _hf_config(base)
-    plan = _Plan(base, experts, method, cfg.shared.params, _factored_weights(base, hf_config, cfg.exclusive),
+    factored = _factored_weights(base, hf_config, cfg.exclusive)
+    plan = _Plan(base, experts, method, cfg.shared.params, factored,
                  tuple(re.compile(p) for p in cfg.shared.exclude), cfg.exclusive, DTYPES[cfg.dtype], device)
+    core_files = _core_files(base, hf_config, cfg.dtype)
+    kinds = method.statistics(cfg.shared.params)
+    calibrations = read_calibrations(cfg, core_files[1], hf_config) if kinds else {}
     names = base.names()
-    tick = progress(len(names)) if progress else None
 
     with atomic_dir(out, force=force) as tmp:
         writer = ArtifactWriter(tmp, list(experts), plan.store)
-        writer.save_core(*_core_files(base, hf_config, cfg.dtype))
-        excluded = []
+        writer.save_core(*core_files)
+        if kinds:
+            work = tmp / ".statistics"  # inside the temp dir: removed with it on any failure
+            work.mkdir()
+            stats_plan = StatisticsPlan(kinds, tuple(sorted(factored)))
+            model = load_model(base, hf_config, device)
+            costs = collect_statistics(model, calibrations, stats_plan, work,
+                                       lambda e: expert_tensors(base, experts[e]), progress)
+            del model
+            plan = replace(plan, stats=StatisticsFiles([work / f"{e}.safetensors" for e in experts]))
+        tick = progress(len(names)) if progress else None
+        excluded, reports = [], {}
         for name in names:
-            if plan.tensor(name, writer):
+            was_excluded, report = plan.tensor(name, writer)
+            if was_excluded:
                 excluded.append(name)
+            if report:
+                reports[name] = report
             if tick:
                 tick(name)
+        if kinds:
+            plan = replace(plan, stats=None)  # closes the statistics files before they go
+            shutil.rmtree(work)
+            record = statistics_record(method, stats_plan, costs, reports)
+            (tmp / STATISTICS_FILE).write_text(json.dumps(record, indent=2) + "\n")
         return writer.finish(
             base=BaseInfo(source=str(cfg.base), kind="gguf" if isinstance(base, GGUFFile) else "hf",
                           fingerprint=base.fingerprint(),
