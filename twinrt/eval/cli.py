@@ -2,7 +2,7 @@
 
     twinrt eval ARTIFACT --tasks DIR [--out DIR] [--limit N] [--val-limit N] [--batch-size 16]
                 [--max-new-tokens 24] [--methods average,task_arithmetic,ties,dare_ties,consensus | none]
-                [--grid quick|full] [--no-router] [--task-expert TASK=EXPERT ...]
+                [--grid quick|full] [--calibration-samples 64] [--no-router] [--task-expert TASK=EXPERT ...]
                 [--base PATH] [--expert-path NAME=PATH ...] [--device cpu] [--dtype float32] [--no-verify] [-q]
 
 Prints the table (raw and normalized score per task, mean score, mean normalized score, stored MiB,
@@ -61,7 +61,7 @@ def _options(args: argparse.Namespace):
                        task_expert=parse_pairs(args.task_expert, "--task-expert"),
                        base=Path(args.base) if args.base else None,
                        expert_paths={k: Path(v) for k, v in parse_pairs(args.expert_path, "--expert-path").items()},
-                       check_fingerprints=not args.no_verify)
+                       check_fingerprints=not args.no_verify, calibration_samples=args.calibration_samples)
 
 
 def _progress(bar) -> Callable[[str, int], Callable[[int], None]]:
@@ -130,9 +130,13 @@ def register(subparsers, load_routing: RoutingLoader) -> argparse.ArgumentParser
     e.add_argument("--batch-size", type=int, default=16, help="rows decoded together (default 16)")
     e.add_argument("--max-new-tokens", type=int, default=24, help="greedy tokens per reply (default 24)")
     e.add_argument("--methods", default="average,task_arithmetic,ties,dare_ties,consensus",
-                   help="static merge arms, comma-separated, or 'none' (default: %(default)s)")
+                   help="static merge arms, comma-separated, or 'none' (default: %(default)s; also pcb, dare_linear "
+                        "and the data-based fisher, regmean, mats)")
     e.add_argument("--grid", choices=("quick", "full"), default="quick",
                    help="merge parameter grid searched on validation (see twinrt.eval.grid)")
+    e.add_argument("--calibration-samples", type=int, default=64, metavar="N",
+                   help="train examples per expert (of its own tasks) for the statistics of the data-based merges "
+                        "fisher, regmean and mats (default 64)")
     e.add_argument("--no-router", action="store_true", help="leave out the twin:router arm")
     e.add_argument("--task-expert", action="append", metavar="TASK=EXPERT",
                    help="the own expert of a task whose name differs from the task's (repeatable)")

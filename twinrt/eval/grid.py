@@ -12,7 +12,15 @@ point is not scored on validation. Parameters a grid does not set keep the regis
     dare_linear      scaling 0.3 0.5 x density 0.5           scaling 0.3 0.5 0.7 1.0 x density 0.3 0.5 0.7
     dare_ties        scaling 1.0 x density 0.3 0.5           scaling 0.5 0.7 1.0 x density 0.3 0.5 0.7
     consensus        scaling 0.3 0.5 x k 2                   scaling 0.3 0.5 0.7 1.0 x k 2 3
+    pcb              scaling 1.0 x density 0.1 0.3           scaling 0.7 1.0 1.3 x density 0.05 0.1 0.2 0.3
+    fisher           floor 1e-6                              floor 1e-8 1e-6 1e-4
+    regmean          alpha 0.5 0.9                           alpha 0.1 0.3 0.5 0.7 0.9 1.0
+    mats             objective kfac regmean                  objective kfac regmean x scaling 0.3 0.5 1.0
+                                                             x alpha 0.9 1.0
     (other methods)  their defaults                          their defaults
+
+fisher, regmean and mats need calibration statistics: the eval computes them once per run (twinrt.eval.
+statistics), so their grid points cost a merge each, not a statistics pass.
 
 Points that need more experts than the artifact has (consensus' k) are dropped.
 """
@@ -39,6 +47,10 @@ GRIDS: dict[str, dict[str, Axes]] = {
         "dare_linear": {"scaling": (0.3, 0.5), "density": (0.5,)},
         "dare_ties": {"scaling": (1.0,), "density": (0.3, 0.5)},
         "consensus": {"scaling": (0.3, 0.5), "k": (2,)},
+        "pcb": {"scaling": (1.0,), "density": (0.1, 0.3)},
+        "fisher": {},
+        "regmean": {"alpha": (0.5, 0.9)},
+        "mats": {"objective": ("kfac", "regmean")},
     },
     "full": {
         "average": {},
@@ -47,6 +59,10 @@ GRIDS: dict[str, dict[str, Axes]] = {
         "dare_linear": {"scaling": (0.3, 0.5, 0.7, 1.0), "density": (0.3, 0.5, 0.7)},
         "dare_ties": {"scaling": (0.5, 0.7, 1.0), "density": (0.3, 0.5, 0.7)},
         "consensus": {"scaling": (0.3, 0.5, 0.7, 1.0), "k": (2, 3)},
+        "pcb": {"scaling": (0.7, 1.0, 1.3), "density": (0.05, 0.1, 0.2, 0.3)},
+        "fisher": {"floor": (1e-8, 1e-6, 1e-4)},
+        "regmean": {"alpha": (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)},
+        "mats": {"objective": ("kfac", "regmean"), "scaling": (0.3, 0.5, 1.0), "alpha": (0.9, 1.0)},
     },
 }
 

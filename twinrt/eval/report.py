@@ -77,6 +77,7 @@ def to_json(result: EvalResult) -> dict[str, Any]:
                                 for p, v, m in zip(s.points, s.val_scores, s.val_means)]}
             for s in result.selections
         },
+        "statistics": [asdict(c) for c in result.statistics],
     }
 
 
@@ -107,6 +108,10 @@ def notes(result: EvalResult) -> list[str]:
         r = result.router
         per = ", ".join(f"{t} {v:.0%}" for t, v in r.per_task.items())
         out.append(f"router ({r.label}): accuracy {r.accuracy:.1%} ({per}); routing took {r.seconds:.2f} s")
+    if result.statistics:
+        c = result.statistics
+        out.append(f"statistics of the data-based merges: {sum(x.examples for x in c)} train examples over "
+                   f"{len(c)} experts, {sum(x.seconds for x in c):.1f} s, {sum(x.bytes for x in c) / MiB:.1f} MiB")
     for s in result.selections:
         chosen = ", ".join(f"{k}={v}" for k, v in s.points[s.chosen].items()) or "no parameters"
         how = (f"best of {len(s.points)} on validation (mean score {s.val_means[s.chosen]:.3f})" if s.val_scores

@@ -4,7 +4,8 @@ Arms, in table order:
 
     expert:<name>     the original expert (base + its LoRA, or its full fine-tuned weights), exactly
     merge:<method>    a static merge of the original experts, parameters chosen on the validation split
-                      (see `twinrt.eval.grid`)
+                      (see `twinrt.eval.grid`); the data-based methods (fisher, regmean, mats) merge with
+                      statistics of each expert's own task's train split, computed once (twinrt.eval.statistics)
     core              the artifact's shared core (the static merge the split stored)
     twin:oracle       the twin with each example's own expert, one-hot
     twin:router       the twin with the artifact's trained router (when a `Routing` is given)
@@ -19,6 +20,8 @@ direction of imports (the CLI binds `router` in).
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,10 +34,13 @@ from twinrt.errors import TwinError
 from twinrt.eval.generation import Generated, PlainModel, Runner, generate
 from twinrt.eval.grid import DEFAULT_METHODS, best_point, grid_points
 from twinrt.eval.metrics import task_score
+from twinrt.eval.statistics import eval_statistics, needed_statistics, suite_calibration
 from twinrt.eval.tasks import Example, Messages, Task, TaskSuite, task_experts
 from twinrt.eval.weights import Sources, expert_weights, merge_weights, sources_of
+from twinrt.merge import TensorStats
 from twinrt.merge.registry import get_method
 from twinrt.runtime.model import TwinModel
+from twinrt.split.statistics import ExpertCost
 
 Progress = Callable[[str, int], Callable[[int], None]]  # (label, total) -> advance(k)
 
@@ -51,9 +57,10 @@ class EvalOptions:
     base: Path | None = None  # where the artifact's base is now, if it moved
     expert_paths: Mapping[str, Path] = field(default_factory=dict)  # expert -> where it is now
     check_fingerprints: bool = True
+    calibration_samples: int = 64  # train examples per expert for the data-based methods' statistics
 
     def __post_init__(self) -> None:
-        for key in ("max_new_tokens", "batch_size", "limit", "val_limit"):
+        for key in ("max_new_tokens", "batch_size", "limit", "val_limit", "calibration_samples"):
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise TwinError(f"--{key.replace('_', '-')} must be an integer >= 1, got {v!r}")
@@ -123,6 +130,7 @@ class EvalResult:
     selections: list[Selection]
     router: RouterStats | None
     options: EvalOptions
+    statistics: list[ExpertCost] = field(default_factory=list)  # the data-based methods' statistics pass
 
     @property
     def scores(self) -> dict[str, dict[str, float]]:
@@ -190,20 +198,21 @@ class _Evaluator:
         scores, preds, out = self.run(runner, self.test, name, mix)
         return ArmResult(name, kind, scores, preds, out.tokens, out.seconds, stored, params)
 
-    def merge(self, plain: PlainModel, src: Sources, method: str, stored: int) -> tuple[ArmResult, Selection]:
+    def merge(self, plain: PlainModel, src: Sources, method: str, stored: int,
+              stats: Callable[[str], TensorStats] | None = None) -> tuple[ArmResult, Selection]:
         m = get_method(method)
         points = self.grids[method]
         val_scores: list[dict[str, float]] = []
         if len(points) > 1:
             for params in points:
-                plain.assign(merge_weights(src, m, params))
+                plain.assign(merge_weights(src, m, params, stats))
                 label = f"merge:{method} " + " ".join(f"{k}={v}" for k, v in params.items() if k != "seed")
                 val_scores.append(self.run(plain, self.validation, f"{label} (validation)")[0])
         sel = Selection(method, points, val_scores, 0)
         if val_scores:
             sel = Selection(method, points, val_scores, best_point(sel.val_means))
         if sel.chosen != len(points) - 1 or len(points) == 1:  # the last point built is still loaded otherwise
-            plain.assign(merge_weights(src, m, points[sel.chosen]))
+            plain.assign(merge_weights(src, m, points[sel.chosen], stats))
         return self.arm(plain, f"merge:{method}", "merge", stored, params=points[sel.chosen]), sel
 
 
@@ -223,10 +232,21 @@ def run_eval(tm: TwinModel, suite: TaskSuite, options: EvalOptions = EvalOptions
     for e in tm.experts:
         plain.assign(expert_weights(src, e))
         arms.append(ev.arm(plain, f"expert:{e}", "expert", src.stored_bytes(e)))
-    for method in options.methods:
-        result, sel = ev.merge(plain, src, method, sizes.core)
-        arms.append(result)
-        selections.append(sel)
+    costs: list[ExpertCost] = []
+    with contextlib.ExitStack() as stack:
+        statistics = None
+        kinds = needed_statistics(options.methods, ev.grids)
+        if kinds:
+            calibrations = suite_calibration(suite, expert_of_task, tm.experts, plain.tokenizer,
+                                             options.calibration_samples, options.batch_size,
+                                             getattr(plain.config, "max_position_embeddings", None))
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="twinrt-eval-statistics-")))
+            statistics, costs = eval_statistics(plain, src, calibrations, kinds, work, progress)
+        for method in options.methods:
+            result, sel = ev.merge(plain, src, method, sizes.core, statistics)
+            arms.append(result)
+            selections.append(sel)
+        del statistics
     del plain
 
     twin_bytes = sizes.core + sum(s.factors + s.dense for s in sizes.experts.values())
@@ -239,7 +259,7 @@ def run_eval(tm: TwinModel, suite: TaskSuite, options: EvalOptions = EvalOptions
         arms.append(ev.arm(tm, "twin:router", "twin", twin_bytes + routing.stored_bytes, weights))
     return EvalResult(artifact=str(art.path), tasks_dir=str(suite.root), tasks=ev.tasks,
                       expert_of_task=expert_of_task, examples={t: len(v) for t, v in ev.test.items()}, arms=arms,
-                      selections=selections, router=stats, options=options)
+                      selections=selections, router=stats, options=options, statistics=costs)
 
 
 def _route(routing: Routing, ev: _Evaluator, labels: list[str],

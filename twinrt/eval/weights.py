@@ -1,8 +1,10 @@
 """The weights of the eval's plain arms, streamed tensor by tensor from the base and the original experts.
 
-    expert_weights(src, n):        θ_n                                        (the original expert, exactly)
-    merge_weights(src, m, params): θ_base + merge_tensor(m, params, name, τ [N, ...])  for every float tensor,
-                                   τ_i = θ_i − θ_base: the split's own per-tensor merge (twinrt.merge.tensor)
+    expert_weights(src, n):               θ_n                               (the original expert, exactly)
+    merge_weights(src, m, params, stats): θ_base + merge_tensor(m, params, name, τ [N, ...], stats(name))
+                                          for every float tensor, τ_i = θ_i − θ_base: the split's own
+                                          per-tensor merge (twinrt.merge.tensor); stats: the experts'
+                                          calibration statistics, for the methods that need data
 
 so a static merge with the split's own method and parameters reproduces the artifact's core tensor for tensor
 (random methods draw the same keep masks). Tensors the split excluded from the merge
@@ -12,7 +14,7 @@ Only one tensor per expert is in memory at a time.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ import torch
 
 from twinrt.artifact.manifest import Manifest
 from twinrt.errors import TwinError
-from twinrt.merge import MergeMethod, merge_tensor
+from twinrt.merge import MergeMethod, TensorStats, merge_tensor
 from twinrt.sources.checkpoint import GGUFFile, SafetensorsDir, open_base
 from twinrt.sources.experts import FullExpert, LoraExpert, check_compatible, open_expert
 from twinrt.sources.model import expert_tensors
@@ -89,8 +91,11 @@ def expert_weights(src: Sources, expert: str) -> Weights:
     yield from expert_tensors(src.base, src.experts[expert])
 
 
-def merge_weights(src: Sources, method: MergeMethod, params: Mapping[str, Any]) -> Weights:
-    """(name, θ_base + merge(τ)) in float32 for float tensors (non-float ones are the base's, unchanged)."""
+def merge_weights(src: Sources, method: MergeMethod, params: Mapping[str, Any],
+                  stats: Callable[[str], TensorStats] | None = None) -> Weights:
+    """(name, θ_base + merge(τ)) in float32 for float tensors (non-float ones are the base's, unchanged).
+
+    `stats(name)`: the experts' calibration statistics of a tensor, for a method that needs data."""
     experts = list(src.experts.values())
     for name in src.base.names():
         base_t = src.base.get(name)
@@ -104,4 +109,5 @@ def merge_weights(src: Sources, method: MergeMethod, params: Mapping[str, Any]) 
             continue
         tau = torch.stack([t.float() for t in thetas]) - base32  # [N, ...]
         del thetas
-        yield name, base32 + merge_tensor(method, params, name, tau).tau
+        tensor_stats = stats(name) if stats is not None and method.statistics(params) else None
+        yield name, base32 + merge_tensor(method, params, name, tau, tensor_stats).tau

@@ -71,6 +71,16 @@ def encode_example(tokenizer: Any, row: dict[str, Any], where: str) -> Sample:
                     "(plain text)")
 
 
+def check_sample(sample: Sample, context: int | None, where: str) -> Sample:
+    """`sample` if the model can score it: no longer than `context` (when known), with a reference token."""
+    if context is not None and len(sample.ids) > context:
+        raise TwinError(f"{where}: the example is {len(sample.ids)} tokens, longer than the model's context of "
+                        f"{context}")
+    if not any(sample.scored):
+        raise TwinError(f"{where}: the example has no reference token to score")
+    return sample
+
+
 def load_calibration(path: Path, tokenizer: Any, *, samples: int, max_tokens: int | None,
                      context: int | None, expert: str, batch_size: int = 8) -> Calibration:
     """Read `path` (see the module docstring) for `expert`; `context`: the model's longest sequence, if known."""
@@ -83,12 +93,7 @@ def load_calibration(path: Path, tokenizer: Any, *, samples: int, max_tokens: in
     for where, row in jsonl_objects(path, "a JSON object (chat or text example)"):
         if len(out) >= samples:
             break
-        sample = encode_example(tokenizer, row, where)
-        if context is not None and len(sample.ids) > context:
-            raise TwinError(f"{where}: the example is {len(sample.ids)} tokens, longer than the model's "
-                            f"context of {context}")
-        if not any(sample.scored):
-            raise TwinError(f"{where}: the example has no reference token to score")
+        sample = check_sample(encode_example(tokenizer, row, where), context, where)
         if max_tokens is not None and total + len(sample.ids) > max_tokens:
             if not out:
                 raise TwinError(f"{where}: the first example is {len(sample.ids)} tokens, more than "
