@@ -39,9 +39,9 @@ class Forwards:
         self.steps: list[list[tuple[int, int, int]]] = []
         inner = engine._forward
 
-        def forward(ids, mask, cache, reqs, tokens):
+        def forward(ids, mask, cache, reqs, tokens, **kw):
             self.steps[-1].append((ids.shape[0], ids.shape[1], mask.shape[1] - ids.shape[1]))
-            return inner(ids, mask, cache, reqs, tokens)
+            return inner(ids, mask, cache, reqs, tokens, **kw)
 
         engine._forward = forward
         self.engine = engine
@@ -264,9 +264,9 @@ def _count_passes(engine, monkeypatch):
         steps[-1].append("packed")
         return inner_packed(*a)
 
-    def forward(ids, mask, cache, reqs, tokens):
+    def forward(ids, mask, cache, reqs, tokens, **kw):
         steps[-1].append((ids.shape[0], ids.shape[1]))
-        return inner_forward(ids, mask, cache, reqs, tokens)
+        return inner_forward(ids, mask, cache, reqs, tokens, **kw)
 
     monkeypatch.setattr(engine_module.packing, "packed_forward", packed_forward)
     monkeypatch.setattr(engine, "_forward", forward)

@@ -21,15 +21,16 @@ def tm(tiny_artifact) -> TwinModel:
     return tm
 
 
-def _forward(tm, ids, mask, cache, positions, mix):
+def _forward(tm, ids, mask, cache, positions, mix, keep=1):
+    """-> the logits after the last `keep` positions, [B, keep, V] float32 ([B, V] for keep=1)."""
     tm.set_mix(mix, tokens=ids.numel(), allow_materialize=False)
     try:
         with torch.no_grad():
             out = tm.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                           use_cache=True, logits_to_keep=1)
+                           use_cache=True, logits_to_keep=keep)
     finally:
         tm.clear_mix()
-    return out.logits[:, -1].float()
+    return out.logits[:, -1].float() if keep == 1 else out.logits.float()
 
 
 def _batch(tm, lengths, gen):
@@ -66,7 +67,7 @@ def test_a_packed_pass_equals_the_two_passes_it_replaces(tm, done, n, chunk_mix)
     mask2 = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
     want_rows = _forward(tm, nxt[:, None], mask2, rows2, (mask2.cumsum(-1) - 1)[:, -1:], _stack(MIXES))
     want_chunk = _forward(tm, prompt[None, done:], torch.ones(1, done + n, dtype=torch.long), chunk2,
-                          torch.arange(done, done + n)[None], None if chunk_mix is None else chunk_mix[None])
+                          torch.arange(done, done + n)[None], None if chunk_mix is None else chunk_mix[None], keep=n)
 
     # one packed pass: one mix per token, the chunk's tokens after the rows
     tm.set_mix(_stack(MIXES + [chunk_mix] * n), tokens=3 + n, allow_materialize=False)
@@ -75,9 +76,9 @@ def test_a_packed_pass_equals_the_two_passes_it_replaces(tm, done, n, chunk_mix)
     finally:
         tm.clear_mix()
 
-    assert got.shape == (4, tm.config.vocab_size)
-    torch.testing.assert_close(got[:3], want_rows, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got[3], want_chunk[0], atol=1e-5, rtol=1e-5)
+    assert got.shape == (3 + n, tm.config.vocab_size)
+    torch.testing.assert_close(got[:3].float(), want_rows, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[3:].float(), want_chunk.reshape(n, -1), atol=1e-5, rtol=1e-5)  # every token
     for a, b in zip(rows.layers + chunk.layers, rows2.layers + chunk2.layers):
         assert a.keys.shape == b.keys.shape
         torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)

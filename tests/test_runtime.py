@@ -273,8 +273,9 @@ def test_bad_mixes_raise_value_errors(tm, ids, mix, message):
 def test_bad_generate_arguments(tm):
     with pytest.raises(ValueError, match="prompts is empty"):
         tm.generate([], max_new_tokens=2)
-    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
-        tm.generate(["x"], max_new_tokens=0)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0"):
+        tm.generate(["x"], max_new_tokens=-1)
+    assert tm.generate(["x"], max_new_tokens=0) == [""]  # 0: score only, no token
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         tm.generate(["x"], temperature=-1.0)
     with pytest.raises(ValueError, match="prompt is empty"):

@@ -10,11 +10,17 @@ prompts go whole:
        the model allows (`packed`), else as a pass of its own; when its last chunk is in, it samples its first
        token and joins the running batch. How large a chunk is and how often one runs: see `Engine`.
 
-Finished rows (EOS, a stop string, max_new_tokens, the context length, a cancel, or an error) leave the batch
-at once. A row fails alone (finish_reason "error", `Request.error` says why): its logits are not finite, its
-sampling, decoding or callback raised, or a batched forward raised and bisection pinned it on that row; the
-others go on as if it had never been there. The engine is single-threaded; a server drives `step()` from one
-worker thread.
+Finished rows (EOS, a stop token or string, max_new_tokens, the context length, a finished constraint, a cancel,
+or an error) leave the batch at once. A row fails alone (finish_reason "error", `Request.error` says why): its
+logits are not finite, its constraint, sampling, decoding or callback raised, or a batched forward raised and
+bisection pinned it on that row; the others go on as if it had never been there. The engine is single-threaded;
+a server drives `step()` from one worker thread.
+
+How a row picks its token (`SamplingParams`, vLLM's rules): rows whose parameters leave the logits as they are
+take one batched argmax, or sample from their raw logits; the others go through `logits.process` (logit_bias,
+min_tokens, the constraint's mask, penalties) together first. Every sampled row draws from its own generator,
+so its tokens do not depend on its batch-mates. Logprobs (`logprobs`, `prompt_logprobs`) are log_softmax of the
+raw float32 logits of the row's own mix.
 
 The engine owns its queue and batch: callers `add`, `cancel` and `abort` requests and read `waiting`,
 `running`, `prefilling` and `counts()`. What it needs from the model it drives is `runner.Runner`; its cost
@@ -34,13 +40,16 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from twinrt.runtime import cache_ops
+from twinrt.runtime import logits as processing
 from twinrt.runtime import packed as packing
+from twinrt.runtime.constraint import TokenConstraint, fit
 from twinrt.runtime.request import (
     Prompt,
     Request,
     RowFailure,
     SamplingParams,
     TokenCallback,
+    TokenLogprob,
     encode_prompt,
     end_ids,
 )
@@ -59,6 +68,16 @@ MAX_SHARE = 100.0  # the most a long prompt behind its deadline takes: chunks ne
 BOOST_STEP = 1.25  # its share's factor grows by this each step it is behind, and shrinks so while it is not
 NOT_FINITE = ("the model's output for this request is not finite (are the routing weights or sampling "
               "parameters extreme?)")
+SCORE_BLOCK = 2**25  # prompt_logprobs: the most logits kept at once (floats: 128 MiB in float32, and about as
+#                      much again while they are scored)
+
+
+class _NoTokenAllowed(Exception):
+    """The row's constraint and min_tokens leave no token it may take."""
+
+
+class _ConstraintFailed(Exception):
+    """The row's constraint raised (the cause is chained)."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +113,30 @@ def _holdback(text: str, stops: tuple[str, ...]) -> int:
                 n = max(n, k)
                 break
     return n
+
+
+def _prompt_entries(r: Request, logits: torch.Tensor, first: int) -> list[TokenLogprob] | None:
+    """logits: [m, V], those after prompt_ids[first - 1], prompt_ids[first], ... -> the TokenLogprobs of
+    prompt_ids[first:first + m] (logits past the prompt's end are left out); None if one is not finite."""
+    m = min(logits.shape[0], r.prompt_tokens - first)
+    if m <= 0:
+        return []
+    rows = logits[:m]
+    if not bool(torch.isfinite(rows).all()):
+        return None
+    return processing.entries(rows, torch.tensor(r.prompt_ids[first:first + m]), [r.params.prompt_logprobs] * m)
+
+
+def _find_stop(text: str, stops: tuple[str, ...], emitted: int, floor: int) -> tuple[int, str] | None:
+    """The earliest stop string in `text` not searched before -> (where it starts, which). A stop string must end
+    past character `floor` (vLLM's min_tokens rule); one ending within the `emitted` text was found before (the
+    search still starts a character early, in case decoding changed the last one)."""
+    best: tuple[int, str] | None = None
+    for s in stops:
+        at = text.find(s, max(0, emitted - len(s), floor - len(s) + 1))
+        if at >= 0 and (best is None or at < best[0]):
+            best = (at, s)
+    return best
 
 
 def culprits(n: int, probe: Callable[[list[int]], object]) -> list[tuple[int, Exception]]:
@@ -150,6 +193,15 @@ class Engine:
     several steps). The defaults favour short requests' latency while a long prompt prefills, at the long
     prompt's expense (the README's serving benchmark measures both); a deployment that favours long prompts
     wants a larger share.
+
+    Scoring (`prompt_logprobs`, with `max_new_tokens=0` to score only). The logits after every prompt position
+    come from the same passes that fill the cache, so prompt logprobs are there on every path: a whole-prompt
+    group (left-padded) runs in blocks of columns, a long prompt's chunk in a pass of its own or packed in the
+    rows' decode pass keeps the logits of all its tokens. Memory stays bounded: at most SCORE_BLOCK logits exist
+    at once (a group's block of columns is as narrow as that needs, down to one column, and a group has at most
+    SCORE_BLOCK // V rows; a scored long prompt's chunks have at most SCORE_BLOCK // V tokens, beside the [B, V]
+    of the decode pass they may ride in). Scoring requests batch in one prefill as any prompts do; with the
+    default budget a group's block is all its columns, one pass.
     """
 
     def __init__(self, tm: Runner, max_batch: int = 64, materialize: bool = True,
@@ -188,6 +240,9 @@ class Engine:
         self.attn = attention_share(tm.model, tm.config)
         self._joinable = cache_ops.joinable(DynamicCache(config=tm.config))
         self._pad = tm.tokenizer.pad_token_id or 0
+        text = tm.config.get_text_config(decoder=True) if hasattr(tm.config, "get_text_config") else tm.config
+        self.vocab = int(text.vocab_size)  # V: the width of the model's logits (may exceed the tokenizer's)
+        self._score_rows = max(1, SCORE_BLOCK // self.vocab)  # scored rows (or chunk tokens) whose logits fit
         self.packed = packed and packing.supported(tm.model, DynamicCache(config=tm.config))
         if self.packed:
             packing.enable(tm.model)
@@ -198,20 +253,29 @@ class Engine:
         """Token ids of a prompt: chat messages go through the chat template with a generation prompt."""
         return encode_prompt(self.tm.tokenizer, prompt)
 
-    def add(self, prompt: Prompt | list[int], mix: torch.Tensor | None, params: SamplingParams,
-            on_token: TokenCallback | None = None, deadline: float | None = None) -> Request:
-        """Queue a request; `mix` is a validated [N] row (None or all zeros = core). `deadline`: the
-        time.perf_counter() past which its caller gives up on it; a long prompt's chunks get more than
-        `chunk_share` when they would otherwise miss it (see the class)."""
-        token_ids = isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)
+    def add(self, prompt: Prompt | list[int] | tuple[int, ...], mix: torch.Tensor | None, params: SamplingParams,
+            on_token: TokenCallback | None = None, deadline: float | None = None,
+            constraint: TokenConstraint | None = None) -> Request:
+        """Queue a request; `prompt` is text, chat messages, or token ids (a list or tuple of ints); `mix` is a
+        validated [N] row (None or all zeros = core). `deadline`: the time.perf_counter() past which its caller
+        gives up on it; a long prompt's chunks get more than `chunk_share` when they would otherwise miss it (see
+        the class). `constraint`: what may come next at each step (see `constraint`). Raises ValueError for a
+        prompt or token ids the model cannot take."""
+        token_ids = isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt)
         ids = list(prompt) if token_ids else self.encode(prompt)
+        if token_ids and not ids:
+            raise ValueError("prompt is empty (no tokens)")
+        if token_ids and not all(0 <= t < self.vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab}), got {min(ids)}..{max(ids)}")
         if len(ids) >= self.context:
             raise ValueError(f"prompt has {len(ids)} tokens; the context length is {self.context}")
+        if any(t >= self.vocab for t, _ in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be < {self.vocab} (the model's vocabulary)")
         gen = None
         if not is_greedy(params.temperature):
             gen = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
         req = Request(next(self._ids), ids, None if mix is None or not bool(mix.any()) else mix, params, on_token,
-                      generator=gen, deadline=deadline)
+                      generator=gen, deadline=deadline, constraint=constraint)
         self._waiting.append(req)
         return req
 
@@ -417,6 +481,8 @@ class Engine:
         p = self._partial
         r = p.req
         n = chunk_tokens(p.done, r.prompt_tokens - p.done, chunk_budget, self.attn)
+        if r.params.prompt_logprobs is not None:
+            n = min(n, self._score_rows)
         rows = self._running
         snaps = cache_ops.snapshot(self._cache), cache_ops.snapshot(p.cache)
         t = time.perf_counter()
@@ -451,15 +517,8 @@ class Engine:
         p.packed_cost = 0.8 * p.packed_cost + cost
         p.s_per_cost = p.packed_s / p.packed_cost
         self._mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
-        self._next = self._advance(rows, logits[:-1])
-        p.done += n
-        if not bool(torch.isfinite(logits[-1]).all()):
-            self._fail_not_finite(r)
-            self._partial = None
-            finished.append(r)
-        elif p.done == r.prompt_tokens:
-            self._partial = None
-            self._join([r], logits[-1:], cache_ops.released(p.cache), torch.ones(1, p.done, dtype=torch.long))
+        self._next = self._advance(rows, logits[:len(rows)].float())
+        self._chunk_done(logits[len(rows):], n, finished)
         return added
 
     def _schedule(self, budget: float, finished: list[Request]) -> tuple[list[Request], float]:
@@ -505,10 +564,11 @@ class Engine:
         n = len(self.tm.experts)
         return torch.stack([r.mix if r.mix is not None else torch.zeros(n) for r in reqs])
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache, reqs: list[Request], tokens: int
-                 ) -> torch.Tensor:
-        """ids: [B, T] after the cache's columns; mask: [B, L + T] -> last-position logits [B, V] float32.
-        Appends T columns to `cache` in place."""
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache, reqs: list[Request], tokens: int,
+                 every: bool = False) -> torch.Tensor:
+        """ids: [B, T] after the cache's columns; mask: [B, L + T] -> last-position logits [B, V] float32, or
+        with `every` the logits after every position, [B, T, V] in the model's dtype. Appends T columns to
+        `cache` in place."""
         dev = self.tm.device
         mask = mask.to(dev)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]  # [B, T]
@@ -517,10 +577,10 @@ class Engine:
                             step_tokens=ids.numel())
             with torch.no_grad():
                 out = self.tm.model(input_ids=ids.to(dev), attention_mask=mask, position_ids=positions,
-                                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+                                    past_key_values=cache, use_cache=True, logits_to_keep=0 if every else 1)
         finally:
             self.tm.clear_mix()
-        return out.logits[:, -1, :].float()  # [B, V]
+        return out.logits if every else out.logits[:, -1, :].float()  # [B, T, V] or [B, V]
 
     @staticmethod
     def _remaining(reqs: list[Request]) -> int:
@@ -551,8 +611,12 @@ class Engine:
         self._mask = torch.cat([self._mask, torch.ones(len(self._running), 1, dtype=torch.long)], dim=1)
         self._next = self._advance(self._running, logits)
 
-    def _prefill(self, reqs: list[Request]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
-        """Whole prompts, left-padded into a new cache -> (logits [B, V], cache, mask [B, W])."""
+    def _prefill(self, reqs: list[Request]
+                 ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, dict[int, list[TokenLogprob] | None]]:
+        """Whole prompts, left-padded into a new cache -> (logits [B, V], cache, mask [B, W], scores), where
+        scores[i] are row i's prompt TokenLogprobs after the first token (rows with prompt_logprobs; None where a
+        logit is not finite). With scored rows the prompts go in blocks of columns, each keeping the logits
+        after all its positions, at most SCORE_BLOCK of them (see the class)."""
         width = max(r.prompt_tokens for r in reqs)
         ids = torch.full((len(reqs), width), self._pad, dtype=torch.long)  # [B, W]
         mask = torch.zeros((len(reqs), width), dtype=torch.long)
@@ -561,20 +625,45 @@ class Engine:
             mask[i, width - r.prompt_tokens:] = 1
         tokens = sum(r.prompt_tokens + r.params.max_new_tokens for r in reqs)
         cache = DynamicCache(config=self.tm.config)
-        return self._forward(ids, mask, cache, reqs, tokens), cache, mask
+        scoring = [i for i, r in enumerate(reqs) if r.params.prompt_logprobs is not None]
+        if not scoring:
+            return self._forward(ids, mask, cache, reqs, tokens), cache, mask, {}
+        scores: dict[int, list[TokenLogprob] | None] = {i: [] for i in scoring}
+        cols = max(1, SCORE_BLOCK // (len(reqs) * self.vocab))
+        for c0 in range(0, width, cols):
+            c1 = min(width, c0 + cols)
+            block = self._forward(ids[:, c0:c1], mask[:, :c1], cache, reqs, tokens, every=True)  # [B, c, V]
+            for i in scoring:
+                pad = width - reqs[i].prompt_tokens  # column j's logits score prompt token j + 1 - pad
+                lo = max(c0, pad)
+                if lo < c1 and scores[i] is not None:
+                    got = _prompt_entries(reqs[i], block[i, lo - c0:], lo + 1 - pad)
+                    scores[i] = None if got is None else scores[i] + got
+        return block[:, -1].float(), cache, mask, scores
 
     def _admit(self, new: list[Request], finished: list[Request]) -> None:
-        """Prefill whole prompts, pick their first tokens, and join them to the running batch."""
+        """Prefill whole prompts, pick their first tokens, and join them to the running batch (in groups of at
+        most SCORE_BLOCK // V rows when some are scored, so that a block of columns is within SCORE_BLOCK)."""
+        size = self._score_rows if any(r.params.prompt_logprobs is not None for r in new) else len(new)
+        for g in range(0, len(new), size):
+            self._admit_group(new[g:g + size], finished)
+
+    def _admit_group(self, new: list[Request], finished: list[Request]) -> None:
         try:
-            logits, cache, mask = self._prefill(new)
+            logits, cache, mask, scores = self._prefill(new)
         except Exception as e:  # noqa: BLE001
             bad = self._blame(new, e, lambda rows: self._prefill([new[i] for i in rows]), "prefill")
             finished += bad
             new = [r for r in new if r not in bad]
             if not new:
                 return
-            logits, cache, mask = self._prefill(new)
-        self._join(new, logits, cache, mask)
+            logits, cache, mask, scores = self._prefill(new)
+        for i, got in scores.items():
+            if got is None:
+                self._fail_not_finite(new[i])  # done: _join leaves it out
+            else:
+                new[i].prompt_logprobs = [None, *got]
+        self._join(new, logits, cache, mask, finished)
 
     def _continue_prefill(self, budget: float, finished: list[Request]) -> float:
         """The next chunk of the long prompt into its own cache; when it is all in, the row joins the batch.
@@ -588,30 +677,59 @@ class Engine:
             finished.append(r)
             return 0.0
         n = chunk_tokens(p.done, r.prompt_tokens - p.done, budget, self.attn)
+        scoring = r.params.prompt_logprobs is not None
+        if scoring:
+            n = min(n, self._score_rows)
         ids = torch.tensor([r.prompt_ids[p.done:p.done + n]])  # [1, n]
         mask = torch.ones(1, p.done + n, dtype=torch.long)  # [1, done + n]: positions continue the prompt
         tokens = r.prompt_tokens - p.done + r.params.max_new_tokens
         try:
-            logits = self._forward(ids, mask, p.cache, [r], tokens)
+            logits = self._forward(ids, mask, p.cache, [r], tokens, every=scoring)  # [1, V] or [1, n, V]
         except Exception as e:
             log.exception("prefill chunk of request %d failed", r.id)
             self._fail(r, RowFailure(f"generation failed: {type(e).__name__}", client=False))
             self._partial = None
             finished.append(r)
             return 0.0
-        cost = prefill_cost(p.done, n, self.attn)
+        self._chunk_done(logits[0] if scoring else logits, n, finished)
+        return prefill_cost(p.done - n, n, self.attn)
+
+    def _chunk_done(self, logits: torch.Tensor, n: int, finished: list[Request]) -> None:
+        """The long prompt's chunk of `n` tokens is in; logits: [n, V] after each of them (or [1, V] after the
+        last, when it is not scored). Scores its prompt tokens, and joins the row to the batch when it is all in."""
+        p = self._partial
+        r = p.req
+        scored: list[TokenLogprob] | None = []
+        if r.params.prompt_logprobs is not None:
+            if p.done == 0:
+                r.prompt_logprobs = [None]
+            scored = _prompt_entries(r, logits, p.done + 1)
         p.done += n
-        if not bool(torch.isfinite(logits).all()):
+        last = logits[-1:].float()  # [1, V]
+        if scored is None or not bool(torch.isfinite(last).all()):
             self._fail_not_finite(r)
             self._partial = None
             finished.append(r)
-        elif p.done == r.prompt_tokens:
+            return
+        r.prompt_logprobs += scored
+        if p.done == r.prompt_tokens:
             self._partial = None
-            self._join([r], logits, cache_ops.released(p.cache), mask)
-        return cost
+            self._join([r], last, cache_ops.released(p.cache), torch.ones(1, p.done, dtype=torch.long), finished)
 
-    def _join(self, new: list[Request], logits: torch.Tensor, cache: DynamicCache, mask: torch.Tensor) -> None:
+    def _join(self, new: list[Request], logits: torch.Tensor, cache: DynamicCache, mask: torch.Tensor,
+              finished: list[Request]) -> None:
+        """Pick the first tokens of prefilled rows (cache [B, H, W, D], mask [B, W]) and join those not done then
+        to the running batch; the others go to `finished`."""
         nxt = self._advance(new, logits)
+        keep = [i for i, r in enumerate(new) if not r.done]
+        finished += [r for r in new if r.done]
+        if not keep:
+            return
+        if len(keep) < len(new):
+            rows = torch.tensor(keep)
+            mask = cache_ops.keep_rows(cache, mask, rows)
+            nxt = nxt.index_select(0, rows)
+            new = [new[i] for i in keep]
         if self._cache is None:
             self._cache, self._mask, self._next = cache, mask, nxt
         else:
@@ -671,51 +789,144 @@ class Engine:
 
     def _advance(self, reqs: list[Request], logits: torch.Tensor) -> torch.Tensor:
         """Pick each row's next token, update its text, and finish rows that are done. -> [B] next inputs.
-        Each row on its own: non-finite logits, or a raise in its sampling, decoding or callback, fail it alone."""
+
+        logits: [B, V] float32, raw. Rows whose parameters leave them as they are take the batched argmax (or
+        sample from them); the rest are processed together first (`_process`). Each row on its own: non-finite
+        logits, or a raise in its constraint, sampling, decoding or callback, fail it alone."""
         finite = torch.isfinite(logits).all(dim=-1).tolist()  # [B]
         greedy = logits.argmax(dim=-1).tolist()  # [B]
-        nxt = []
+        live = []
         for i, r in enumerate(reqs):
-            t = self._pad
+            if r.done:  # failed before its first token (its prompt's scores)
+                continue
             if r.cancelled:
                 r.finish_reason = "cancelled"
                 self._final_callback(r)
             elif not finite[i]:
                 self._fail_not_finite(r)
+            elif r.params.max_new_tokens == 0:  # score only: no token
+                r.finish_reason = "length"
+                self._final_callback(r)
             else:
-                try:
-                    p = r.params
-                    t = greedy[i] if is_greedy(p.temperature) else sample_row(logits[i], p.temperature, p.top_p,
-                                                                              r.generator)
-                    self._accept(r, t)
-                except Exception as e:
-                    log.exception("request %d failed while picking its next token", r.id)
-                    self._fail(r, RowFailure(f"generation failed: {type(e).__name__}", client=False))
-            nxt.append(t)
+                live.append(i)
+        processed = self._process(reqs, logits, live)
+        picked: dict[int, int] = {}
+        for i in live:
+            r = reqs[i]
+            if r.done:
+                continue
+            try:
+                picked[i] = self._pick(r, greedy[i], logits[i], processed.get(i))
+            except Exception as e:
+                self._fail_row(r, e, "picking its next token")
+        scored = [i for i in picked if reqs[i].params.logprobs is not None]
+        entries = dict(zip(scored, processing.entries(
+            logits[scored], torch.tensor([picked[i] for i in scored], dtype=torch.long),
+            [reqs[i].params.logprobs for i in scored]))) if scored else {}
+        nxt = [self._pad] * len(reqs)
+        for i, t in picked.items():
+            nxt[i] = t
+            try:
+                self._accept(reqs[i], t, entries.get(i))
+            except Exception as e:
+                self._fail_row(reqs[i], e, "taking its next token")
         return torch.tensor(nxt, dtype=torch.long)
 
-    def _accept(self, r: Request, t: int) -> None:
-        if t in self.eos and not r.params.ignore_eos:
+    def _process(self, reqs: list[Request], logits: torch.Tensor, rows: list[int]) -> dict[int, torch.Tensor]:
+        """The processed logits ([V] float32, `logits.process`) of the rows that need processing, by row. A row
+        whose constraint is finished ends here ("stop"); one whose constraint raises fails."""
+        need, allowed = [], []
+        for i in rows:
+            r = reqs[i]
+            if not processing.needs_processing(r):
+                continue
+            try:
+                mask = None
+                if r.constraint is not None:
+                    if self._constrained(r.constraint.finished):
+                        r.finish_reason = "stop"
+                        self._emit(r)
+                        continue
+                    got = self._constrained(r.constraint.allowed)
+                    mask = None if got is None else fit(got, self.vocab)
+            except Exception as e:
+                self._fail_row(r, e, "constraining its next token")
+                continue
+            need.append(i)
+            allowed.append(mask)
+        if not need:
+            return {}
+        x = processing.process(logits[need], [reqs[i] for i in need], allowed, self.eos)  # [b, V]
+        return {i: x[j] for j, i in enumerate(need)}
+
+    @staticmethod
+    def _constrained(call: Callable[..., object], *args: object):
+        """A call into a row's constraint; what it raises becomes _ConstraintFailed (the row fails alone)."""
+        try:
+            return call(*args)
+        except Exception as e:
+            raise _ConstraintFailed(type(e).__name__) from e
+
+    @staticmethod
+    def _pick(r: Request, greedy: int, raw: torch.Tensor, processed: torch.Tensor | None) -> int:
+        """The row's token: the batched argmax `greedy` of its raw logits, or from its processed logits."""
+        p = r.params
+        if processed is None:
+            if is_greedy(p.temperature):
+                return greedy
+            return sample_row(raw, p.temperature, p.top_p, r.generator, p.top_k, p.min_p)
+        if not bool(processed.max() > float("-inf")):
+            raise _NoTokenAllowed("no token may come next: the constraint (and min_tokens) exclude every token")
+        return sample_row(processed, p.temperature, p.top_p, r.generator, p.top_k, p.min_p)
+
+    def _fail_row(self, r: Request, e: Exception, what: str) -> None:
+        log.error("request %d failed while %s", r.id, what, exc_info=e)
+        if isinstance(e, _NoTokenAllowed):
+            message = str(e)
+        elif isinstance(e, _ConstraintFailed):
+            message = f"generation failed: its constraint raised {e}"
+        else:
+            message = f"generation failed: {type(e).__name__}"
+        self._fail(r, RowFailure(message, client=False))
+
+    def _accept(self, r: Request, t: int, entry: TokenLogprob | None) -> None:
+        """Row r took token t (with its TokenLogprob when asked): EOS and stop_token_ids end it unseen, any other
+        token joins the output (its constraint advances past it); then the row's end and its streamed text."""
+        p = r.params
+        if (t in self.eos and not p.ignore_eos) or t in p.stop_token_ids:
             r.finish_reason = "stop"
         else:
             r.output_ids.append(t)
+            if entry is not None:
+                r.logprobs.append(entry)
+            if r.constraint is not None:
+                self._constrained(r.constraint.advance, t)
             self._update_text(r)
-        if r.finish_reason is None and (r.completion_tokens >= r.params.max_new_tokens
+            if r.constraint is not None and not r.done and self._constrained(r.constraint.finished):
+                r.finish_reason = "stop"  # a complete output, even at max_new_tokens
+        if r.finish_reason is None and (r.completion_tokens >= p.max_new_tokens
                                         or r.prompt_tokens + r.completion_tokens >= self.context):
             r.finish_reason = "length"
         self._emit(r)
 
     def _update_text(self, r: Request) -> None:
+        """Decode the output; a stop string ends the row, the text cut before it (or after it, with
+        include_stop_str_in_output). As vLLM: none may end within the text of the first min_tokens tokens."""
         text = self.tm.tokenizer.decode(r.output_ids, skip_special_tokens=True)
-        for s in r.params.stop:
-            at = text.find(s, max(0, r.emitted - len(s)))
-            if at >= 0:
-                text = text[:at]
+        p = r.params
+        if p.stop and r.completion_tokens <= p.min_tokens:
+            r.stop_after = len(text)
+        elif p.stop:
+            hit = _find_stop(text, p.stop, r.emitted, r.stop_after)
+            if hit is not None:
+                at, s = hit
+                text = text[:at + len(s)] if p.include_stop_str_in_output else text[:at]
                 r.finish_reason = "stop"
         r.text = text
 
     def _emit(self, r: Request) -> None:
-        end = len(r.text) if r.done else len(r.text) - _holdback(r.text, r.params.stop)
+        held = () if r.params.include_stop_str_in_output else r.params.stop  # kept stop strings need no holdback
+        end = len(r.text) if r.done else len(r.text) - _holdback(r.text, held)
         if end > r.emitted:
             delta = r.text[r.emitted:end]
             r.emitted = end

@@ -123,7 +123,8 @@ def packed_forward(model: nn.Module, rows_next: torch.Tensor, rows_cache: Dynami
 
     rows_next: [B] the token each row feeds; rows_mask: [B, L] the rows' mask before it (left padding);
     chunk_ids: [n] the prompt's tokens at positions chunk_start ...; both caches grow in place.
-    -> logits [B + 1, V] float32: each row's next-token logits, then the chunk's last token's.
+    -> logits [B + n, V] in the model's dtype: each row's next-token logits, then those after each chunk token
+    (the chunk's last one is the long prompt's next-token logits; the others score its prompt).
     """
     b, n = rows_next.shape[0], chunk_ids.shape[0]
     dev = rows_mask.device
@@ -140,5 +141,4 @@ def packed_forward(model: nn.Module, rows_next: torch.Tensor, rows_cache: Dynami
     with _packing(pack), torch.no_grad():
         out = model(input_ids=ids, attention_mask=unused, position_ids=positions, past_key_values=_PackedCache(pack),
                     use_cache=True, logits_to_keep=1)
-    logits = out.logits[:, -1, :]  # [B + n, V]
-    return torch.cat([logits[:b], logits[-1:]]).float()
+    return out.logits[:, -1, :]  # [B + n, V]
