@@ -2,6 +2,7 @@
 
     POST /v1/chat/completions   POST /v1/completions   (stream: true -> SSE ending in `data: [DONE]`)
     GET  /v1/models             GET  /v1/models/{model}
+    POST /tokenize              POST /detokenize       (vLLM's; serving.tokenize)
     GET  /health                GET  /metrics (Prometheus text format)
 
 /health answers 200 {"status": "ok"} while requests can be served, and 503 {"status": "draining" |
@@ -37,6 +38,7 @@ from serving.responses import CHAT, COMPLETIONS
 from serving.routelog import RouteLog
 from serving.routing import RoutingService
 from serving.schemas import ChatCompletionRequest, CompletionRequest
+from serving.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 
 WATCHDOG_S = 0.5
 RECORD_FLUSH_S = 15.0
@@ -142,6 +144,14 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
         return await complete(server, COMPLETIONS, body, request)
+
+    @app.post("/tokenize")
+    async def tokenize_(body: TokenizeRequest) -> dict[str, Any]:
+        return await tokenize(server, body)
+
+    @app.post("/detokenize")
+    async def detokenize_(body: DetokenizeRequest) -> dict[str, Any]:
+        return await detokenize(server, body)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -1,7 +1,7 @@
-"""Plain ASGI middlewares: the API key check on /v1/*, the request body size limit, and error counting.
+"""Plain ASGI middlewares: the API key check, the request body size limit, and error counting.
 
-    ApiKeyAuth   /v1/* needs `Authorization: Bearer KEY` (constant-time compare), else 401 invalid_api_key;
-                 /health and /metrics stay open.
+    ApiKeyAuth   /v1/*, /tokenize and /detokenize need `Authorization: Bearer KEY` (constant-time compare),
+                 else 401 invalid_api_key; /health and /metrics stay open.
     BodyLimit    a body over `max_bytes` (by Content-Length, or counted while reading a chunked body) is
                  answered 413 request_too_large before the app sees it; smaller bodies are buffered and
                  replayed to the app, then `receive` passes through (so disconnects are still seen).
@@ -19,6 +19,7 @@ from typing import Any
 from serving.errors import error_body
 
 Scope = dict[str, Any]
+PROTECTED = ("/tokenize", "/detokenize")  # besides /v1/*
 
 
 async def _send_error(send: Any, status: int, message: str, code: str, headers: list | None = None) -> None:
@@ -42,7 +43,7 @@ class ApiKeyAuth:
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and (scope["path"].startswith("/v1/") or scope["path"] in PROTECTED):
             got = _header(scope, b"authorization") or b""
             if not hmac.compare_digest(got, self.expected):
                 await _send_error(send, 401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
