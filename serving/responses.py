@@ -22,6 +22,14 @@ class Shape:
     id_prefix: str
     choice: Callable[[int, str, str | None], dict[str, Any]]               # (index, text, finish_reason)
     chunk_choice: Callable[[int, str, str | None, bool], dict[str, Any]]   # (+ first chunk of this choice)
+    message: str | None = None  # the key of a choice's message object ("message" / "delta"); None: the choice
+
+    def extend(self, choice: dict[str, Any], fields: dict[str, Any], chunk: bool = False) -> dict[str, Any]:
+        """Add message fields (tool_calls, ...) where this endpoint puts them: in the chat message (or
+        delta), else on the choice itself."""
+        if fields:
+            (choice["delta" if chunk else "message"] if self.message else choice).update(fields)
+        return choice
 
 
 def _chat_choice(i: int, text: str, finish: str | None) -> dict[str, Any]:
@@ -42,7 +50,7 @@ def _text_chunk_choice(i: int, text: str, finish: str | None, first: bool) -> di
 
 
 CHAT = Shape("chat.completions", "chat.completion", "chat.completion.chunk", "chatcmpl-", _chat_choice,
-             _chat_chunk_choice)
+             _chat_chunk_choice, message="message")
 COMPLETIONS = Shape("completions", "text_completion", "text_completion", "cmpl-", _text_choice, _text_chunk_choice)
 
 
@@ -55,13 +63,14 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_body(shape: Shape, rid: str, created: int, model: str, texts: Sequence[str],
-                    finish_reasons: Sequence[str], prompt_tokens: int, completion_tokens: int,
-                    routing: dict[str, Any]) -> dict[str, Any]:
-    """A whole (non-streamed) completion object; `prompt_tokens` counts the prompt once, whatever n is."""
-    return {"id": rid, "object": shape.object, "created": created, "model": model,
-            "choices": [shape.choice(i, t, f) for i, (t, f) in enumerate(zip(texts, finish_reasons))],
-            "usage": usage(prompt_tokens, completion_tokens), "system_fingerprint": None, "routing": routing}
+def completion_body(shape: Shape, rid: str, created: int, model: str, choices: Sequence[dict[str, Any]],
+                    prompt_tokens: int, completion_tokens: int, routing: dict[str, Any],
+                    **extra: Any) -> dict[str, Any]:
+    """A whole (non-streamed) completion object; `prompt_tokens` counts each prompt once, whatever n is.
+    `extra`: top-level fields of vLLM's extensions (prompt_logprobs, prompt_token_ids)."""
+    return {"id": rid, "object": shape.object, "created": created, "model": model, "choices": list(choices),
+            "usage": usage(prompt_tokens, completion_tokens), "system_fingerprint": None, **extra,
+            "routing": routing}
 
 
 @dataclass
@@ -89,8 +98,14 @@ class ChunkWriter:
             self._sent_first = True
         return sse(body)
 
-    def delta(self, index: int, text: str, first: bool = False, finish: str | None = None) -> str:
-        return self._chunk([self.shape.chunk_choice(index, text, finish, first)])
+    def delta(self, index: int, text: str, first: bool = False, finish: str | None = None,
+              logprobs: dict[str, Any] | None = None, fields: dict[str, Any] | None = None) -> str:
+        """One choice's chunk: `first` opens the choice (chat: with the role); `fields` go in the delta (chat)
+        or on the choice (completions), e.g. tool_calls or token_ids."""
+        choice = self.shape.chunk_choice(index, text, finish, first)
+        if logprobs is not None:
+            choice["logprobs"] = logprobs
+        return self._chunk([self.shape.extend(choice, fields or {}, chunk=True)])
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
         """The final usage chunk (stream_options.include_usage): no choices."""

@@ -29,12 +29,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from twinrt.runtime.engine import encode_prompt
 
-Message = Mapping[str, str]
-Prompt = str | tuple[Message, ...]
+if TYPE_CHECKING:
+    from twinrt.runtime.request import TokenLogprob
+    from twinrt.runtime.structured import StructuredSpec
+
+Message = Mapping[str, Any]
+Prompt = str | tuple[Message, ...] | tuple[int, ...]
 SEED_MASK = 2**64 - 1  # engines take a seed as an unsigned 64-bit integer; requests may give any 64-bit one
 T = TypeVar("T")
 
@@ -71,8 +75,14 @@ class EngineUnavailable(BackendError):
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One completion to produce. `mix`: one weight per expert in the backend's `experts` order, or None for
-    the shared core alone. `max_tokens`: None = up to the end of the context."""
+    """One completion to produce. `prompt`: text, chat messages, or token ids (taken as they are). `mix`: one
+    weight per expert in the backend's `experts` order, or None for the shared core alone. `max_tokens`: None =
+    up to the end of the context; 0 = no completion (the prompt is scored: `prompt_logprobs`).
+
+    The sampling fields have vLLM's semantics (twinrt.runtime.request.SamplingParams states them); `logprobs`
+    and `prompt_logprobs` ask for that many top alternatives per generated / prompt token (0: the token's own
+    logprob only; None: none). `structured`: a decode-time constraint on the completion. `tools`: passed to
+    the chat template with chat prompts (OpenAI's function format)."""
 
     prompt: Prompt
     mix: tuple[float, ...] | None
@@ -84,12 +94,42 @@ class GenerationRequest:
     ignore_eos: bool = False  # an end-of-sequence token does not finish the completion (vLLM's ignore_eos)
     deadline: float | None = None  # time.perf_counter() past which the server gives up on it; a backend may
     #                                schedule by it (the local one does, for long prompts)
+    top_k: int = 0
+    min_p: float = 0.0
+    min_tokens: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    structured: StructuredSpec | None = None
+    tools: tuple[dict[str, Any], ...] | None = None
+
+
+# the GenerationRequest fields every engine takes under the same name (engine_sampling passes them on)
+SAMPLING_FIELDS = ("temperature", "top_p", "ignore_eos", "top_k", "min_p", "min_tokens", "repetition_penalty",
+                   "presence_penalty", "frequency_penalty", "stop_token_ids", "include_stop_str_in_output",
+                   "logprobs", "prompt_logprobs")
 
 
 @dataclass(frozen=True)
 class Admission:
     prompt_tokens: int
     max_tokens: int  # the budget the backend will honour (the request's, or what the context leaves)
+    prompt_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What one step of a generation adds: text, and the logprobs of the tokens it covers (when asked for). A
+    generation's first delta also carries the prompt's logprobs, when asked for."""
+
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +139,9 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     token_ids: tuple[int, ...] = ()  # the completion's tokens (what backends are compared on)
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token of token_ids, when asked for
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()  # one per prompt token ([0] None), when asked for
+    prompt_ids: tuple[int, ...] = ()
 
 
 _END = object()
@@ -133,8 +176,8 @@ class Generation:
             self._admission.set_exception(error)
         self._close()
 
-    def push(self, delta: str) -> None:
-        if delta:
+    def push(self, delta: Delta) -> None:
+        if delta.text or delta.logprobs or delta.prompt_logprobs is not None:
             self._deltas.put_nowait(delta)
 
     def finish(self, result: Finished) -> None:
@@ -164,7 +207,7 @@ class Generation:
     def __aiter__(self) -> Generation:
         return self
 
-    async def __anext__(self) -> str:
+    async def __anext__(self) -> Delta:
         item = await self._deltas.get()
         if item is _END:
             self._deltas.put_nowait(_END)  # later iterations end too
@@ -215,15 +258,14 @@ def check_submit(request: GenerationRequest, running: bool, inflight: int, max_b
 def engine_sampling(make: Callable[..., T], request: GenerationRequest, **engine_fields: Any) -> T:
     """An engine's sampling parameters for a request, every backend the same way:
 
-        make(temperature=request.temperature, top_p=request.top_p, ignore_eos=request.ignore_eos,
+        make(**{f: getattr(request, f) for f in SAMPLING_FIELDS},
              seed=None if request.seed is None else request.seed & SEED_MASK, **engine_fields)
 
-    `engine_fields`: what each engine names or shapes its own way (the token budget, the stop strings). A value
-    the engine refuses (ValueError) is the request's PromptError."""
+    `engine_fields`: what each engine names or shapes its own way (the token budget, the stop strings, the
+    logit bias). A value the engine refuses (ValueError) is the request's PromptError."""
     seed = None if request.seed is None else request.seed & SEED_MASK
     try:
-        return make(temperature=request.temperature, top_p=request.top_p, ignore_eos=request.ignore_eos, seed=seed,
-                    **engine_fields)
+        return make(**{f: getattr(request, f) for f in SAMPLING_FIELDS}, seed=seed, **engine_fields)
     except ValueError as e:
         raise PromptError(str(e)) from None
 
@@ -242,18 +284,35 @@ def context_error(prompt_tokens: int, max_tokens: int | None, context: int) -> P
     return None
 
 
+def is_token_ids(prompt: Prompt) -> bool:
+    return isinstance(prompt, tuple) and all(isinstance(t, int) for t in prompt)
+
+
 def prompt_bytes(prompt: Prompt) -> int:
-    """UTF-8 bytes of a prompt's text (chat: the messages' contents)."""
-    texts = [prompt] if isinstance(prompt, str) else [str(m.get("content") or "") for m in prompt]
+    """UTF-8 bytes of a prompt's text (chat: the messages' contents; token ids: 0)."""
+    if is_token_ids(prompt):
+        return 0
+    texts = [prompt] if isinstance(prompt, str) else [str(m.get("content") or "") for m in prompt]  # type: ignore[union-attr]
     return sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+
+
+def chat_ids(tokenizer: Any, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None) -> list[int]:
+    """Chat messages through the chat template with a generation prompt, `tools` passed to it (OpenAI's function
+    format); without tools exactly `encode_prompt`'s rule."""
+    if not tools:
+        return encode_prompt(tokenizer, list(messages))
+    text = tokenizer.apply_chat_template(list(messages), tools=list(tools), tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 class PromptEncoder:
     """A backend's admission of a prompt: its token ids, checked against the context, or a PromptError.
 
-    Every backend encodes the same way (`twinrt.runtime.engine.encode_prompt`), so the same request is the same
-    tokens on each. A prompt too long for the context by its byte count alone is refused without tokenizing
-    it: each token covers at most `max_token_bytes` bytes of text (the longest token in the vocabulary), so a
+    Every backend encodes the same way (`twinrt.runtime.engine.encode_prompt`, `chat_ids` with tools), so the
+    same request is the same tokens on each; token ids are taken as they are, each checked against the
+    vocabulary. A prompt too long for the context by its byte count alone is refused without tokenizing it:
+    each token covers at most `max_token_bytes` bytes of text (the longest token in the vocabulary), so a
     prompt of more than context × max_token_bytes bytes cannot fit (a tokenizer that normalizes text may
     shrink it first; for those the bound is doubled).
     """
@@ -261,6 +320,7 @@ class PromptEncoder:
     def __init__(self, tokenizer: Any, context: int) -> None:
         self.tokenizer = tokenizer
         self.context = context
+        self.vocab = len(tokenizer)
         self._max_bytes: int | None = None
 
     def max_prompt_bytes(self) -> int:
@@ -273,27 +333,37 @@ class PromptEncoder:
             self._max_bytes = self.context * max(longest, 1) * (2 if shrinks else 1)
         return self._max_bytes
 
-    def encode(self, prompt: Prompt, max_tokens: int | None) -> list[int]:
-        size = prompt_bytes(prompt)
-        if size > self.max_prompt_bytes():
-            raise PromptError(f"This model's maximum context length is {self.context} tokens, and the prompt's "
-                              f"{size} bytes of text are more tokens than that.", param="prompt",
-                              code="context_length_exceeded")
-        try:
-            ids = encode_prompt(self.tokenizer, list(prompt) if isinstance(prompt, tuple) else prompt)
-        except (ValueError, TypeError, UnicodeError) as e:
-            raise PromptError(f"the prompt cannot be tokenized: {e}", param="prompt") from None
+    def encode(self, prompt: Prompt, max_tokens: int | None,
+               tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+        if is_token_ids(prompt):
+            ids = list(prompt)  # type: ignore[arg-type]
+            bad = next((t for t in ids if not 0 <= t < self.vocab), None)
+            if not ids or bad is not None:
+                raise PromptError(f"token id {bad} is out of the vocabulary (0..{self.vocab - 1})" if ids else
+                                  "prompt is empty (no tokens)", param="prompt")
+        else:
+            size = prompt_bytes(prompt)
+            if size > self.max_prompt_bytes():
+                raise PromptError(f"This model's maximum context length is {self.context} tokens, and the "
+                                  f"prompt's {size} bytes of text are more tokens than that.", param="prompt",
+                                  code="context_length_exceeded")
+            try:
+                ids = (encode_prompt(self.tokenizer, prompt) if isinstance(prompt, str)
+                       else chat_ids(self.tokenizer, prompt, tools))  # type: ignore[arg-type]
+            except (ValueError, TypeError, UnicodeError) as e:
+                raise PromptError(f"the prompt cannot be tokenized: {e}", param="prompt") from None
         err = context_error(len(ids), max_tokens, self.context)
         if err is not None:
             raise err
         return ids
 
-    def admit(self, prompt: Prompt, max_tokens: int | None) -> tuple[list[int], Admission]:
-        """`encode`, and the admission: the prompt's token count and the completion budget (`max_tokens`, or
-        None: what the context leaves)."""
-        ids = self.encode(prompt, max_tokens)
+    def admit(self, prompt: Prompt, max_tokens: int | None,
+              tools: Sequence[Mapping[str, Any]] | None = None) -> tuple[list[int], Admission]:
+        """`encode`, and the admission: the prompt's tokens and the completion budget (`max_tokens`, or None:
+        what the context leaves)."""
+        ids = self.encode(prompt, max_tokens, tools)
         budget = max_tokens if max_tokens is not None else self.context - len(ids)
-        return ids, Admission(prompt_tokens=len(ids), max_tokens=budget)
+        return ids, Admission(prompt_tokens=len(ids), max_tokens=budget, prompt_ids=tuple(ids))
 
 
 @dataclass(frozen=True)
@@ -311,6 +381,7 @@ class Backend(Protocol):
     context: int
     max_batch: int
     max_queue: int
+    encoder: PromptEncoder  # its tokenizer is the one requests are encoded with (/tokenize, logprobs' text)
 
     async def start(self) -> None: ...
 

@@ -42,6 +42,7 @@ from serving.backends.base import (
     BackendError,
     BackendFailure,
     BackendStats,
+    Delta,
     EngineUnavailable,
     Finished,
     Generation,
@@ -54,6 +55,7 @@ from serving.backends.base import (
     engine_sampling,
 )
 from twinrt.runtime import Engine, Request, SamplingParams, TwinModel
+from twinrt.runtime.structured import StructuredCompiler
 
 log = logging.getLogger(__name__)
 MAX_STEP_FAILURES = 3          # unexplained step failures within the window before the engine is given up
@@ -91,7 +93,8 @@ class LocalBackend:
             tokenizer = copy.deepcopy(tm.tokenizer)
         except Exception:  # noqa: BLE001 - a tokenizer that cannot be copied is shared (encode/decode only read)
             tokenizer = tm.tokenizer
-        self._encoder = PromptEncoder(tokenizer, self.context)
+        self.encoder = PromptEncoder(tokenizer, self.context)
+        self._structured = StructuredCompiler(tokenizer, int(tm.config.vocab_size), self.engine.eos)
         self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -165,8 +168,16 @@ class LocalBackend:
             if gen.cancelled:
                 self._post(gen.finish, Finished("", "cancelled", 0, 0))
                 return
-            ids, admission = self._encoder.admit(r.prompt, r.max_tokens)
-            params = engine_sampling(SamplingParams, r, max_new_tokens=admission.max_tokens, stop=r.stop)
+            ids, admission = self.encoder.admit(r.prompt, r.max_tokens, r.tools)
+            params = engine_sampling(SamplingParams, r, max_new_tokens=admission.max_tokens, stop=r.stop,
+                                     logit_bias=r.logit_bias)
+            constraint = None
+            if r.structured is not None:
+                try:
+                    constraint = self._structured.constraint(r.structured)
+                except ValueError as e:
+                    raise PromptError(f"the structured output cannot be compiled: {e}",
+                                      param="response_format", code="invalid_structured_output") from None
             mix = None
             if r.mix is not None:
                 mix = torch.tensor(r.mix, dtype=torch.float32)  # [N]
@@ -182,7 +193,7 @@ class LocalBackend:
         if self._stopping or self._dead:
             self._post(gen.reject, ShuttingDown("the server is shutting down"))
             return
-        self._inbox.put(("add", gen, ids, params, mix, admission, r.deadline))
+        self._inbox.put(("add", gen, ids, params, mix, admission, r.deadline, constraint))
         self._wake.set()
 
     # ---- worker side -----------------------------------------------------------------------------------------
@@ -254,12 +265,26 @@ class LocalBackend:
                 self._post(gen.fail, BackendFailure("admitting the request failed"))
 
     def _admit(self, gen: Generation, ids: list[int], params: SamplingParams, mix: torch.Tensor | None,
-               admission: Admission, deadline: float | None) -> None:
+               admission: Admission, deadline: float | None, constraint: Any) -> None:
         if gen.cancelled:
             self._post(gen.finish, Finished("", "cancelled", 0, 0))
             return
-        req = self.engine.add(ids, mix, params, on_token=lambda _req, delta: self._post(gen.push, delta),
-                              deadline=deadline)
+        opened = [False]
+
+        def on_token(req: Request, text: str) -> None:
+            """A delta with the logprobs of the tokens it covers; the first also with the prompt's."""
+            lps = tuple(req.take_logprobs()) if req.params.logprobs is not None else ()
+            prompt = None
+            if not opened[0] and req.params.prompt_logprobs is not None:
+                prompt = tuple(req.prompt_logprobs)
+            opened[0] = True
+            self._post(gen.push, Delta(text, lps, prompt))
+
+        try:
+            req = self.engine.add(ids, mix, params, on_token=on_token, deadline=deadline, constraint=constraint)
+        except ValueError as e:  # what the model cannot take (token ids, logit_bias ids beyond its vocabulary)
+            self._post(gen.reject, PromptError(str(e)))
+            return
         gen.handle = req
         self._gens[req.id] = gen
         self._post(gen.admit, admission)
@@ -279,7 +304,8 @@ class LocalBackend:
             self._post(gen.fail, row_error(req.error))
             return
         self._post(gen.finish, Finished(req.text, req.finish_reason or "stop", req.prompt_tokens,
-                                        req.completion_tokens, tuple(req.output_ids)))
+                                        req.completion_tokens, tuple(req.output_ids), tuple(req.logprobs),
+                                        tuple(req.prompt_logprobs), tuple(req.prompt_ids)))
 
     def _fail_engine(self, error: BackendError) -> None:
         """Fail every request the engine holds (running or waiting); the inbox is left for the next engine.

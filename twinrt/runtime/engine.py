@@ -890,11 +890,14 @@ class Engine:
         self._fail(r, RowFailure(message, client=False))
 
     def _accept(self, r: Request, t: int, entry: TokenLogprob | None) -> None:
-        """Row r took token t (with its TokenLogprob when asked): EOS and stop_token_ids end it unseen, any other
-        token joins the output (its constraint advances past it); then the row's end and its streamed text."""
+        """Row r took token t (with its TokenLogprob when asked): EOS and stop_token_ids end it, out of the output
+        and the text but with their logprob entry last (as vLLM reports the token that ended a sequence); any
+        other token joins the output (its constraint advances past it); then the row's end and its text."""
         p = r.params
         if (t in self.eos and not p.ignore_eos) or t in p.stop_token_ids:
             r.finish_reason = "stop"
+            if entry is not None:
+                r.logprobs.append(entry)
         else:
             r.output_ids.append(t)
             if entry is not None:

@@ -192,7 +192,8 @@ class Request:
     cancelled: bool = False
     deadline: float | None = None  # time.perf_counter() past which its caller gives up on it (None: never)
     constraint: TokenConstraint | None = None  # what may come next (structured output), see `constraint`
-    logprobs: list[TokenLogprob] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, and last the EOS or stop
+    #                                                             token that ended the row, if one did
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     logprobs_taken: int = 0  # entries of `logprobs` already handed out by take_logprobs
     stop_after: int = 0  # characters of `text` no stop string may end within (the first min_tokens tokens')
