@@ -53,10 +53,17 @@ def assert_prompt_logprobs(tm: TwinModel, r, mix) -> None:
         assert_entry(r.prompt_logprobs[i], lp[i - 1], r.prompt_ids[i], k)
 
 
+def produced(r) -> list[int]:
+    """Every token the row took: its output, and the EOS or stop token that ended it (which has an entry too)."""
+    ended = len(r.logprobs) == len(r.output_ids) + 1 and r.finish_reason == "stop"
+    return r.output_ids + ([r.logprobs[-1].token] if ended else [])
+
+
 def assert_output_logprobs(tm: TwinModel, r, mix) -> None:
-    assert len(r.logprobs) == len(r.output_ids) > 0
-    lp = reference(tm, r.prompt_ids + r.output_ids, mix)
-    for j, (entry, t) in enumerate(zip(r.logprobs, r.output_ids)):
+    tokens = produced(r)
+    assert len(r.logprobs) == len(tokens) > 0
+    lp = reference(tm, r.prompt_ids + tokens, mix)
+    for j, (entry, t) in enumerate(zip(r.logprobs, tokens)):
         assert_entry(entry, lp[r.prompt_tokens - 1 + j], t, r.params.logprobs)
 
 
@@ -221,9 +228,11 @@ def test_a_stream_takes_each_logprob_entry_once(tm, end):
             engine.step()
         engine.cancel(r)
     engine.run_until_done()
-    assert len(taken) == len(r.logprobs) == len(r.output_ids) and all(a is b for a, b in zip(taken, r.logprobs))
+    ends_on_token = end == "eos"  # the token that ended the row has the last entry
+    assert len(taken) == len(r.logprobs) == len(r.output_ids) + ends_on_token
+    assert all(a is b for a, b in zip(taken, r.logprobs))
     assert r.take_logprobs() == []  # nothing left
     assert deltas[-1][0] == "" or r.done  # the final callback comes last
-    assert [e.token for e in r.logprobs] == r.output_ids
+    assert [e.token for e in r.logprobs] == r.output_ids + ([min(engine.eos)] if ends_on_token else [])
     if end == "stop string":
         assert r.finish_reason == "stop" and any(n > 1 for _, n in deltas)  # a held-back delta carried two

@@ -97,14 +97,15 @@ def test_chat_request_normalises_messages_and_budget() -> None:
                           {"role": "assistant", "content": ""})
     assert req.max_completion() == 5 and req.stops() == ("##",) and req.n == 1 and not req.include_usage()
     assert ChatCompletionRequest(model="t", messages=[{"role": "user", "content": "x"}]).max_completion() is None
-    assert CompletionRequest(model="t", prompt=["only one"]).prompt == "only one"
+    assert CompletionRequest(model="t", prompt=["only one"]).prompt == ("only one",)
+    assert CompletionRequest(model="t", prompt=[[1, 2], [3]]).prompt == ((1, 2), (3,))
     assert CompletionRequest(model="t", prompt="x").max_completion() == 16          # the OpenAI default
     assert CompletionRequest(model="t", prompt="x", stop=["", "a"]).stops() == ("a",)
 
 
-@pytest.mark.parametrize("field,value", [("logprobs", True), ("top_logprobs", 3), ("presence_penalty", 0.5),
-                                         ("logit_bias", {"1": 5}), ("tools", [{"type": "function"}]),
-                                         ("response_format", {"type": "json_object"}), ("best_of", 3)])
+@pytest.mark.parametrize("field,value", [("best_of", 3), ("use_beam_search", True), ("reasoning_effort", "low"),
+                                         ("chat_template", "{{ x }}"), ("echo", True), ("length_penalty", True),
+                                         ("skip_special_tokens", False), ("add_special_tokens", True)])
 def test_unsupported_fields_are_refused_unless_neutral(field, value) -> None:
     base = {"model": "t", "messages": [{"role": "user", "content": "x"}]}
     with pytest.raises(ValidationError, match=f"'{field}' is not supported"):
