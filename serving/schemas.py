@@ -1,10 +1,11 @@
-"""Request bodies of the OpenAI API as this server reads them, validated once at the boundary.
+"""Request bodies of the OpenAI API, with vLLM's extensions, as this server reads them, validated once at the
+boundary.
 
-Known fields are typed and range-checked (a bad value is a 400 naming the field). Fields of the OpenAI API
-this server does not implement are accepted at their neutral values (e.g. `presence_penalty: 0`,
-`logprobs: false`) and refused with a 400 otherwise; any other unknown field is accepted and ignored, as
-vLLM does. The request extension `routing` (see serving.routing) is checked strictly: a typo there is an
-error, not a silent no-op.
+Known fields are typed and range-checked (a bad value is a 400 naming the field). Every field of vLLM's chat
+and completion request models is either typed here (honoured, with vLLM's semantics) or in UNSUPPORTED: sent
+at a value other than its neutral one, such a field is refused with a 400 naming it, never ignored. Fields
+that neither OpenAI nor vLLM define are accepted and ignored, as vLLM does. The request extension `routing`
+(see serving.routing) is checked strictly: a typo there is an error, not a silent no-op.
 
 Every string in a body, keys included, must be valid Unicode (no lone UTF-16 surrogates such as "\\ud800",
 which JSON can carry but no tokenizer, router or log can encode): refused as a 400 naming the field, before
