@@ -19,10 +19,11 @@ from twinrt.eval.report import notes, to_json
 from twinrt.eval.run import EvalOptions, run_eval
 from twinrt.eval.statistics import eval_statistics, suite_calibration
 from twinrt.eval.tasks import open_suite
-from twinrt.eval.weights import merge_weights, sources_of
+from twinrt.eval.twin_rank import search_rank, twin_weights
+from twinrt.eval.weights import expert_weights, merge_weights, sources_of
 from twinrt.merge import get_method
 from twinrt.runtime import TwinModel
-from twinrt.split.run import split
+from twinrt.split.run import decoder_linear_weights, split
 
 WORDS = ["cat", "dog", "paris", "hello", "world", "python", "sum", "fox", "lazy"]
 
@@ -75,7 +76,8 @@ def test_eval_runs_the_new_methods_as_static_arms(tiny_artifact, suite_dir):
     tm = TwinModel.from_artifact(tiny_artifact)
     labels = []
     res = run_eval(tm, open_suite(suite_dir), EvalOptions(limit=2, val_limit=2, max_new_tokens=2, calibration_samples=2,
-                                                          methods=("pcb", "fisher", "regmean", "mats")),
+                                                          methods=("pcb", "fisher", "regmean", "mats"),
+                                                          twin_ranks=(2, 64)),
                    progress=lambda label, total: (labels.append(label), lambda k: None)[1])
     arms = {a.name: a for a in res.arms}
     assert {"merge:pcb", "merge:fisher", "merge:regmean", "merge:mats"} <= set(arms)
@@ -89,3 +91,45 @@ def test_eval_runs_the_new_methods_as_static_arms(tiny_artifact, suite_dir):
     assert [s["expert"] for s in doc["statistics"]] == list(EXPERTS)
     assert any(line.startswith("statistics of the data-based merges: 6 train examples over 3 experts")
                for line in notes(res))
+    # the twin on every core at each rank: the tiny experts score 0 on this suite, so no normalized score is
+    # defined and no rank reaches the target (the search itself: test_rank_search_stops_at_the_first_rank...)
+    assert [r.core for r in res.twin_ranks] == ["core", "merge:pcb", "merge:fisher", "merge:regmean", "merge:mats"]
+    assert all(list(r.means) == [2, 64] and r.rank is None for r in res.twin_ranks), res.twin_ranks
+    assert doc["twin_ranks"][0]["rank"] is None and doc["twin_ranks"][0]["mean_normalized"] == {"2": None, "64": None}
+    assert [r["core"] for r in doc["twin_ranks"]] == [r.core for r in res.twin_ranks]
+
+
+def test_twin_weights_are_the_core_plus_the_truncated_delta(tiny_artifact):
+    art = Artifact.open(tiny_artifact)
+    src = sources_of(art.manifest)
+    core = load_file(art.core_dir / "model.safetensors")
+    factored = decoder_linear_weights(PlainModel.load(art.core_dir).config)
+    expert = dict(expert_weights(src, "code"))
+    exact = dict(twin_weights(core, src, "code", 64, factored))  # >= every matrix's full rank
+    low = dict(twin_weights(core, src, "code", 2, factored))
+    for name, theta in expert.items():
+        assert torch.allclose(exact[name], theta.float(), atol=1e-5), name
+        if name in factored:
+            assert torch.linalg.matrix_rank(low[name] - core[name], atol=1e-6) == 2, name
+        else:
+            assert torch.equal(low[name], theta), name  # dense deltas are exact at any rank
+
+
+def test_rank_search_stops_at_the_first_rank_that_reaches_the_target(tiny_artifact):
+    art = Artifact.open(tiny_artifact)
+    src = sources_of(art.manifest)
+    core = load_file(art.core_dir / "model.safetensors")
+    tried, loaded = [], []
+
+    def score(tasks, label):  # the twin of each task's expert scores 0.5 below rank 4, its expert's score from 4
+        rank = int(label.split("rank ")[1].split(":")[0])
+        tried.append(rank)
+        return {t: 0.8 if rank >= 4 else 0.4 for t in tasks}
+
+    experts = {f"expert:{e}": {t: 0.8 for t in EXPERTS} for e in EXPERTS}
+    res = search_rank("merge:x", core, src, lambda w: loaded.append(len(dict(w))), score, [16, 1, 4], experts,
+                      {t: t for t in EXPERTS}, set())
+    assert res.means == {1: 0.5, 4: 1.0} and res.rank == 4 and sorted(set(tried)) == [1, 4]
+    assert len(loaded) == 6 and all(n == len(core) for n in loaded)  # each expert's twin, whole, at each rank
+    assert search_rank("core", core, src, lambda w: None, lambda tasks, label: {t: 0.1 for t in tasks}, [1, 2],
+                       experts, {t: t for t in EXPERTS}, set()).rank is None

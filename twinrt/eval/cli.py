@@ -2,7 +2,8 @@
 
     twinrt eval ARTIFACT --tasks DIR [--out DIR] [--limit N] [--val-limit N] [--batch-size 16]
                 [--max-new-tokens 24] [--methods average,task_arithmetic,ties,dare_ties,consensus | none]
-                [--grid quick|full] [--calibration-samples 64] [--no-router] [--task-expert TASK=EXPERT ...]
+                [--grid quick|full] [--calibration-samples 64] [--twin-ranks 1,4,16] [--no-router]
+                [--task-expert TASK=EXPERT ...]
                 [--base PATH] [--expert-path NAME=PATH ...] [--device cpu] [--dtype float32] [--no-verify] [-q]
 
 Prints the table (raw and normalized score per task, mean score, mean normalized score, stored MiB,
@@ -52,6 +53,16 @@ def parse_pairs(values: Sequence[str] | None, flag: str) -> dict[str, str]:
     return out
 
 
+def parse_ranks(text: str | None) -> tuple[int, ...]:
+    """'1,4,16' -> (1, 4, 16); None -> (); anything but integers is an error naming --twin-ranks."""
+    if text is None:
+        return ()
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise TwinError(f"--twin-ranks expects comma-separated integers, got {text!r}") from None
+
+
 def _options(args: argparse.Namespace):
     from twinrt.eval.grid import parse_methods
     from twinrt.eval.run import EvalOptions
@@ -61,7 +72,8 @@ def _options(args: argparse.Namespace):
                        task_expert=parse_pairs(args.task_expert, "--task-expert"),
                        base=Path(args.base) if args.base else None,
                        expert_paths={k: Path(v) for k, v in parse_pairs(args.expert_path, "--expert-path").items()},
-                       check_fingerprints=not args.no_verify, calibration_samples=args.calibration_samples)
+                       check_fingerprints=not args.no_verify, calibration_samples=args.calibration_samples,
+                       twin_ranks=parse_ranks(args.twin_ranks))
 
 
 def _progress(bar) -> Callable[[str, int], Callable[[int], None]]:
@@ -137,6 +149,10 @@ def register(subparsers, load_routing: RoutingLoader) -> argparse.ArgumentParser
     e.add_argument("--calibration-samples", type=int, default=64, metavar="N",
                    help="train examples per expert (of its own tasks) for the statistics of the data-based merges "
                         "fisher, regmean and mats (default 64)")
+    e.add_argument("--twin-ranks", metavar="R,R,...",
+                   help="for the twin on each core (the artifact's and every merge arm's), try these exclusive ranks "
+                        "in ascending order until it reaches 0.99 of the experts' score (each rank costs a run "
+                        "over the test split)")
     e.add_argument("--no-router", action="store_true", help="leave out the twin:router arm")
     e.add_argument("--task-expert", action="append", metavar="TASK=EXPERT",
                    help="the own expert of a task whose name differs from the task's (repeatable)")

@@ -78,6 +78,8 @@ def to_json(result: EvalResult) -> dict[str, Any]:
             for s in result.selections
         },
         "statistics": [asdict(c) for c in result.statistics],
+        "twin_ranks": [{"core": r.core, "target": r.target, "rank": r.rank,
+                        "mean_normalized": {str(k): _num(v) for k, v in r.means.items()}} for r in result.twin_ranks],
     }
 
 
@@ -117,6 +119,10 @@ def notes(result: EvalResult) -> list[str]:
         how = (f"best of {len(s.points)} on validation (mean score {s.val_means[s.chosen]:.3f})" if s.val_scores
                else "its only grid point")
         out.append(f"merge:{s.method}: {chosen} ({how}, grid {o.grid})")
+    for r in result.twin_ranks:
+        tried = ", ".join(f"rank {k}: {_fmt(v)}" for k, v in r.means.items())
+        need = f"rank {r.rank} reaches {r.target}" if r.rank is not None else f"no rank tried reaches {r.target}"
+        out.append(f"twin on the {r.core} core: {need} of the experts' score ({tried})")
     undefined = table_of(result).undefined_tasks
     if undefined:
         out.append(f"own expert scored 0 on {', '.join(undefined)}: normalized n/a there, left out of the means")

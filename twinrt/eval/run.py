@@ -10,6 +10,10 @@ Arms, in table order:
     twin:oracle       the twin with each example's own expert, one-hot
     twin:router       the twin with the artifact's trained router (when a `Routing` is given)
 
+With `twin_ranks`, the twin on each core (the artifact's and every merge arm's) is rebuilt at those exclusive
+ranks until it reaches 0.99 of the experts' mean normalized score (twinrt.eval.twin_rank): the rank each core
+needs, which a better core lowers.
+
 All arms decode greedily through the same Engine (`twinrt.eval.generation`). Stored bytes per arm: an expert
 its own files (adapter, or full weights); a merge and the core one model (`sizes.core`); the twin its core
 plus every expert's factors and dense deltas, plus the router for twin:router.
@@ -36,13 +40,20 @@ from twinrt.eval.grid import DEFAULT_METHODS, best_point, grid_points
 from twinrt.eval.metrics import task_score
 from twinrt.eval.statistics import eval_statistics, needed_statistics, suite_calibration
 from twinrt.eval.tasks import Example, Messages, Task, TaskSuite, task_experts
-from twinrt.eval.weights import Sources, expert_weights, merge_weights, sources_of
+from twinrt.eval.twin_rank import RankSearch, search_rank
+from twinrt.eval.weights import Sources, Weights, expert_weights, merge_weights, sources_of
 from twinrt.merge import TensorStats
 from twinrt.merge.registry import get_method
 from twinrt.runtime.model import TwinModel
+from twinrt.sources.checkpoint import SafetensorsDir
+from twinrt.split.run import decoder_linear_weights
 from twinrt.split.statistics import ExpertCost
 
 Progress = Callable[[str, int], Callable[[int], None]]  # (label, total) -> advance(k)
+
+
+def _count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
 @dataclass(frozen=True)
@@ -58,12 +69,16 @@ class EvalOptions:
     expert_paths: Mapping[str, Path] = field(default_factory=dict)  # expert -> where it is now
     check_fingerprints: bool = True
     calibration_samples: int = 64  # train examples per expert for the data-based methods' statistics
+    twin_ranks: tuple[int, ...] = ()  # exclusive ranks tried for the twin on each core (twinrt.eval.twin_rank)
 
     def __post_init__(self) -> None:
         for key in ("max_new_tokens", "batch_size", "limit", "val_limit", "calibration_samples"):
             v = getattr(self, key)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            if v is not None and not _count(v):
                 raise TwinError(f"--{key.replace('_', '-')} must be an integer >= 1, got {v!r}")
+        bad = [r for r in self.twin_ranks if not _count(r)]
+        if bad:
+            raise TwinError(f"--twin-ranks must be integers >= 1, got {bad[0]!r}")
         for m in self.methods:
             get_method(m)
 
@@ -131,6 +146,7 @@ class EvalResult:
     router: RouterStats | None
     options: EvalOptions
     statistics: list[ExpertCost] = field(default_factory=list)  # the data-based methods' statistics pass
+    twin_ranks: list[RankSearch] = field(default_factory=list)  # the exclusive rank each core's twin needs
 
     @property
     def scores(self) -> dict[str, dict[str, float]]:
@@ -184,14 +200,28 @@ class _Evaluator:
         needs_validation = any(len(points) > 1 for points in self.grids.values())
         self.validation = suite.load("validation", options.validation_limit) if needs_validation else {}
 
-    def run(self, runner: Runner, data: Mapping[str, list[Example]], label: str,
-            mix: torch.Tensor | None = None) -> tuple[dict[str, float], dict[str, list[str]], Generated]:
-        prompts = [e.messages for t in self.tasks for e in data[t.name]]
+    def run(self, runner: Runner, data: Mapping[str, list[Example]], label: str, mix: torch.Tensor | None = None,
+            tasks: Sequence[Task] | None = None) -> tuple[dict[str, float], dict[str, list[str]], Generated]:
+        tasks = list(self.tasks if tasks is None else tasks)
+        prompts = [e.messages for t in tasks for e in data[t.name]]
         advance = self.progress(label, len(prompts)) if self.progress else None
         out = generate(runner, prompts, mix, max_new_tokens=self.opts.max_new_tokens,
                        batch_size=self.opts.batch_size, on_done=advance)
-        scores, preds = _score(self.tasks, data, out.texts)
+        scores, preds = _score(tasks, data, out.texts)
         return scores, preds, out
+
+    def search_ranks(self, plain: PlainModel, src: Sources, cores: Sequence[tuple[str, Weights]],
+                     expert_scores: Mapping[str, Mapping[str, float]],
+                     expert_of_task: Mapping[str, str]) -> list[RankSearch]:
+        """The exclusive rank the twin on each (label, core weights) needs (twinrt.eval.twin_rank)."""
+        factored = decoder_linear_weights(plain.config)
+        by_name = {t.name: t for t in self.tasks}
+
+        def score(tasks: Sequence[str], label: str) -> dict[str, float]:
+            return self.run(plain, self.test, label, tasks=[by_name[t] for t in tasks])[0]
+
+        return [search_rank(label, dict(weights), src, plain.assign, score, self.opts.twin_ranks, expert_scores,
+                            expert_of_task, factored) for label, weights in cores]
 
     def arm(self, runner: Runner, name: str, kind: str, stored: int, mix: torch.Tensor | None = None,
             params: dict[str, Any] | None = None) -> ArmResult:
@@ -233,6 +263,7 @@ def run_eval(tm: TwinModel, suite: TaskSuite, options: EvalOptions = EvalOptions
         plain.assign(expert_weights(src, e))
         arms.append(ev.arm(plain, f"expert:{e}", "expert", src.stored_bytes(e)))
     costs: list[ExpertCost] = []
+    searches: list[RankSearch] = []
     with contextlib.ExitStack() as stack:
         statistics = None
         kinds = needed_statistics(options.methods, ev.grids)
@@ -246,6 +277,13 @@ def run_eval(tm: TwinModel, suite: TaskSuite, options: EvalOptions = EvalOptions
             result, sel = ev.merge(plain, src, method, sizes.core, statistics)
             arms.append(result)
             selections.append(sel)
+        if options.twin_ranks:
+            core = SafetensorsDir(art.core_dir, what="the artifact's core")
+            cores: list[tuple[str, Weights]] = [("core", ((n, core.get(n)) for n in core.names()))]
+            cores += [(f"merge:{s.method}", merge_weights(src, get_method(s.method), s.points[s.chosen], statistics))
+                      for s in selections]
+            searches = ev.search_ranks(plain, src, cores, {a.name: a.scores for a in arms if a.kind == "expert"},
+                                       expert_of_task)
         del statistics
     del plain
 
@@ -259,7 +297,8 @@ def run_eval(tm: TwinModel, suite: TaskSuite, options: EvalOptions = EvalOptions
         arms.append(ev.arm(tm, "twin:router", "twin", twin_bytes + routing.stored_bytes, weights))
     return EvalResult(artifact=str(art.path), tasks_dir=str(suite.root), tasks=ev.tasks,
                       expert_of_task=expert_of_task, examples={t: len(v) for t, v in ev.test.items()}, arms=arms,
-                      selections=selections, router=stats, options=options, statistics=costs)
+                      selections=selections, router=stats, options=options, statistics=costs,
+                      twin_ranks=searches)
 
 
 def _route(routing: Routing, ev: _Evaluator, labels: list[str],
