@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import EXPERTS
@@ -108,6 +109,15 @@ def test_gram_is_over_attention_masked_tokens_whatever_the_padding(tiny_models, 
         stats = statistics(tiny_models, calib_file, tmp_path / f"b{batch_size}", "math", [KINDS[1]], batch_size)
         assert torch.allclose(stats["gram_in"][Q0], total / tokens, atol=1e-6), batch_size
     assert set(stats["gram_in"]) == set(LINEAR)
+    # q, k and v read one tensor, as do gate and up: one Gram each, stored once (4 distinct inputs a layer)
+    for layer in range(2):
+        attn, mlp = f"model.layers.{layer}.self_attn", f"model.layers.{layer}.mlp"
+        assert all(torch.equal(stats["gram_in"][f"{attn}.{m}.weight"], stats["gram_in"][f"{attn}.q_proj.weight"])
+                   for m in ("k_proj", "v_proj"))
+        assert torch.equal(stats["gram_in"][f"{mlp}.up_proj.weight"], stats["gram_in"][f"{mlp}.gate_proj.weight"])
+        assert not torch.equal(stats["gram_in"][f"{attn}.o_proj.weight"], stats["gram_in"][f"{attn}.q_proj.weight"])
+    with safe_open(str(tmp_path / "b4" / "math" / "math.safetensors"), framework="pt") as f:
+        assert sum(k.startswith("gram_in/") for k in f.keys()) == 8
 
 
 def test_fisher_is_the_mean_squared_gradient_of_the_reference_log_likelihood(tiny_models, calib_file, expert_model,

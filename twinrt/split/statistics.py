@@ -12,7 +12,9 @@ linear layers and tensor hooks on their outputs (definitions in `twinrt.merge.st
     fisher[p]    Σ_examples (∂ℓ/∂p)², one example per backward pass                              / E examples
 
 ℓ is an example's log-likelihood of its reference tokens (the answer of a chat example, every token of plain
-text): the *empirical* Fisher, on the data's own answers, not on tokens sampled from the model. The pass
+text): the *empirical* Fisher, on the data's own answers, not on tokens sampled from the model. Linear layers
+that read the very same input tensor (a layer's q, k and v projections; gate and up) have one input Gram,
+summed and stored once (`shared_inputs`; the file's metadata maps the others to it). The pass
 holds one model, its gradients when Fishers are collected (only the input embeddings' output is made to need
 a gradient when only Grams are), and one expert's sums, which are written to disk before the next expert:
 memory does not grow with the number of experts. The statistics are float32.
@@ -20,6 +22,7 @@ memory does not grow with the number of experts. The statistics are float32.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +39,7 @@ from twinrt.sources.model import assign_weights
 from twinrt.split.calibration import Calibration, Sample
 
 Tick = Callable[[str], None]  # called once per example done, with a description
+ALIASES = "gram_in_aliases"  # file metadata: {weight: the weight whose input Gram it shares}
 Weights = Iterable[tuple[str, torch.Tensor]]
 
 
@@ -87,11 +91,38 @@ def peak_rss() -> int | None:
     return None
 
 
+def shared_inputs(model: nn.Module, linear: Sequence[str]) -> dict[str, str]:
+    """{weight: the first weight of `linear`, in call order, that reads the very same input tensor} for every weight
+    whose input an earlier one reads too, found by one probe forward pass that keeps every input alive (so
+    `is` compares tensors, never a reused address)."""
+    modules = dict(model.named_modules())
+    seen: list[tuple[str, torch.Tensor]] = []
+    handles = [modules[w.removesuffix(".weight")].register_forward_hook(
+        lambda _m, args, _out, w=w: seen.append((w, args[0]))) for w in linear]
+    try:
+        with torch.no_grad():
+            model.base_model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    owners: list[tuple[str, torch.Tensor]] = []
+    alias = {}
+    for w, x in seen:
+        owner = next((o for o, y in owners if y is x), None)
+        if owner is None:
+            owners.append((w, x))
+        elif owner != w:
+            alias[w] = owner
+    return alias
+
+
 class _Sums:
     """One expert's running sums, and the hooks on the model that add to them."""
 
     def __init__(self, model: nn.Module, plan: StatisticsPlan) -> None:
         self.mask: torch.Tensor | None = None  # [B, T] bool: the tokens of the batch being run
+        self.alias = shared_inputs(model, plan.linear) if GRAM_IN in plan.kinds else {}
+        self.inputs: dict[str, torch.Tensor] = {}  # owner weight -> its input in the batch being run
         self.gram_in: dict[str, torch.Tensor] = {}
         self.gram_out: dict[str, torch.Tensor] = {}
         self.fisher: dict[str, torch.Tensor] = {}
@@ -102,7 +133,7 @@ class _Sums:
             if not isinstance(module, nn.Linear):
                 raise TwinError(f"{weight} is not the weight of a linear layer of {type(model).__name__}")
             dev = module.weight.device
-            if GRAM_IN in plan.kinds:
+            if GRAM_IN in plan.kinds and weight not in self.alias:
                 self.gram_in[weight] = torch.zeros(module.in_features, module.in_features, device=dev)
             if GRAM_OUT in plan.kinds:
                 self.gram_out[weight] = torch.zeros(module.out_features, module.out_features, device=dev)
@@ -119,6 +150,9 @@ class _Sums:
             if weight in self.gram_in:
                 x = args[0].detach()[mask].float()  # [K, in]
                 self.gram_in[weight].addmm_(x.T, x)
+                self.inputs[weight] = args[0]
+            elif weight in self.alias and args[0] is not self.inputs.get(self.alias[weight]):
+                raise RuntimeError(f"{weight} no longer reads the input of {self.alias[weight]}, as the probe found")
             if weight in self.gram_out and output.requires_grad:
                 acc = self.gram_out[weight]
 
@@ -128,6 +162,11 @@ class _Sums:
 
                 output.register_hook(grad_hook)
         return hook
+
+    def start(self, mask: torch.Tensor) -> None:
+        """A new batch: its attention mask [B, T]."""
+        self.mask = mask.bool()
+        self.inputs.clear()
 
     def add_fisher(self) -> None:
         """Add the squared gradient of the last backward pass (one example) and clear the gradients."""
@@ -177,7 +216,7 @@ def expert_statistics(model: nn.Module, calib: Calibration, plan: StatisticsPlan
         for i in range(0, len(calib.samples), step):
             chunk = calib.samples[i:i + step]
             ids, mask, scored = batch_tensors(chunk, device)
-            sums.mask = mask.bool()
+            sums.start(mask)
             tokens += int(mask.sum())
             if plan.needs_grad:
                 with torch.enable_grad():
@@ -191,12 +230,14 @@ def expert_statistics(model: nn.Module, calib: Calibration, plan: StatisticsPlan
                     tick(f"statistics {expert}")
     finally:
         sums.remove()
+        sums.inputs.clear()
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
             p.grad = None
     examples = len(calib.samples)
     writer = SafetensorsWriter(out.parent, out.name.removesuffix(".safetensors"), max_shard_bytes=1 << 62,
-                               metadata={"expert": expert, "examples": str(examples), "tokens": str(tokens)})
+                               metadata={"expert": expert, "examples": str(examples), "tokens": str(tokens),
+                                         ALIASES: json.dumps(sums.alias, sort_keys=True)})
     for name, g in sums.gram_in.items():
         writer.add(f"{GRAM_IN}/{name}", (g / tokens).cpu())
     for name, g in sums.gram_out.items():
@@ -230,14 +271,15 @@ class StatisticsFiles:
     def __init__(self, paths: Sequence[Path]) -> None:
         self._files = [safe_open(str(p), framework="pt", device="cpu") for p in paths]
         self._keys = [set(f.keys()) for f in self._files]
+        self._alias = [json.loads((f.metadata() or {}).get(ALIASES, "{}")) for f in self._files]
 
     def __call__(self, name: str) -> TensorStats:
         found: dict[str, torch.Tensor] = {}
         for kind in KINDS:
-            key = f"{kind}/{name}"
-            have = [key in keys for keys in self._keys]
+            keys = [f"{kind}/{alias.get(name, name) if kind == GRAM_IN else name}" for alias in self._alias]
+            have = [key in present for key, present in zip(keys, self._keys)]
             if all(have):
-                found[kind] = torch.stack([f.get_tensor(key) for f in self._files])  # [N, ...]
+                found[kind] = torch.stack([f.get_tensor(key) for f, key in zip(self._files, keys)])  # [N, ...]
             elif any(have):
                 raise TwinError(f"the statistics of {name} ({kind}) exist for some experts only")
         return TensorStats(**found)
