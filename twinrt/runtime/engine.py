@@ -24,7 +24,8 @@ raw float32 logits of the row's own mix.
 
 The engine owns its queue and batch: callers `add`, `cancel` and `abort` requests and read `waiting`,
 `running`, `prefilling` and `counts()`. What it needs from the model it drives is `runner.Runner`; its cost
-rule is in `token_cost`, what a request is in `request`.
+rule is in `token_cost`, what a request is in `request`, how a row picks its tokens and what its text
+becomes in `tokens`.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from transformers.cache_utils import DynamicCache
 from twinrt.runtime import cache_ops
 from twinrt.runtime import logits as processing
 from twinrt.runtime import packed as packing
-from twinrt.runtime.constraint import TokenConstraint, fit
+from twinrt.runtime.constraint import TokenConstraint
 from twinrt.runtime.request import (
     Prompt,
     Request,
@@ -54,8 +55,9 @@ from twinrt.runtime.request import (
     end_ids,
 )
 from twinrt.runtime.runner import Runner
-from twinrt.runtime.sampling import is_greedy, sample_row
+from twinrt.runtime.sampling import is_greedy
 from twinrt.runtime.token_cost import attention_share, chunk_tokens, prefill_cost
+from twinrt.runtime.tokens import Tokens, fail, fail_not_finite, final_callback
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +68,8 @@ DEFAULT_CHUNK_SPAN = 1.0
 DEADLINE_MARGIN = 1.5  # a long prompt is behind when, at its pace so far, it would need this x the time left
 MAX_SHARE = 100.0  # the most a long prompt behind its deadline takes: chunks nearly all the time
 BOOST_STEP = 1.25  # its share's factor grows by this each step it is behind, and shrinks so while it is not
-NOT_FINITE = ("the model's output for this request is not finite (are the routing weights or sampling "
-              "parameters extreme?)")
 SCORE_BLOCK = 2**25  # prompt_logprobs: the most logits kept at once (floats: 128 MiB in float32, and about as
 #                      much again while they are scored)
-
-
-class _NoTokenAllowed(Exception):
-    """The row's constraint and min_tokens leave no token it may take."""
-
-
-class _ConstraintFailed(Exception):
-    """The row's constraint raised (the cause is chained)."""
 
 
 @dataclass(frozen=True)
@@ -104,17 +96,6 @@ class _Partial:
     boost: float = 1.0  # its share's factor while it is behind its deadline
 
 
-def _holdback(text: str, stops: tuple[str, ...]) -> int:
-    """How many trailing characters might begin a stop string (or an unfinished UTF-8 sequence)."""
-    n = 1 if text.endswith("\ufffd") else 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                n = max(n, k)
-                break
-    return n
-
-
 def _prompt_entries(r: Request, logits: torch.Tensor, first: int) -> list[TokenLogprob] | None:
     """logits: [m, V], those after prompt_ids[first - 1], prompt_ids[first], ... -> the TokenLogprobs of
     prompt_ids[first:first + m] (logits past the prompt's end are left out); None if one is not finite."""
@@ -125,18 +106,6 @@ def _prompt_entries(r: Request, logits: torch.Tensor, first: int) -> list[TokenL
     if not bool(torch.isfinite(rows).all()):
         return None
     return processing.entries(rows, torch.tensor(r.prompt_ids[first:first + m]), [r.params.prompt_logprobs] * m)
-
-
-def _find_stop(text: str, stops: tuple[str, ...], emitted: int, floor: int) -> tuple[int, str] | None:
-    """The earliest stop string in `text` not searched before -> (where it starts, which). A stop string must end
-    past character `floor` (vLLM's min_tokens rule); one ending within the `emitted` text was found before (the
-    search still starts a character early, in case decoding changed the last one)."""
-    best: tuple[int, str] | None = None
-    for s in stops:
-        at = text.find(s, max(0, emitted - len(s), floor - len(s) + 1))
-        if at >= 0 and (best is None or at < best[0]):
-            best = (at, s)
-    return best
 
 
 def culprits(n: int, probe: Callable[[list[int]], object]) -> list[tuple[int, Exception]]:
@@ -235,7 +204,6 @@ class Engine:
         self._mask: torch.Tensor | None = None  # [B, L] attention mask of the running rows
         self._next: torch.Tensor | None = None  # [B] the token each running row feeds next
         self._ids = itertools.count()
-        self.eos = end_ids(tm.model.generation_config.eos_token_id, tm.tokenizer)
         self.context = int(getattr(tm.config, "max_position_embeddings", 2048))
         self.attn = attention_share(tm.model, tm.config)
         self._joinable = cache_ops.joinable(DynamicCache(config=tm.config))
@@ -243,9 +211,20 @@ class Engine:
         text = tm.config.get_text_config(decoder=True) if hasattr(tm.config, "get_text_config") else tm.config
         self.vocab = int(text.vocab_size)  # V: the width of the model's logits (may exceed the tokenizer's)
         self._score_rows = max(1, SCORE_BLOCK // self.vocab)  # scored rows (or chunk tokens) whose logits fit
+        self.tokens = Tokens(tm.tokenizer, end_ids(tm.model.generation_config.eos_token_id, tm.tokenizer),
+                             self.context, self.vocab, self._pad)
         self.packed = packed and packing.supported(tm.model, DynamicCache(config=tm.config))
         if self.packed:
             packing.enable(tm.model)
+
+    @property
+    def eos(self) -> set[int]:
+        """The token ids that end a row (the generation config's and the tokenizer's end-of-sequence)."""
+        return self.tokens.eos
+
+    @eos.setter
+    def eos(self, ids: set[int]) -> None:
+        self.tokens.eos = set(ids)
 
     # ---- requests --------------------------------------------------------------------------------------------
 
@@ -290,7 +269,7 @@ class Engine:
             return False
         self._waiting.remove(req)
         req.finish_reason = "cancelled"
-        self._final_callback(req)
+        final_callback(req)
         return True
 
     def abort(self, reason: str) -> list[Request]:
@@ -517,7 +496,7 @@ class Engine:
         p.packed_cost = 0.8 * p.packed_cost + cost
         p.s_per_cost = p.packed_s / p.packed_cost
         self._mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
-        self._next = self._advance(rows, logits[:len(rows)].float())
+        self._next = self.tokens.advance(rows, logits[:len(rows)].float())
         self._chunk_done(logits[len(rows):], n, finished)
         return added
 
@@ -534,7 +513,7 @@ class Engine:
             r = self._waiting.popleft()
             if r.cancelled:
                 r.finish_reason = "cancelled"
-                self._final_callback(r)
+                final_callback(r)
                 finished.append(r)
                 continue
             if room <= 0:
@@ -609,7 +588,7 @@ class Engine:
                 return
             logits = run(None)
         self._mask = torch.cat([self._mask, torch.ones(len(self._running), 1, dtype=torch.long)], dim=1)
-        self._next = self._advance(self._running, logits)
+        self._next = self.tokens.advance(self._running, logits)
 
     def _prefill(self, reqs: list[Request]
                  ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, dict[int, list[TokenLogprob] | None]]:
@@ -660,7 +639,7 @@ class Engine:
             logits, cache, mask, scores = self._prefill(new)
         for i, got in scores.items():
             if got is None:
-                self._fail_not_finite(new[i])  # done: _join leaves it out
+                fail_not_finite(new[i])  # done: _join leaves it out
             else:
                 new[i].prompt_logprobs = [None, *got]
         self._join(new, logits, cache, mask, finished)
@@ -672,7 +651,7 @@ class Engine:
         r = p.req
         if r.cancelled:
             r.finish_reason = "cancelled"
-            self._final_callback(r)
+            final_callback(r)
             self._partial = None
             finished.append(r)
             return 0.0
@@ -687,7 +666,7 @@ class Engine:
             logits = self._forward(ids, mask, p.cache, [r], tokens, every=scoring)  # [1, V] or [1, n, V]
         except Exception as e:
             log.exception("prefill chunk of request %d failed", r.id)
-            self._fail(r, RowFailure(f"generation failed: {type(e).__name__}", client=False))
+            fail(r, RowFailure(f"generation failed: {type(e).__name__}", client=False))
             self._partial = None
             finished.append(r)
             return 0.0
@@ -707,7 +686,7 @@ class Engine:
         p.done += n
         last = logits[-1:].float()  # [1, V]
         if scored is None or not bool(torch.isfinite(last).all()):
-            self._fail_not_finite(r)
+            fail_not_finite(r)
             self._partial = None
             finished.append(r)
             return
@@ -720,7 +699,7 @@ class Engine:
               finished: list[Request]) -> None:
         """Pick the first tokens of prefilled rows (cache [B, H, W, D], mask [B, W]) and join those not done then
         to the running batch; the others go to `finished`."""
-        nxt = self._advance(new, logits)
+        nxt = self.tokens.advance(new, logits)
         keep = [i for i, r in enumerate(new) if not r.done]
         finished += [r for r in new if r.done]
         if not keep:
@@ -763,177 +742,6 @@ class Engine:
         for i, e in found:
             log.error("request %d fails the %s forward on its own: %s", reqs[i].id, what, type(e).__name__,
                       exc_info=e)
-            self._fail(reqs[i], RowFailure(f"generation failed: {type(e).__name__}", client=False))
+            fail(reqs[i], RowFailure(f"generation failed: {type(e).__name__}", client=False))
             bad.append(reqs[i])
         return bad
-
-    def _fail(self, r: Request, failure: RowFailure) -> None:
-        r.finish_reason = "error"
-        r.error = failure
-        self._final_callback(r)
-
-    def _fail_not_finite(self, r: Request) -> None:
-        log.warning("request %d: logits are not finite; failing the row", r.id)
-        self._fail(r, RowFailure(NOT_FINITE, client=True))
-
-    def _final_callback(self, r: Request) -> None:
-        """The empty delta that tells a streaming caller the row is done (it may raise: the row is done anyway)."""
-        if r.on_token is None:
-            return
-        try:
-            r.on_token(r, "")
-        except Exception:
-            log.exception("the final callback of request %d raised", r.id)
-
-    # ---- tokens ----------------------------------------------------------------------------------------------
-
-    def _advance(self, reqs: list[Request], logits: torch.Tensor) -> torch.Tensor:
-        """Pick each row's next token, update its text, and finish rows that are done. -> [B] next inputs.
-
-        logits: [B, V] float32, raw. Rows whose parameters leave them as they are take the batched argmax (or
-        sample from them); the rest are processed together first (`_process`). Each row on its own: non-finite
-        logits, or a raise in its constraint, sampling, decoding or callback, fail it alone."""
-        finite = torch.isfinite(logits).all(dim=-1).tolist()  # [B]
-        greedy = logits.argmax(dim=-1).tolist()  # [B]
-        live = []
-        for i, r in enumerate(reqs):
-            if r.done:  # failed before its first token (its prompt's scores)
-                continue
-            if r.cancelled:
-                r.finish_reason = "cancelled"
-                self._final_callback(r)
-            elif not finite[i]:
-                self._fail_not_finite(r)
-            elif r.params.max_new_tokens == 0:  # score only: no token
-                r.finish_reason = "length"
-                self._final_callback(r)
-            else:
-                live.append(i)
-        processed = self._process(reqs, logits, live)
-        picked: dict[int, int] = {}
-        for i in live:
-            r = reqs[i]
-            if r.done:
-                continue
-            try:
-                picked[i] = self._pick(r, greedy[i], logits[i], processed.get(i))
-            except Exception as e:
-                self._fail_row(r, e, "picking its next token")
-        scored = [i for i in picked if reqs[i].params.logprobs is not None]
-        entries = dict(zip(scored, processing.entries(
-            logits[scored], torch.tensor([picked[i] for i in scored], dtype=torch.long),
-            [reqs[i].params.logprobs for i in scored]))) if scored else {}
-        nxt = [self._pad] * len(reqs)
-        for i, t in picked.items():
-            nxt[i] = t
-            try:
-                self._accept(reqs[i], t, entries.get(i))
-            except Exception as e:
-                self._fail_row(reqs[i], e, "taking its next token")
-        return torch.tensor(nxt, dtype=torch.long)
-
-    def _process(self, reqs: list[Request], logits: torch.Tensor, rows: list[int]) -> dict[int, torch.Tensor]:
-        """The processed logits ([V] float32, `logits.process`) of the rows that need processing, by row. A row
-        whose constraint is finished ends here ("stop"); one whose constraint raises fails."""
-        need, allowed = [], []
-        for i in rows:
-            r = reqs[i]
-            if not processing.needs_processing(r):
-                continue
-            try:
-                mask = None
-                if r.constraint is not None:
-                    if self._constrained(r.constraint.finished):
-                        r.finish_reason = "stop"
-                        self._emit(r)
-                        continue
-                    got = self._constrained(r.constraint.allowed)
-                    mask = None if got is None else fit(got, self.vocab)
-            except Exception as e:
-                self._fail_row(r, e, "constraining its next token")
-                continue
-            need.append(i)
-            allowed.append(mask)
-        if not need:
-            return {}
-        x = processing.process(logits[need], [reqs[i] for i in need], allowed, self.eos)  # [b, V]
-        return {i: x[j] for j, i in enumerate(need)}
-
-    @staticmethod
-    def _constrained(call: Callable[..., object], *args: object):
-        """A call into a row's constraint; what it raises becomes _ConstraintFailed (the row fails alone)."""
-        try:
-            return call(*args)
-        except Exception as e:
-            raise _ConstraintFailed(type(e).__name__) from e
-
-    @staticmethod
-    def _pick(r: Request, greedy: int, raw: torch.Tensor, processed: torch.Tensor | None) -> int:
-        """The row's token: the batched argmax `greedy` of its raw logits, or from its processed logits."""
-        p = r.params
-        if processed is None:
-            if is_greedy(p.temperature):
-                return greedy
-            return sample_row(raw, p.temperature, p.top_p, r.generator, p.top_k, p.min_p)
-        if not bool(processed.max() > float("-inf")):
-            raise _NoTokenAllowed("no token may come next: the constraint (and min_tokens) exclude every token")
-        return sample_row(processed, p.temperature, p.top_p, r.generator, p.top_k, p.min_p)
-
-    def _fail_row(self, r: Request, e: Exception, what: str) -> None:
-        log.error("request %d failed while %s", r.id, what, exc_info=e)
-        if isinstance(e, _NoTokenAllowed):
-            message = str(e)
-        elif isinstance(e, _ConstraintFailed):
-            message = f"generation failed: its constraint raised {e}"
-        else:
-            message = f"generation failed: {type(e).__name__}"
-        self._fail(r, RowFailure(message, client=False))
-
-    def _accept(self, r: Request, t: int, entry: TokenLogprob | None) -> None:
-        """Row r took token t (with its TokenLogprob when asked): EOS and stop_token_ids end it, out of the output
-        and the text but with their logprob entry last (as vLLM reports the token that ended a sequence); any
-        other token joins the output (its constraint advances past it); then the row's end and its text."""
-        p = r.params
-        if (t in self.eos and not p.ignore_eos) or t in p.stop_token_ids:
-            r.finish_reason = "stop"
-            if entry is not None:
-                r.logprobs.append(entry)
-        else:
-            r.output_ids.append(t)
-            if entry is not None:
-                r.logprobs.append(entry)
-            if r.constraint is not None:
-                self._constrained(r.constraint.advance, t)
-            self._update_text(r)
-            if r.constraint is not None and not r.done and self._constrained(r.constraint.finished):
-                r.finish_reason = "stop"  # a complete output, even at max_new_tokens
-        if r.finish_reason is None and (r.completion_tokens >= p.max_new_tokens
-                                        or r.prompt_tokens + r.completion_tokens >= self.context):
-            r.finish_reason = "length"
-        self._emit(r)
-
-    def _update_text(self, r: Request) -> None:
-        """Decode the output; a stop string ends the row, the text cut before it (or after it, with
-        include_stop_str_in_output). As vLLM: none may end within the text of the first min_tokens tokens."""
-        text = self.tm.tokenizer.decode(r.output_ids, skip_special_tokens=True)
-        p = r.params
-        if p.stop and r.completion_tokens <= p.min_tokens:
-            r.stop_after = len(text)
-        elif p.stop:
-            hit = _find_stop(text, p.stop, r.emitted, r.stop_after)
-            if hit is not None:
-                at, s = hit
-                text = text[:at + len(s)] if p.include_stop_str_in_output else text[:at]
-                r.finish_reason = "stop"
-        r.text = text
-
-    def _emit(self, r: Request) -> None:
-        held = () if r.params.include_stop_str_in_output else r.params.stop  # kept stop strings need no holdback
-        end = len(r.text) if r.done else len(r.text) - _holdback(r.text, held)
-        if end > r.emitted:
-            delta = r.text[r.emitted:end]
-            r.emitted = end
-            if r.on_token is not None:
-                r.on_token(r, delta)
-        elif r.done and r.on_token is not None:
-            r.on_token(r, "")
