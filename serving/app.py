@@ -1,6 +1,7 @@
 """The FastAPI app: OpenAI-compatible endpoints over one Server (backend, arms, routing, log, metrics).
 
     POST /v1/chat/completions   POST /v1/completions   (stream: true -> SSE ending in `data: [DONE]`)
+    POST /v1/feedback           (an answered request's outcome; serving.feedback)
     GET  /v1/models             GET  /v1/models/{model}
     POST /tokenize              POST /detokenize       (vLLM's; serving.tokenize)
     GET  /health                GET  /metrics (Prometheus text format)
@@ -31,6 +32,7 @@ from serving.arms import ArmTable, parse_arm
 from serving.backends.base import Backend
 from serving.completions import complete
 from serving.errors import APIError, CatchAll
+from serving.feedback import FeedbackBody, FeedbackStore, post_feedback
 from serving.metrics import Metrics
 from serving.middleware import ApiKeyAuth, BodyLimit, StatusCounter
 from serving.options import MAX_BODY_BYTES
@@ -53,6 +55,7 @@ class Server:
     arms: ArmTable
     routing: RoutingService
     log: RouteLog | None = None
+    feedback: FeedbackStore | None = None
     api_key: str | None = None
     max_body_bytes: int = MAX_BODY_BYTES
     name: str = "twinrt"
@@ -89,6 +92,8 @@ class Server:
         self.routing.close()
         if self.log is not None:
             self.log.close()
+        if self.feedback is not None:
+            self.feedback.close()
 
 
 def model_card(server: Server, model_id: str) -> dict[str, Any]:
@@ -144,6 +149,10 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
         return await complete(server, COMPLETIONS, body, request)
+
+    @app.post("/v1/feedback")
+    async def feedback(body: FeedbackBody) -> dict[str, Any]:
+        return await post_feedback(server, body)
 
     @app.post("/tokenize")
     async def tokenize_(body: TokenizeRequest) -> dict[str, Any]:

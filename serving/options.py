@@ -82,7 +82,9 @@ class ServeOptions(VLLMOptions):
     dtype: DtypeName = option("float32", "dtype the model is loaded and run in")
     device: str = option("cpu", "cpu, cuda, cuda:1, ...")
     log: Path | None = option(None, "routing log (JSONL); default ARTIFACT/logs/routing.jsonl")
-    no_log: bool = option(False, "do not write the routing log")
+    no_log: bool = option(False, "do not write the routing log (nor take feedback)")
+    feedback: Path | None = option(None, "feedback store of POST /v1/feedback (SQLite); default feedback.sqlite beside "
+                                   "the routing log")
     router: bool = option(True, "ignore ARTIFACT/router/: `twin` then uses the uniform mix")
     materialize: bool = option(True, "never build merged weights W' (always the factored path)")
     max_body_bytes: int = option(MAX_BODY_BYTES, "larger request bodies get 413", ge=1024)

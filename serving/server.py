@@ -6,7 +6,9 @@
         OpenAI(base_url=url + "/v1", api_key="-")...
 
 The routing log defaults to ARTIFACT/logs/routing.jsonl (the artifact's manifest does not list it, so
-checksum verification ignores it); `--log PATH` moves it, `--no-log` turns it off.
+checksum verification ignores it); `--log PATH` moves it, `--no-log` turns it off. The feedback store
+(serving.feedback) lives beside it, feedback.sqlite unless `--feedback PATH`; it needs the log (the ids it
+accepts are the log's), so `--no-log` turns it off too.
 
 Shutdown: the first SIGTERM or SIGINT drains. New requests get 503 server_shutting_down (Retry-After) and
 /health 503 "draining"; running and queued requests may finish for `drain_timeout` seconds; what is still
@@ -30,6 +32,7 @@ from typing import Any
 from serving.app import Server, create_app
 from serving.arms import ArmTable, parse_ab
 from serving.backends.local import LocalBackend
+from serving.feedback import DEFAULT_STORE, FeedbackStore
 from serving.options import ServeOptions
 from serving.routelog import RouteLog
 from serving.routing import RoutingService
@@ -94,16 +97,20 @@ def build_server(opts: ServeOptions) -> Server:
     if opts.device.startswith("mps") or not (opts.device == "cpu" or opts.device.startswith("cuda")):
         raise TwinError(f"--device {opts.device!r}: twinrt serves on cpu or cuda")
     api_key = resolve_api_key(opts)
+    if opts.no_log and opts.feedback is not None:
+        raise TwinError("--feedback needs the routing log (feedback is for the ids it records): drop --no-log")
     art = Artifact.open(opts.artifact)
     experts = art.experts
     arms = ArmTable(experts, [parse_ab(opts.ab, experts, opts.ab_name)] if opts.ab else [], seed=opts.ab_seed)
     router = None
     if opts.router and (art.router_dir / "router.json").is_file():
         router = load_router(art, device=opts.device)  # a "hidden" router loads its own copy of the core
-    route_log = None if opts.no_log else RouteLog(opts.log or art.path / DEFAULT_LOG)
+    log_path = opts.log or art.path / DEFAULT_LOG
+    route_log = None if opts.no_log else RouteLog(log_path)
+    feedback = None if opts.no_log else FeedbackStore(opts.feedback or log_path.parent / DEFAULT_STORE)
     backend = BACKENDS[opts.backend](opts)
     return Server(backend=backend, arms=arms, routing=RoutingService(experts, router), log=route_log,
-                  api_key=api_key, max_body_bytes=opts.max_body_bytes, name=art.path.name,
+                  feedback=feedback, api_key=api_key, max_body_bytes=opts.max_body_bytes, name=art.path.name,
                   request_timeout=opts.request_timeout)
 
 
