@@ -169,7 +169,7 @@ def test_route_log_round_trip_and_ab_report_cli(tmp_path, capsys) -> None:
     assert "twin" in out and "expert:math" in out and "w[code]" in out and "skipped 1" in out
     png = (tmp_path / "logs" / "r.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
-    summary = json.loads((tmp_path / "s.json").read_text())
+    summary = json.loads((tmp_path / "s.json").read_text())["arms"]
     assert [s["arm"] for s in summary] == ["twin", "core", "expert:math"] and summary[0]["requests"] == 4
     assert serving_main(["ab", "report", str(tmp_path / "missing.jsonl")]) == 2
     assert user_hash("alice") == user_hash("alice") != user_hash("bob") and user_hash(None) is None
