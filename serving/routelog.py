@@ -38,7 +38,7 @@ from twinrt.errors import TwinError
 
 LOG_FIELDS = ("ts", "id", "endpoint", "model", "arm", "ab", "user", "router", "rule", "overridden", "weights", "n",
               "stream", "status", "finish_reasons", "prompt_tokens", "completion_tokens", "latency_s", "ttft_s")
-ID_INDEX_SIZE = 1 << 18  # ids (with their arm) a RouteLog remembers: ~30 MiB at the most
+ID_INDEX_SIZE = 1 << 18  # ids (with their arm) a RouteLog remembers: ~40 MiB with chatcmpl-<32 hex> ids
 
 
 def user_hash(user: str | None) -> str | None:
