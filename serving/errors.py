@@ -3,10 +3,12 @@
     {"error": {"message": "...", "type": "invalid_request_error", "param": "temperature", "code": null}}
 
     status  type                    code (examples)
-    400     invalid_request_error   null, context_length_exceeded, invalid_json, unknown_expert
+    400     invalid_request_error   null, context_length_exceeded, invalid_json, unknown_expert,
+                                    invalid_structured_output
     401     invalid_request_error   invalid_api_key
-    404     invalid_request_error   model_not_found, not_found
+    404     invalid_request_error   model_not_found, not_found, unknown_id, feedback_disabled
     405     invalid_request_error   method_not_allowed
+    409     invalid_request_error   duplicate_feedback
     413     invalid_request_error   request_too_large
     429     rate_limit_error        queue_full
     500     server_error            internal_error, backend_error (a bug or a device error; the message
