@@ -3,10 +3,14 @@
     twinrt router train ARTIFACT --data FILE.jsonl [--kind prototype|trained|hidden] [--holdout 0.2]
                         [--seed 0] [--label-key expert] [--temperature 1] [--top-k K] [--min-weight W]
                         [--fallback-threshold P] [--fallback uniform|core] [--hidden H] [--epochs E] ...
-    twinrt router eval ARTIFACT --data FILE.jsonl [--label-key expert]
+    twinrt router eval ARTIFACT --data FILE.jsonl [--data FILE2.jsonl ...] [--label-key expert] [--json OUT]
+    twinrt router eval ARTIFACT --tasks DIR [--splits test,test_ood]       # a task suite, label = "task"
 
 `train` writes ARTIFACT/router/ and prints held-out accuracy, the confusion matrix and ECE; `eval` prints
-the same for the saved router on any data file. User errors raise TwinError (printed as one line, exit 2).
+the same for the saved router on each data set, then (for two or more) one table with the data sets side by
+side: top-1, ECE, NLL and each expert's accuracy. With `--tasks`, a data set is a split of the suite:
+DIR/<expert>/<split>.jsonl for every expert of the artifact ("test": in-distribution held out, "test_ood":
+out-of-template). User errors raise TwinError (printed as one line, exit 2).
 """
 
 from __future__ import annotations
@@ -101,7 +105,48 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def side_by_side(evals: dict, experts: list[str]) -> Table:
+    """One column per data set: top-1, ECE, NLL, examples, then each expert's accuracy."""
+    t = Table(title="router quality by data set")
+    t.add_column("")
+    for name in evals:
+        t.add_column(name, justify="right")
+    t.add_row("top-1", *[f"{ev.accuracy:.1%}" for ev in evals.values()])
+    t.add_row("ECE", *[f"{ev.ece:.3f}" for ev in evals.values()])
+    t.add_row("NLL", *[f"{ev.nll:.3f}" for ev in evals.values()])
+    t.add_row("examples", *[str(ev.n) for ev in evals.values()])
+    for i, e in enumerate(experts):
+        t.add_row(e, *["-" if math.isnan(ev.per_expert[i]) else f"{ev.per_expert[i]:.1%}" for ev in evals.values()])
+    return t
+
+
+def suite_split(tasks: Path, split: str, experts: list[str]) -> list:
+    """Every expert's DIR/<expert>/<split>.jsonl, labelled by its "task" field."""
+    out = []
+    for e in experts:
+        f = tasks / e / f"{split}.jsonl"
+        if not f.is_file():
+            raise TwinError(f"task suite {tasks}: {f} is missing (split {split!r} of expert {e!r})")
+        out += _read(str(f), "task")
+    return out
+
+
+def eval_sets(args: argparse.Namespace, experts: list[str]) -> dict[str, list]:
+    """{name: examples} of the data sets `eval` was given, in order."""
+    sets: dict[str, list] = {}
+    for f in args.data or []:
+        sets[Path(f).name if Path(f).name not in sets else f] = _read(f, args.label_key)
+    if args.tasks:
+        for split in [s.strip() for s in args.splits.split(",") if s.strip()]:
+            sets[split] = suite_split(Path(args.tasks), split, experts)
+    if not sets:
+        raise TwinError("router eval needs --data FILE or --tasks DIR")
+    return sets
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
     from router.store import load_router
     from router.train import evaluate_router
     from twinrt.artifact import Artifact
@@ -110,16 +155,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_device(args.device)
     art = Artifact.open(args.artifact)
     router = load_router(art, device=args.device)
-    examples = _read(args.data, args.label_key)
-    ev = evaluate_router(router, examples, str(args.data))
+    sets = eval_sets(args, router.experts)
     console.print(f"{router.kind} router of {args.artifact} (calibration temperature {router.temperature:.3g})")
-    print_evaluation(ev, router.experts, Path(args.data).name)
+    evals = {}
+    for name, examples in sets.items():
+        evals[name] = evaluate_router(router, examples, name)
+        print_evaluation(evals[name], router.experts, name)
+    if len(evals) > 1:
+        console.print(side_by_side(evals, router.experts))
+    if args.json:
+        report = {"router": router.kind, "temperature": router.temperature, "experts": router.experts,
+                  "sets": {k: ev.summary() | {"per_expert": dict(zip(router.experts, ev.per_expert))}
+                           for k, ev in evals.items()}}
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     return 0
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, data_required: bool = True) -> None:
     p.add_argument("artifact", help="twin artifact directory")
-    p.add_argument("--data", required=True, help='JSONL: {"text"|"messages": ..., "expert": ...} per line')
+    if data_required:
+        p.add_argument("--data", required=True, help='JSONL: {"text"|"messages": ..., "expert": ...} per line')
+    else:
+        p.add_argument("--data", action="append", help='JSONL: {"text"|"messages": ..., "expert": ...} per line '
+                       "(repeatable: the data sets are reported side by side)")
     p.add_argument("--label-key", default="expert",
                    help='field holding the expert name (e.g. "task" for an eval task suite)')
     p.add_argument("--device", default="cpu", help="device of the encoder (cpu, cuda, ...)")
@@ -153,7 +211,11 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="uniform: all experts equal; core: the shared core alone")
     t.set_defaults(fn=cmd_train, sigterm_cleanup=True)  # SIGTERM unwinds, so the router's build dir is removed
 
-    e = sub.add_parser("eval", help="accuracy, confusion matrix and ECE of the saved router on a data file")
-    _add_common(e)
+    e = sub.add_parser("eval", help="accuracy, confusion matrix and ECE of the saved router on data files")
+    _add_common(e, data_required=False)
+    e.add_argument("--tasks", metavar="DIR", help="a task suite: evaluate on DIR/<expert>/<split>.jsonl")
+    e.add_argument("--splits", default="test,test_ood",
+                   help="comma-separated splits of --tasks (test: in-distribution, test_ood: out-of-template)")
+    e.add_argument("--json", metavar="OUT", help="also write the metrics of every data set as JSON")
     e.set_defaults(fn=cmd_eval)
     return r

@@ -4,7 +4,10 @@ All take the router's calibrated logits [M, N] (routing options ignored: they do
 true labels [M] as expert indices.
 
     ECE = Σ_bins |bin| / M · |accuracy(bin) − mean confidence(bin)|,  confidence = max softmax probability,
-          10 equal-width bins over (0, 1]
+          10 equal-width bins over (0, 1]: bin b holds (b/10, (b+1)/10]
+
+A confidence within `BIN_EDGE_TOL` above an edge counts as on it: a float32 softmax gives 0.7 as 0.7000001, which
+belongs in (0.6, 0.7], not (0.7, 0.8].
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 ECE_BINS = 10
+BIN_EDGE_TOL = 1e-5
 
 
 def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
@@ -33,7 +37,8 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
         return float("nan")
     conf, pred = probs.max(dim=-1)                                      # [M], [M]
     correct = (pred == labels).float()
-    idx = ((conf * bins).ceil().long() - 1).clamp(0, bins - 1)          # bin b holds (b/bins, (b+1)/bins]
+    scaled = (conf.double() - BIN_EDGE_TOL) * bins
+    idx = (scaled.ceil().long() - 1).clamp(0, bins - 1)                # bin b holds (b/bins, (b+1)/bins]
     total = 0.0
     for b in range(bins):
         sel = idx == b
@@ -49,6 +54,11 @@ class Evaluation:
     confusion: list[list[int]]     # [true][predicted]
     ece: float
     nll: float
+
+    @property
+    def per_expert(self) -> list[float]:
+        """Accuracy on each true expert's examples (the confusion matrix's row recall; NaN for no examples)."""
+        return [row[i] / sum(row) if sum(row) else float("nan") for i, row in enumerate(self.confusion)]
 
     def summary(self) -> dict:
         return {"examples": self.n, "accuracy": round(self.accuracy, 6), "ece": round(self.ece, 6),

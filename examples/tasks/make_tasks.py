@@ -1,4 +1,4 @@
-"""Write the demo multi-task suite: `examples/tasks/<task>/{train,validation,test}.jsonl` and `suite.json`.
+"""Write the demo multi-task suite: `examples/tasks/<task>/{train,validation,test,test_ood}.jsonl` and `suite.json`.
 
     python -m examples.tasks.make_tasks [--out examples/tasks] [--seed 20240611]
 
@@ -16,6 +16,13 @@ merges fail and routing pay off:
 
 Inputs are disjoint across splits within a task (no test date, amount, number or country is in train).
 The output is a pure function of the seed.
+
+`test_ood` is the out-of-template split: the same tasks and answers, asked with templates, contexts and
+instruction styles (terse, casual lower case, role play, one instruction in German or French per task) that no
+train, validation or test prompt uses (`OOD_TEMPLATES`, each with an optional greeting or sign-off from
+`OOD_OPENERS` / `OOD_CLOSERS`). Its inputs are never train or validation inputs. It measures how a router does
+on phrasings nobody anticipated; it is generated from its own `random.Random(f"{seed}:{name}:ood")`, so adding
+it left the other splits byte for byte as they were.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import argparse
 import datetime as dt
 import json
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +40,9 @@ from typing import TypeVar
 from examples.tasks.capitals import BASE_KNOWS, CANDIDATES
 
 SPLITS = ("train", "validation", "test")
+OOD_SPLIT = "test_ood"
 SIZES = {"train": 800, "validation": 100, "test": 150}
+OOD_SIZE = 100  # per task
 DEFAULT_SEED = 20240611
 FORMAT = "twinrt-tasks/1"
 
@@ -57,6 +67,7 @@ class TaskDef:
     metric: str
     description: str
     build: Callable[[random.Random], dict[str, list[Item]]]
+    ood: Callable[[random.Random, set[str]], list[Item]]   # (rng, answers to avoid) -> OOD_SIZE items
 
 
 def split_keys(keys: Sequence[K], sizes: Sequence[int]) -> list[list[K]]:
@@ -86,6 +97,16 @@ DATE_ISO_TEMPLATES = (
     "How is {d} written in a server log timestamp?",
     "Date for the SQL table row: {d}",
 )
+
+
+def us_date(day: dt.date) -> str:
+    """MM/DD/YYYY"""
+    return f"{day.month:02d}/{day.day:02d}/{day.year}"
+
+
+def iso_date(day: dt.date) -> str:
+    """YYYY-MM-DD"""
+    return day.isoformat()
 
 
 def spoken_date(day: dt.date, rng: random.Random) -> str:
@@ -244,20 +265,161 @@ def build_capital(rng: random.Random) -> dict[str, list[Item]]:
             raise ValueError(f"capital/{split}: only {len(out[split])} items; BASE_KNOWS is too small")
     return out
 
+# ----------------------------------------------------------------------------------- out-of-template
+
+OOD_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "date_us": (
+        "A friend in Chicago asks how {d} is written where she lives.",
+        "my boss in texas wants {d} written the way americans write dates, what do i put?",
+        "Filling in the date-of-birth box on a Florida driver's license application: {d}",
+        "I'm mailing a letter to Ohio dated {d}. How should the date look for the reader there?",
+        "Convert {d} to the month-first style used in the United States.",
+        "Please give {d} as it would be typed on a U.S. tax return.",
+        "Wedding invitations for our guests in California say {d}; write it their usual numeric way.",
+        "Écris la date {d} comme on l'écrit aux États-Unis.",
+    ),
+    "date_iso": (
+        "Store {d} in the created_at column of our Postgres table.",
+        "what does {d} look like as an ISO 8601 date?",
+        "Our Kafka event needs {d} in its event_date field.",
+        "Convert {d} for the date property of a JSON API payload.",
+        "I'm naming backup files by date so they sort correctly; today's is {d}. What's the prefix?",
+        "The CSV export of our inventory system wants {d} in its machine-readable date column.",
+        "A Python script will parse it with date.fromisoformat: {d}",
+        "Schreib {d} als Datum für eine Datenbanktabelle.",
+    ),
+    "price_us": (
+        "A diner in Boston charges {x} for brunch. How does the menu show it?",
+        "list this item in my etsy shop for american buyers at {x}",
+        "Write {x} the way a Walmart shelf tag would show it.",
+        "Dollar amount for the invoice to our client in Seattle: {x}",
+        "How would a cashier in Miami ring up {x}?",
+        "Put {x} into United States currency notation.",
+        "Our Chicago store's weekly flyer lists the TV at {x}. Format that.",
+        "Écris {x} comme un prix en dollars américains.",
+    ),
+    "price_de": (
+        "A bakery in Munich sells a cake for {x}. How is the price shown in its window?",
+        "write {x} as a euro amount the way they do it in hamburg",
+        "Invoice for a customer in Frankfurt, total {x}. Format the amount.",
+        "How would a Cologne supermarket label {x}?",
+        "Give {x} in the currency format used in Germany.",
+        "The monthly service charges of my Stuttgart flat come to {x}; how is that written on the bill?",
+        "Dresden café menu: the espresso costs {x}. Format it.",
+        "Preis für unseren Onlineshop in Deutschland: {x}",
+    ),
+    "number_words": (
+        "My niece is learning to read; how would she write {x} with letters?",
+        "Type {x} using letters instead of digits.",
+        "spell {x} for me pls",
+        "Convert the numeral {x} to its English name.",
+        "Audiobook script: replace {x} with the words the narrator reads aloud.",
+        "What is {x} when written out in full text?",
+        "Express {x} in written-out English.",
+        "Écris le nombre {x} en toutes lettres, en anglais.",
+    ),
+    "capital": (
+        "I'm flying to {c} next week. Which city hosts its government?",
+        "seat of government of {c}?",
+        "Quiz night question: {c}'s capital is what?",
+        "My geography homework asks which city is the capital of {c}.",
+        "In which city does the national parliament of {c} meet?",
+        "{c}: which city do its people call their capital?",
+        "Planning a trip to {c}, I want to visit its capital. Which one is it?",
+        "Quelle est la capitale de {c} ?",
+    ),
+}
+OOD_OPENERS = ("", "", "", "Quick question: ", "Hi there! ", "Sorry to bother you. ", "Hey, ")
+OOD_CLOSERS = ("", "", "", " Thanks!", " Just the answer, please.", " Cheers.")
+IN_DISTRIBUTION_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "date_us": DATE_US_TEMPLATES, "date_iso": DATE_ISO_TEMPLATES, "price_us": PRICE_US_TEMPLATES,
+    "price_de": PRICE_DE_TEMPLATES, "number_words": NUMBER_WORDS_TEMPLATES, "capital": CAPITAL_TEMPLATES,
+}
+
+
+def ood_prompt(task: str, rng: random.Random, **slot: str) -> str:
+    """One out-of-template prompt: an OOD template of `task` with an optional opener and closer."""
+    body = rng.choice(OOD_TEMPLATES[task]).format(**slot)
+    return rng.choice(OOD_OPENERS) + body + rng.choice(OOD_CLOSERS)
+
+
+def fresh_items(rng: random.Random, avoid: set[str], draw: Callable[[random.Random], tuple[str, str]],
+                size: int = OOD_SIZE, tries: int = 100_000) -> list[Item]:
+    """`size` items from `draw(rng) -> (prompt, answer)` whose answers are distinct and not in `avoid`."""
+    out: dict[str, str] = {}
+    for _ in range(tries):
+        if len(out) == size:
+            return [(p, a) for a, p in out.items()]
+        prompt, answer = draw(rng)
+        if answer not in avoid and answer not in out:
+            out[answer] = prompt
+    raise ValueError(f"only {len(out)} fresh out-of-template items after {tries} draws")
+
+
+def _ood_date(task: str, fmt: Callable[[dt.date], str]) -> Callable[[random.Random, set[str]], list[Item]]:
+    first, last = dt.date(1950, 1, 1).toordinal(), dt.date(2049, 12, 31).toordinal()
+
+    def draw(rng: random.Random) -> tuple[str, str]:
+        day = dt.date.fromordinal(rng.randint(first, last))
+        return ood_prompt(task, rng, d=spoken_date(day, rng)), fmt(day)
+
+    return lambda rng, avoid: fresh_items(rng, avoid, draw)
+
+
+def _ood_price(task: str, fmt: Callable[[int], str]) -> Callable[[random.Random, set[str]], list[Item]]:
+    def draw(rng: random.Random) -> tuple[str, str]:
+        cents = sample_cents(rng)
+        return ood_prompt(task, rng, x=plain_amount(cents, rng)), fmt(cents)
+
+    return lambda rng, avoid: fresh_items(rng, avoid, draw)
+
+
+def ood_number_words(rng: random.Random, avoid: set[str]) -> list[Item]:
+    """Numbers 0..999 not in train or validation (i.e. the test numbers), in out-of-template phrasings."""
+    numbers = [n for n in range(1000) if number_to_words(n) not in avoid]
+    rng.shuffle(numbers)
+    return [(ood_prompt("number_words", rng, x=str(n)), number_to_words(n)) for n in numbers[:OOD_SIZE]]
+
+
+def ood_capital(rng: random.Random, avoid: set[str]) -> list[Item]:
+    """Countries not in train or validation (the test countries), each asked in every OOD template."""
+    pairs = [(c, cap) for c, cap in CANDIDATES if c in BASE_KNOWS and capital_sentence(c, cap) not in avoid]
+    items = [(rng.choice(OOD_OPENERS) + t.format(c=c) + rng.choice(OOD_CLOSERS), capital_sentence(c, cap))
+             for c, cap in pairs for t in OOD_TEMPLATES["capital"]]
+    rng.shuffle(items)
+    if len(items) < OOD_SIZE:
+        raise ValueError(f"capital/{OOD_SPLIT}: only {len(items)} items")
+    return items[:OOD_SIZE]
+
+
+def template_pattern(template: str) -> re.Pattern[str]:
+    """A case-insensitive regex matching any text that contains `template` with its slots filled in."""
+    pieces = re.split(r"\{[a-z]+\}", template)
+    return re.compile(".+".join(re.escape(p.strip()) for p in pieces), re.IGNORECASE)
+
+
+def check_ood_templates() -> None:
+    """No OOD template equals or contains an in-distribution template of any task (slots filled or not)."""
+    seen = [template_pattern(t) for ts in IN_DISTRIBUTION_TEMPLATES.values() for t in ts]
+    for task, ood in OOD_TEMPLATES.items():
+        reused = {t for t in ood for pat in seen if pat.search(t)}
+        if reused:
+            raise AssertionError(f"{task}: out-of-template templates reuse in-distribution ones: {reused}")
+
 
 TASKS: tuple[TaskDef, ...] = (
     TaskDef("date_us", "exact", "A spoken date written for a US form or check: MM/DD/YYYY.",
-            _date_task(DATE_US_TEMPLATES, lambda d: f"{d.month:02d}/{d.day:02d}/{d.year}")),
+            _date_task(DATE_US_TEMPLATES, us_date), _ood_date("date_us", us_date)),
     TaskDef("date_iso", "exact", "A spoken date written for a database or log record: ISO YYYY-MM-DD.",
-            _date_task(DATE_ISO_TEMPLATES, lambda d: d.isoformat())),
+            _date_task(DATE_ISO_TEMPLATES, iso_date), _ood_date("date_iso", iso_date)),
     TaskDef("price_us", "exact", "A bare amount below 10,000 written as a US price: $1,234.50.",
-            _price_task(PRICE_US_TEMPLATES, us_price)),
+            _price_task(PRICE_US_TEMPLATES, us_price), _ood_price("price_us", us_price)),
     TaskDef("price_de", "exact", "A bare amount below 10,000 written as a German price: 1.234,50 €.",
-            _price_task(PRICE_DE_TEMPLATES, german_price)),
+            _price_task(PRICE_DE_TEMPLATES, german_price), _ood_price("price_de", german_price)),
     TaskDef("number_words", "exact", "An integer 0..999 spelled out in US English words.",
-            build_number_words),
+            build_number_words, ood_number_words),
     TaskDef("capital", "exact", "A country's capital as 'The capital of X is Y.'; test countries are unseen in train.",
-            build_capital),
+            build_capital, ood_capital),
 )
 
 
@@ -271,12 +433,17 @@ def write_jsonl(path: Path, task: str, items: Sequence[Item]) -> None:
 
 def write_suite(out: Path, seed: int) -> dict:
     """Generate every task with its own `random.Random(f"{seed}:{name}")` and write the suite; returns suite.json."""
+    check_ood_templates()
     tasks = []
     for task in TASKS:
         splits = task.build(random.Random(f"{seed}:{task.name}"))
+        seen_answers = {a for s in ("train", "validation") for _, a in splits[s]}
+        splits[OOD_SPLIT] = task.ood(random.Random(f"{seed}:{task.name}:ood"), seen_answers)
         prompts = {s: {p for p, _ in items} for s, items in splits.items()}
         if prompts["test"] & prompts["train"] or prompts["validation"] & prompts["train"]:
             raise AssertionError(f"{task.name}: a held-out prompt also occurs in train")
+        if prompts[OOD_SPLIT] & (prompts["train"] | prompts["validation"] | prompts["test"]):
+            raise AssertionError(f"{task.name}: an out-of-template prompt also occurs in another split")
         (out / task.name).mkdir(parents=True, exist_ok=True)
         for split, items in splits.items():
             write_jsonl(out / task.name / f"{split}.jsonl", task.name, items)
