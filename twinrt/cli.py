@@ -1,8 +1,8 @@
 """The `twinrt` command line (Contract 2). User errors print one line and exit with code 2.
 
-`split` and `inspect` are twinrt's own; the other subcommands come from the packages above twinrt (router,
-serving), which twinrt never imports: each entry point of the `twinrt.commands` group (pyproject.toml) names a
-`register(subparsers)` that adds some (serving.commands adds router, serve, ab and eval).
+`split`, `inspect`, `add` and `remove` are twinrt's own; the other subcommands come from the packages above
+twinrt (router, serving), which twinrt never imports: each entry point of the `twinrt.commands` group
+(pyproject.toml) names a `register(subparsers)` that adds some (serving.commands adds router, serve, ab, eval).
 """
 
 from __future__ import annotations
@@ -55,6 +55,39 @@ def _cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_add(args: argparse.Namespace) -> int:
+    from twinrt.config import check_device
+    from twinrt.split.add import add_expert, parse_assignment
+
+    check_device(args.device)
+    name, path = parse_assignment(args.expert)
+    t0 = time.perf_counter()
+    manifest = add_expert(args.artifact, name, path, base=args.base, device=args.device,
+                          drop_router=args.drop_router)
+    if not args.quiet:
+        from twinrt.artifact.report import summary_table
+
+        console.print(summary_table(manifest))
+        console.print(f"added {name!r} to {args.artifact} in {time.perf_counter() - t0:.1f} s; experts (mix "
+                      f"order): {', '.join(manifest.expert_names)}")
+    if manifest.history[-1].note:
+        print(manifest.history[-1].note)
+    return 0
+
+
+def _cmd_remove(args: argparse.Namespace) -> int:
+    from twinrt.artifact import Artifact
+    from twinrt.artifact.update import remove_expert
+
+    manifest, notes = remove_expert(Artifact.open(args.artifact), args.name, drop_router=args.drop_router)
+    for line in notes:
+        print(line)
+    if not args.quiet:
+        console.print(f"removed {args.name!r} from {args.artifact}; experts (mix order): "
+                      f"{', '.join(manifest.expert_names)}")
+    return 0
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from twinrt.artifact import Artifact
     from twinrt.artifact.report import summary_table
@@ -65,12 +98,23 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                   f"written by twinrt {m.twinrt_version} at {m.created}")
     console.print(f"base: {m.base.source} ({m.base.kind}, {m.base.architecture}, {m.base.fingerprint[:19]}…)")
     console.print(f"experts (mix order): {', '.join(m.expert_names)}")
+    later = [e for e in m.expert_names if not m.in_core(e)]
+    gone = [e for e in m.shared.experts if e not in m.expert_names]
+    if later or gone:
+        console.print(f"core merged from: {', '.join(m.shared.experts)}"
+                      + (f"; added later: {', '.join(later)}" if later else "")
+                      + (f"; removed (still in the core): {', '.join(gone)}" if gone else ""))
     if m.shared.excluded:
         console.print(f"not merged (core = base): {len(m.shared.excluded)} tensors, e.g. {m.shared.excluded[0]}")
     console.print(summary_table(m))
     console.print(f"router: {'trained' if art.router_dir.is_dir() else 'none'}; "
                   + ("checksums verified" if not args.no_verify else "checksums not verified"))
     return 0
+
+
+def _drop_router_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--drop-router", action="store_true",
+                   help="remove the artifact's router, which was fitted to the old expert set")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +135,25 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("artifact")
     i.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every file")
     i.set_defaults(fn=_cmd_inspect)
+
+    a = sub.add_parser("add", help="factor one more expert against an artifact's core (the core and the other "
+                              "experts stay as they are)")
+    a.add_argument("artifact")
+    a.add_argument("expert", metavar="NAME=PATH", help="the new expert: a full fine-tuned HF dir or a PEFT LoRA "
+                   "adapter over the artifact's base")
+    a.add_argument("--base", type=Path, help="the artifact's base model, if not at the path its manifest records "
+                   "(its fingerprint must match)")
+    _drop_router_flag(a)
+    a.add_argument("--device", default="cpu", help="device for the SVD math (cpu, cuda, ...)")
+    a.add_argument("-q", "--quiet", action="store_true", help="no summary")
+    a.set_defaults(fn=_cmd_add, sigterm_cleanup=True)
+
+    r = sub.add_parser("remove", help="remove an expert from an artifact (the core stays as it is)")
+    r.add_argument("artifact")
+    r.add_argument("name")
+    _drop_router_flag(r)
+    r.add_argument("-q", "--quiet", action="store_true", help="only what the user must know")
+    r.set_defaults(fn=_cmd_remove, sigterm_cleanup=True)
 
     for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda ep: ep.name):
         ep.load()(sub)

@@ -3,14 +3,22 @@
     {
       "format": "twinrt/1", "twinrt_version": ..., "created": ISO-8601,
       "base": {"source", "kind": "hf"|"gguf", "fingerprint", "architecture", "model_type"},
-      "shared": {"method", "params": {...}, "excluded": [tensor names kept from the base]},
+      "shared": {"method", "params": {...}, "excluded": [tensor names kept from the base],
+                 "experts": [the experts the core was merged from, kept when one of them is removed]},
       "exclusive": {"rank" | "energy", "svd", "dtype"},
       "experts": [{"name", "source", "kind": "full"|"lora", "fingerprint"}],          # mix order
       "tensors": {name: {"shape", "role": "factored"|"dense",
                          "experts": {expert: {"rank", "energy", "path"} | {"stored": bool, "norm"}}}},
       "sizes": {"core": bytes, "full_expert": bytes, "experts": {name: {"factors", "dense"}}, "router": bytes},
-      "files": {relative path: sha256}
+      "files": {relative path: sha256},
+      "history": [{"op": "split"|"add"|"remove", "at": ISO-8601, "experts": [names], "twinrt_version",
+                   "note": str | null}]                                            # oldest first
     }
+
+The core never changes after the split: `twinrt add` factors a new expert against it and `twinrt remove`
+drops one expert's files, so `shared.experts` (what the core is made of) and the current `experts` (what can
+be mixed) part ways; `history` says when and how. A manifest written before either existed reads as one split
+of its current experts at `created`.
 
 The manifest is validated as a whole when it is read: expert names follow `EXPERT_NAME` (they become
 directory names), every path in `files` is a plain relative path, and the experts, tensors, sizes and files
@@ -68,6 +76,17 @@ class SharedInfo(Frozen):
     method: str
     params: dict[str, Any]
     excluded: list[str] = []
+    experts: list[str] = []  # the experts the core was merged from (filled from `experts` for older manifests)
+
+
+class HistoryEvent(Frozen):
+    """One change of the artifact's expert set: the split that made the core, or a later add / remove."""
+
+    op: Literal["split", "add", "remove"]
+    at: str  # ISO-8601, UTC
+    experts: list[str]
+    twinrt_version: str
+    note: str | None = None
 
 
 class ExclusiveInfo(Frozen):
@@ -129,6 +148,24 @@ class Manifest(Frozen):
     tensors: dict[str, TensorInfo]
     sizes: Sizes
     files: dict[str, str]
+    history: list[HistoryEvent]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older(cls, data: Any) -> Any:
+        # manifests written before add/remove existed: one split of the experts they have, at `created`
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        names = [e.get("name") if isinstance(e, dict) else getattr(e, "name", None) for e in data.get("experts", [])]
+        shared = data.get("shared")
+        if isinstance(shared, dict) and "experts" not in shared:
+            data["shared"] = {**shared, "experts": names}
+        elif isinstance(shared, SharedInfo) and "experts" not in shared.model_fields_set:
+            data["shared"] = shared.model_copy(update={"experts": names})
+        data.setdefault("history", [{"op": "split", "at": data.get("created", ""), "experts": names,
+                                     "twinrt_version": data.get("twinrt_version", "")}])
+        return data
 
     @field_validator("files")
     @classmethod
@@ -146,6 +183,12 @@ class Manifest(Frozen):
     def expert_names(self) -> list[str]:
         return [e.name for e in self.experts]
 
+    def in_core(self, expert: str) -> bool:
+        """Whether the expert of this name is one the core was merged from: the last event of the history that
+        names it is the split (one removed and added again, perhaps another model, came later)."""
+        last = [e.op for e in self.history if expert in e.experts]
+        return bool(last) and last[-1] == "split"
+
     def factored(self, expert: str) -> dict[str, FactorInfo]:
         """Factored tensors of one expert with rank > 0: weight name -> rank/energy."""
         out = {}
@@ -157,8 +200,10 @@ class Manifest(Frozen):
 
 
 def _check_consistent(m: Manifest) -> None:
-    """Raise ValueError where the experts, tensors, sizes and files of `m` disagree."""
+    """Raise ValueError where the experts, tensors, sizes, files and history of `m` disagree."""
     names = m.expert_names
+    if not m.history or m.history[0].op != "split" or any(e.op == "split" for e in m.history[1:]):
+        raise ValueError("history must start with the one split that made the core")
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"duplicate expert names: {', '.join(dup)}")

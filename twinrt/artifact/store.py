@@ -19,7 +19,7 @@ import re
 import shutil
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import torch
@@ -305,23 +305,34 @@ class Artifact:
         with safe_open(str(f), framework="pt") as h:
             return {k: h.get_tensor(k) if dtype is None else h.get_tensor(k).to(dtype) for k in h.keys()}
 
+    @contextlib.contextmanager
+    def staged(self, leave_out: Collection[str] = ()) -> Iterator[Path]:
+        """The next state of this artifact, assembled beside it and swapped in atomically on a clean exit.
+
+        The yielded dir starts as this artifact minus `leave_out` (relative paths: "router", "experts/math")
+        and minus twin.json and its digest: every other file hard-linked (so it stays byte for byte what it
+        was). The caller adds what is new and writes the manifest (`write_manifest`); on exit one atomic
+        exchange swaps it in (see `replace_dir`). A crash or error at any point leaves the old artifact, which
+        still verifies; the temp dir a crash leaves is removed by the next writer.
+        """
+        skip = {check_relpath(p) for p in leave_out}
+        with atomic_dir(self.root, force=True) as stage:
+            _link_except(self.root, stage, "", skip)
+            yield stage
+
     def install_part(self, part: str, build: Path) -> None:
         """Replace the subdirectory `part` (e.g. "router") with the dir `build`, and re-checksum, atomically.
 
-        The new artifact is assembled beside this one: every other file hard-linked, `build` moved in as
-        `part`, a new twin.json and digest; then one atomic exchange swaps it in (see `replace_dir`). A crash
-        at any point leaves the old artifact or the new one, each verifying; the temp dir a crash leaves is
-        removed by the next writer. `build` must be a directory on the same filesystem; it is moved, not copied.
+        The new artifact is assembled beside this one (`staged`), `build` moved in as `part`, a new twin.json
+        and digest written, then swapped in. `build` must be a directory on the same filesystem; it is moved,
+        not copied.
         """
         if "/" in part or part in (MANIFEST, DIGEST):
             raise ValueError(f"install_part: {part!r} is not an artifact part")
         check_relpath(part)
         build = Path(build)
-        with atomic_dir(self.root, force=True) as stage:
-            for entry in sorted(self.root.iterdir()):
-                if entry.name not in (part, MANIFEST, DIGEST) and not _WRITER_TEMP.match(entry.name) \
-                        and entry.resolve() != build.resolve():
-                    _link_tree(entry, stage / entry.name)
+        leave_out = [part] + [e.name for e in self.root.iterdir() if e.resolve() == build.resolve()]
+        with self.staged(leave_out) as stage:
             build.rename(stage / part)
             files = {k: v for k, v in self.manifest.files.items() if not k.startswith(f"{part}/")}
             files.update({f"{part}/{k}": v for k, v in checksum_tree(stage / part).items()})
@@ -332,6 +343,20 @@ class Artifact:
             manifest = Manifest.model_validate({**self.manifest.model_dump(), **update})
             write_manifest(stage, manifest)
         self.manifest = manifest
+
+
+def _link_except(src: Path, dst: Path, rel: str, skip: set[str]) -> None:
+    """Hard-link the tree `src` (at relative path `rel` of the artifact) into the existing dir `dst`, without
+    the paths in `skip`, the manifest and its digest, and writers' temp dirs."""
+    for entry in sorted(src.iterdir()):
+        path = f"{rel}{entry.name}"
+        if path in skip or (not rel and (entry.name in (MANIFEST, DIGEST) or _WRITER_TEMP.match(entry.name))):
+            continue
+        if entry.is_dir() and not entry.is_symlink() and any(s.startswith(path + "/") for s in skip):
+            (dst / entry.name).mkdir()
+            _link_except(entry, dst / entry.name, path + "/", skip)
+        else:
+            _link_tree(entry, dst / entry.name)
 
 
 def _check_manifest_digest(path: Path, data: bytes) -> None:

@@ -8,6 +8,9 @@ and the manifest that records them (Contract 1).
     twin.json, twin.json.sha256            finish(...): every file's sha256, the sizes, what was added
 
 The writer fills a directory being assembled (atomic_dir's temp dir); it never renames anything itself.
+`twinrt add` uses the same writer without a core (`core=False`: the artifact's core is kept) and merges what
+`finish_experts()` returns into the existing manifest, so an added expert's files are written exactly as a
+split writes them.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from twinrt.artifact.manifest import (
     ExpertInfo,
     ExpertSize,
     FactorInfo,
+    HistoryEvent,
     Manifest,
     SharedInfo,
     Sizes,
@@ -57,15 +61,24 @@ class _ExpertFiles:
     ranks: dict[str, int] = field(default_factory=dict)  # module -> rank (> 0)
 
 
-class ArtifactWriter:
-    """Assembles an artifact in `root` for `experts` (in mix order); tensors are stored as `dtype`."""
+def now() -> str:
+    """The current UTC time as the manifest writes it (ISO-8601, seconds)."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
-    def __init__(self, root: Path, experts: Sequence[str], dtype: torch.dtype) -> None:
+
+class ArtifactWriter:
+    """Assembles an artifact in `root` for `experts` (in mix order); tensors are stored as `dtype`.
+
+    `core=False`: only the experts' files (the core is there already and stays as it is)."""
+
+    def __init__(self, root: Path, experts: Sequence[str], dtype: torch.dtype, *, core: bool = True) -> None:
         self.root = Path(root)
         self.dtype = dtype
         self.core_dir = self.root / "core"
-        self.core_dir.mkdir()
-        self.core = SafetensorsWriter(self.core_dir, "model")
+        self.core: SafetensorsWriter | None = None
+        if core:
+            self.core_dir.mkdir()
+            self.core = SafetensorsWriter(self.core_dir, "model")
         self.experts: dict[str, _ExpertFiles] = {}
         for name in experts:
             d = self.expert_dir(name)
@@ -85,6 +98,8 @@ class ArtifactWriter:
 
     def add_core(self, name: str, tensor: torch.Tensor) -> None:
         """θ_core of tensor `name`, stored as given (the caller casts float tensors to the artifact's dtype)."""
+        if self.core is None:
+            raise ValueError("this writer keeps the artifact's core (core=False)")
         self.core.add(name, tensor)
 
     def add_factored(self, name: str, shape: Sequence[int], factors: Mapping[str, Factored]) -> None:
@@ -111,10 +126,8 @@ class ArtifactWriter:
                 self.experts[expert].dense.add(name, d.to(self.dtype))
         self.tensors[name] = TensorInfo(shape=list(shape), role="dense", experts=per_expert)
 
-    def finish(self, *, base: BaseInfo, shared: SharedInfo, exclusive: ExclusiveInfo,
-               experts: list[ExpertInfo]) -> Manifest:
-        """Close every file, write the adapters' configs and then the manifest over all of them; -> the manifest."""
-        self.core.close()
+    def finish_experts(self) -> dict[str, ExpertSize]:
+        """Close every expert's files and write its adapter config; -> each expert's stored bytes."""
         sizes = {}
         for name, files in self.experts.items():
             files.factors.close()
@@ -122,13 +135,25 @@ class ArtifactWriter:
                 files.dense.close()
             adapter.write_config(self.expert_dir(name), files.ranks)
             sizes[name] = ExpertSize(factors=files.factors.total_bytes, dense=files.dense.total_bytes)
+        return sizes
+
+    def finish(self, *, base: BaseInfo, shared: SharedInfo, exclusive: ExclusiveInfo,
+               experts: list[ExpertInfo]) -> Manifest:
+        """Close every file, write the adapters' configs and then the manifest over all of them; -> the manifest."""
+        if self.core is None:
+            raise ValueError("finish() writes a whole artifact; a writer without a core has finish_experts()")
+        self.core.close()
+        sizes = self.finish_experts()
+        created = now()
+        names = [e.name for e in experts]
         manifest = Manifest(
-            format=FORMAT, twinrt_version=__version__,
-            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            base=base, shared=shared, exclusive=exclusive, experts=experts, tensors=self.tensors,
+            format=FORMAT, twinrt_version=__version__, created=created,
+            base=base, shared=shared.model_copy(update={"experts": names}), exclusive=exclusive, experts=experts,
+            tensors=self.tensors,
             # one full model at the artifact's dtype is as large as the core, which stores every tensor so
             sizes=Sizes(core=self.core.total_bytes, full_expert=self.core.total_bytes, experts=sizes),
             files=checksum_tree(self.root),
+            history=[HistoryEvent(op="split", at=created, experts=names, twinrt_version=__version__)],
         )
         write_manifest(self.root, manifest)
         return manifest

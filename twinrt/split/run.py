@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -105,7 +105,7 @@ def _core_files(base: SafetensorsDir | GGUFFile, config: Any, dtype: str) -> tup
     return config, tok, gen or GenerationConfig.from_model_config(config)
 
 
-def _finite(t: torch.Tensor, name: str, who: str) -> None:
+def check_finite(t: torch.Tensor, name: str, who: str) -> None:
     # a sum is finite whenever every entry is (float32 sums of weights do not overflow): one cheap pass first
     if not t.is_floating_point() or torch.isfinite(t.sum()):
         return
@@ -130,6 +130,46 @@ def check_output(out: Path, cfg: SplitConfig, force: bool, keep: Mapping[str, Pa
         check_replaceable(out)
 
 
+def check_integer_tensor(experts: Iterable[LoraExpert | FullExpert], name: str, base_t: torch.Tensor) -> None:
+    """A non-float tensor is the base's in the core and in every expert; refuse an expert whose differs."""
+    for e in experts:
+        if not torch.equal(e.get(name, base_t), base_t):
+            raise TwinError(f"{e.label}: non-float tensor {name} differs from the base")
+
+
+def task_vectors(experts: Collection[LoraExpert | FullExpert], name: str, base_t: torch.Tensor,
+                 base32: torch.Tensor, device: str) -> torch.Tensor:
+    """τ_i = θ_i − θ_base of tensor `name` in float32 on `device`, each expert's weights checked finite:
+    -> [N, ...]. Filled one expert at a time: memory holds the base, one τ per expert."""
+    tau = torch.empty((len(experts), *base_t.shape), dtype=torch.float32, device=device)  # [N, ...]
+    for i, e in enumerate(experts):
+        theta = e.get(name, base_t)
+        check_finite(theta, name, e.label)
+        tau[i] = theta.to(device=device, dtype=torch.float32)
+        del theta
+        tau[i] -= base32
+    return tau
+
+
+def exclusive_deltas(tau: torch.Tensor, core_t: torch.Tensor, base32: torch.Tensor) -> torch.Tensor:
+    """d_i = θ_i − θ_core(stored) = τ_i − (θ_core − θ_base), computed in place in `tau: [N, ...]`."""
+    return tau.sub_(core_t.float() - base32)
+
+
+def write_exclusive(out: ArtifactWriter, name: str, shape: Sequence[int], experts: Sequence[str],
+                    deltas: torch.Tensor, *, factored: bool, spec: ExclusiveSpec | ExclusiveInfo) -> None:
+    """Each expert's exclusive part of tensor `name` into `out`: truncated SVD factors (rank or energy rule of
+    `spec`, its SVD path, a seed per expert and tensor) of a factored weight, else the exact dense delta.
+    `deltas: [N, ...]` in the order of `experts`; an expert's factors depend on its name and delta only."""
+    if factored:
+        out.add_factored(name, shape, {
+            expert: truncated_svd(d, rank=spec.rank, energy=spec.energy, method=spec.svd,
+                                  seed=tensor_seed(0, expert + name))
+            for expert, d in zip(experts, deltas)})
+    else:
+        out.add_dense(name, shape, dict(zip(experts, deltas)))
+
+
 @dataclass(frozen=True)
 class _Plan:
     """What the split does to each tensor, fixed before the first one."""
@@ -149,22 +189,13 @@ class _Plan:
         """Split tensor `name` into `out`; -> (excluded from the merge: its core is the base's, the method's
         report on the tensor)."""
         base_t = self.base.get(name)
-        _finite(base_t, name, f"base {self.base.label}")
+        check_finite(base_t, name, f"base {self.base.label}")
         if not base_t.is_floating_point():
-            for e in self.experts.values():
-                if not torch.equal(e.get(name, base_t), base_t):
-                    raise TwinError(f"{e.label}: non-float tensor {name} differs from the base")
+            check_integer_tensor(self.experts.values(), name, base_t)
             out.add_core(name, base_t)
             return False, {}
         base32 = base_t.to(device=self.device, dtype=torch.float32)
-        # τ filled one expert at a time: memory holds the base, one τ per expert and the merged result
-        tau = torch.empty((len(self.experts), *base_t.shape), dtype=torch.float32, device=self.device)  # [N, ...]
-        for i, e in enumerate(self.experts.values()):
-            theta = e.get(name, base_t)
-            _finite(theta, name, e.label)
-            tau[i] = theta.to(device=self.device, dtype=torch.float32)
-            del theta
-            tau[i] -= base32
+        tau = task_vectors(self.experts.values(), name, base_t, base32, self.device)  # [N, ...]
         excluded = any(r.search(name) for r in self.excluded)
         report: dict[str, Any] = {}
         if excluded:
@@ -177,15 +208,8 @@ class _Plan:
         core_t = (base32 + merged).to(self.store)
         out.add_core(name, core_t)
         del merged
-        deltas = tau.sub_(core_t.float() - base32)  # in place: d_i = θ_i − θ_core(stored) = τ_i − (θ_core − θ_base)
-        if name in self.factored:
-            ex = self.exclusive
-            out.add_factored(name, base_t.shape, {
-                expert: truncated_svd(d, rank=ex.rank, energy=ex.energy, method=ex.svd,
-                                      seed=tensor_seed(0, expert + name))
-                for expert, d in zip(self.experts, deltas)})
-        else:
-            out.add_dense(name, base_t.shape, dict(zip(self.experts, deltas)))
+        write_exclusive(out, name, base_t.shape, list(self.experts), exclusive_deltas(tau, core_t, base32),
+                        factored=name in self.factored, spec=self.exclusive)
         return excluded, report
 
 
@@ -275,7 +299,8 @@ def split(cfg: SplitConfig, out: Path, *, force: bool = False, device: str = "cp
                           fingerprint=base.fingerprint(),
                           architecture=(base.config.get("architectures") or [None])[0],
                           model_type=base.config.get("model_type")),
-            shared=SharedInfo(method=method.name, params=cfg.shared.params, excluded=excluded),
+            shared=SharedInfo(method=method.name, params=cfg.shared.params, excluded=excluded,
+                              experts=list(experts)),
             exclusive=ExclusiveInfo(rank=cfg.exclusive.rank, energy=cfg.exclusive.energy, svd=cfg.exclusive.svd,
                                     dtype=cfg.dtype),
             experts=[ExpertInfo(name=s.name, source=str(s.path), kind=experts[s.name].kind,
