@@ -1,0 +1,111 @@
+"""Router variants on both test splits of the demo suite: what docs/RESULTS.md's out-of-template table reports.
+
+    python -m examples.tasks.router_ood_study [--artifact artifacts/demo] [--augment 2] [--arrow]
+        [--out benchmarks/results/router_ood.json] [--cache FEATURES.pt]
+
+Routing data as the demo trains its router: the first 200 train lines per task, 20% held out per expert
+(seed 0) for calibration. Every variant is scored on `test` (in-distribution) and `test_ood` (out-of-template):
+top-1, ECE and per-task accuracy. MiniLM features are computed once; `--arrow` also runs the training-free
+Arrow router over the artifact's core and factors (a core forward pass per prompt: minutes on a CPU).
+The anchor weights were compared on test_ood itself, so the anchored rows are optimistic (no OOD validation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from router.augment import augment
+from router.data import read_examples, stratified_split
+from router.encoders import CoreEncoder, SentenceEncoder
+from router.heads import fit_prototypes, fit_temperature, train_mlp
+from router.inputs import routing_text
+from router.metrics import evaluate
+from twinrt.models import minilm_dir
+
+SUITE = Path(__file__).parent
+PER_TASK = 200
+SPLITS = ("test", "test_ood")
+
+
+def load(experts: list[str], split: str, limit: int | None = None) -> tuple[list[str], torch.Tensor]:
+    ex = [x for e in experts for x in read_examples(SUITE / e / f"{split}.jsonl", "task")[:limit]]
+    return [routing_text(x.input) for x in ex], torch.tensor([experts.index(x.label) for x in ex])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--artifact", type=Path, default=Path("artifacts/demo"))
+    p.add_argument("--augment", type=int, default=2, help="recombined copies per training prompt (0 = skip)")
+    p.add_argument("--arrow", action="store_true")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--cache", type=Path, default=None, help="MiniLM features: read if it exists, else written")
+    args = p.parse_args()
+    experts = json.loads((args.artifact / "twin.json").read_text())["experts"]
+    experts = [e["name"] for e in experts]
+    enc = SentenceEncoder(minilm_dir())
+    feats = torch.load(args.cache) if args.cache and args.cache.is_file() else {}
+    if not feats:
+        desc = {t["name"]: t["description"] for t in json.loads((SUITE / "suite.json").read_text())["tasks"]}
+        for split, limit in (("train", PER_TASK), *((s, None) for s in SPLITS)):
+            t, lab = load(experts, split, limit)
+            feats[split] = (t, enc.encode(t), lab)
+        feats["anchors"] = enc.encode([desc[e] for e in experts])
+    texts, x, y = feats["train"]
+    data = {s: feats[s] for s in SPLITS}
+    anchors = F.normalize(feats["anchors"], dim=-1)
+    tr, ho = (torch.tensor(ix) for ix in stratified_split(y.tolist(), experts, 0.2, 0))
+    rows: dict[str, dict] = {}
+
+    def report(name: str, logits_of) -> None:
+        rows[name] = {}
+        for s in SPLITS:
+            ev = evaluate(logits_of(s), data[s][2])
+            rows[name][s] = {"accuracy": ev.accuracy, "ece": ev.ece, "per_task": dict(zip(experts, ev.per_expert))}
+        print(f"{name:<34}" + "  ".join(f"{s} {rows[name][s]['accuracy']:.1%} ECE {rows[name][s]['ece']:.3f}"
+                                        for s in SPLITS), flush=True)
+
+    def calibrated(head):
+        t = fit_temperature(head(x[ho]).detach(), y[ho])
+        return lambda feats: head(feats).detach() / t
+
+    zero_shot = lambda f: 20 * F.normalize(f, dim=-1) @ anchors.T                # noqa: E731
+    lin = calibrated(train_mlp(x[tr], y[tr], len(experts), hidden=0)[0])
+    proto = calibrated(fit_prototypes(x[tr], y[tr], len(experts)))
+    report("trained", lambda s: lin(data[s][1]))
+    report("prototype", lambda s: proto(data[s][1]))
+    report("anchors (zero-shot, descriptions)", lambda s: zero_shot(data[s][1]))
+    for a in (0.5, 1.0):
+        for name, head in (("trained", lin), ("prototype", proto)):
+            report(f"{name} + anchors (weight {a})", lambda s, a=a, head=head: (
+                F.log_softmax(head(data[s][1]), -1) + a * F.log_softmax(zero_shot(data[s][1]), -1)))
+    if args.augment:
+        names = [experts[int(i)] for i in y[tr]]
+        if "augment" not in feats:
+            aug = augment([texts[i] for i in tr.tolist()], names, copies=args.augment, seed=0)
+            feats["augment"] = (aug, enc.encode([t for t, _ in aug]), torch.tensor([experts.index(n) for _, n in aug]))
+        xa, ya = torch.cat([x[tr], feats["augment"][1]]), torch.cat([y[tr], feats["augment"][2]])
+        lin_a = calibrated(train_mlp(xa, ya, len(experts), hidden=0)[0])
+        proto_a = calibrated(fit_prototypes(xa, ya, len(experts)))
+        report(f"trained + recombination x{args.augment}", lambda s: lin_a(data[s][1]))
+        report(f"prototype + recombination x{args.augment}", lambda s: proto_a(data[s][1]))
+    if args.cache:
+        torch.save(feats, args.cache)
+    if args.arrow:
+        from router.arrow import ArrowEncoder, prototypes, read_factors
+
+        core = CoreEncoder.from_dir(args.artifact / "core")
+        factors = [read_factors(str(args.artifact / "experts" / e / "adapter_model.safetensors")) for e in experts]
+        arrow = ArrowEncoder(core.model, core.tokenizer, prototypes(factors))
+        z = {s: arrow.encode(data[s][0]) for s in SPLITS}
+        report("arrow (training-free, factors)", lambda s: z[s])
+    if args.out:
+        args.out.write_text(json.dumps({"experts": experts, "routers": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
