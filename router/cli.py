@@ -131,14 +131,14 @@ def suite_split(tasks: Path, split: str, experts: list[str]) -> list:
     return out
 
 
-def eval_sets(args: argparse.Namespace, experts: list[str]) -> dict[str, list]:
-    """{name: examples} of the data sets `eval` was given, in order."""
-    sets: dict[str, list] = {}
+def eval_sets(args: argparse.Namespace, experts: list[str]) -> dict[str, tuple[str, list]]:
+    """{name: (where it came from, examples)} of the data sets `eval` was given, in order."""
+    sets: dict[str, tuple[str, list]] = {}
     for f in args.data or []:
-        sets[Path(f).name if Path(f).name not in sets else f] = _read(f, args.label_key)
+        sets[Path(f).name if Path(f).name not in sets else f] = (str(f), _read(f, args.label_key))
     if args.tasks:
         for split in [s.strip() for s in args.splits.split(",") if s.strip()]:
-            sets[split] = suite_split(Path(args.tasks), split, experts)
+            sets[split] = (f"{args.tasks} split {split}", suite_split(Path(args.tasks), split, experts))
     if not sets:
         raise TwinError("router eval needs --data FILE or --tasks DIR")
     return sets
@@ -158,8 +158,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     sets = eval_sets(args, router.experts)
     console.print(f"{router.kind} router of {args.artifact} (calibration temperature {router.temperature:.3g})")
     evals = {}
-    for name, examples in sets.items():
-        evals[name] = evaluate_router(router, examples, name)
+    for name, (source, examples) in sets.items():
+        evals[name] = evaluate_router(router, examples, source)
         print_evaluation(evals[name], router.experts, name)
     if len(evals) > 1:
         console.print(side_by_side(evals, router.experts))
