@@ -21,7 +21,7 @@ has the same length), one client after the other:
                     guidellm send max_completion_tokens with ignore_eos), profile synchronous (N = 1) or
                     concurrent with N streams, a JSON output; through the backend's extras temperature 0
                     and stream_options.continuous_usage_stats false (guidellm asks for usage in every chunk,
-                    which the server refuses with a 400, so without it every request fails)
+                    which the server honours; off, its chunks are the other clients')
     bench_serve #2  bench_serve's client again, last: the difference to the first run is the noise
 
 and per client the server's own TTFT of the same requests (ttft_s of the routing log: arrival to first token,

@@ -49,7 +49,7 @@ from serving.backends.base import (
 )
 from serving.errors import APIError, error_body, internal_error
 from serving.logprobs import TokenText, chat_logprobs, completion_logprobs, prompt_logprobs
-from serving.responses import SSE_DONE, ChunkWriter, Shape, completion_body, new_id, sse
+from serving.responses import SSE_DONE, ChunkWriter, Shape, completion_body, new_id, sse, usage
 from serving.routelog import user_hash
 from serving.routing import Decision, OverrideError
 from serving.schemas import ChatCompletionRequest, CompletionRequest
@@ -461,6 +461,7 @@ async def _stream(server: Any, shape: Shape, body: Body, view: View, gens: list[
     pl = view.pl
     writer = ChunkWriter(shape, rid, body.model, view.routing(), body.include_usage(), created=int(track.ts))
     copies = pl.n // pl.rows
+    produced = [0] * len(gens)  # each row's completion tokens so far (continuous usage stats)
     state = [_Choice(tools=ToolStream(pl.tools) if pl.calls else None) for _ in range(pl.choices)]
     queue: asyncio.Queue[tuple[int, Delta | None]] = asyncio.Queue()
 
@@ -497,8 +498,10 @@ async def _stream(server: Any, shape: Shape, body: Body, view: View, gens: list[
         if delta.logprobs or echo or (first and finish is None):
             logprobs, st.offset = view.logprobs(index, delta.logprobs, prompt_entries if echo else None, st.offset)
         st.opened = True
+        so_far = usage(view.prompt_tokens, sum(produced) * copies) if body.continuous_usage() else None
         return writer.delta(index, text, first=first, finish=finish, logprobs=logprobs,
-                            fields={**(fields or {}), **(view.choice_fields(index) if first else {})})
+                            fields={**(fields or {}), **(view.choice_fields(index) if first else {})},
+                            so_far=so_far)
 
     tasks = [asyncio.ensure_future(forward(i, g)) for i, g in enumerate(gens)]
     status = "cancelled"
@@ -514,6 +517,7 @@ async def _stream(server: Any, shape: Shape, body: Body, view: View, gens: list[
                     open_rows -= 1
                     continue
                 track.token()
+                produced[i] = max(produced[i], delta.tokens)
                 for index in choices_of(i):
                     event = chunk(index, delta, delta.prompt_logprobs)
                     if event is not None:
@@ -526,6 +530,7 @@ async def _stream(server: Any, shape: Shape, body: Body, view: View, gens: list[
             else:
                 for i, g in enumerate(gens):
                     res: Finished = g.result  # type: ignore[assignment]
+                    produced[i] = res.completion_tokens
                     for index in choices_of(i):
                         fields = {"token_ids": list(res.token_ids)} if view.token_ids else {}
                         if not pl.chat:

@@ -99,13 +99,14 @@ class ChunkWriter:
         return sse(body)
 
     def delta(self, index: int, text: str, first: bool = False, finish: str | None = None,
-              logprobs: dict[str, Any] | None = None, fields: dict[str, Any] | None = None) -> str:
+              logprobs: dict[str, Any] | None = None, fields: dict[str, Any] | None = None,
+              so_far: dict[str, int] | None = None) -> str:
         """One choice's chunk: `first` opens the choice (chat: with the role); `fields` go in the delta (chat)
         or on the choice (completions), e.g. tool_calls or token_ids."""
         choice = self.shape.chunk_choice(index, text, finish, first)
         if logprobs is not None:
             choice["logprobs"] = logprobs
-        return self._chunk([self.shape.extend(choice, fields or {}, chunk=True)])
+        return self._chunk([self.shape.extend(choice, fields or {}, chunk=True)], so_far)
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
         """The final usage chunk (stream_options.include_usage): no choices."""

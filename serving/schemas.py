@@ -133,7 +133,7 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="allow")
 
     include_usage: bool | None = None
-    continuous_usage_stats: Literal[False] | None = None  # vLLM's per-chunk usage: not implemented
+    continuous_usage_stats: bool | None = None  # vLLM's: every chunk carries the usage so far
 
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs; OpenAI's top_logprobs allows 20 too
@@ -262,6 +262,10 @@ class _Request(BaseModel):
 
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def continuous_usage(self) -> bool:
+        """vLLM's continuous_usage_stats: every chunk's `usage` is the usage so far (with include_usage)."""
+        return self.include_usage() and bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
     def bias(self) -> tuple[tuple[int, float], ...]:
         """logit_bias as (token id, bias) pairs."""

@@ -152,6 +152,16 @@ def test_the_first_chunk_carries_the_first_token(live):
     assert chunks[0]["choices"][0]["text"] != ""
 
 
+def test_continuous_usage_stats(live):
+    """vLLM's stream_options.continuous_usage_stats (guidellm always sends it): every chunk's usage so far."""
+    chunks = events(live, "/v1/chat/completions", {
+        "model": "core", "messages": chat("hello world"), "max_tokens": 5, "temperature": 0, "ignore_eos": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    counts = [c["usage"]["completion_tokens"] for c in chunks]
+    assert all(c["usage"] is not None for c in chunks) and counts == sorted(counts)
+    assert 0 < counts[0] and counts[-1] == 5 and chunks[-1]["choices"] == []
+
+
 def test_streamed_logprobs_equal_the_whole_ones(live):
     body = {"model": "twin", "prompt": "5 + 7 =", "max_tokens": 6, "temperature": 0, "ignore_eos": True,
             "logprobs": 2, "echo": True}

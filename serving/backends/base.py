@@ -130,6 +130,7 @@ class Delta:
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    tokens: int = 0  # the completion's tokens so far (vLLM's continuous usage stats)
 
 
 @dataclass(frozen=True)

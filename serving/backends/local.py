@@ -278,7 +278,7 @@ class LocalBackend:
             if not opened[0] and req.params.prompt_logprobs is not None:
                 prompt = tuple(req.prompt_logprobs)
             opened[0] = True
-            self._post(gen.push, Delta(text, lps, prompt))
+            self._post(gen.push, Delta(text, lps, prompt, req.completion_tokens))
 
         try:
             req = self.engine.add(ids, mix, params, on_token=on_token, deadline=deadline, constraint=constraint)

@@ -463,7 +463,7 @@ class _Output:
         if not self._opened and (text or logprobs):
             self._opened = True
             prompt = self.prompt_logprobs
-        return Delta(text, tuple(logprobs), prompt)  # type: ignore[arg-type]
+        return Delta(text, tuple(logprobs), prompt, len(self.tokens))  # type: ignore[arg-type]
 
     def finished(self, reason: str) -> Finished:
         return Finished("".join(self.text), reason, len(self.prompt_ids), len(self.tokens), tuple(self.tokens),
