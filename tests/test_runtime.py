@@ -16,6 +16,7 @@ from twinrt.runtime import Engine, MixPolicy, SamplingParams, TwinModel
 from twinrt.runtime.engine import Counts
 from twinrt.runtime.materialized import MaterializedWeights, mix_key
 from twinrt.runtime.mixing import MixLinear, MixState, reference_forward_linear
+from twinrt.runtime.planning import KernelCosts
 from twinrt.runtime.request import RowFailure
 
 
@@ -28,6 +29,12 @@ def tm(tiny_artifact) -> TwinModel:
 def ids() -> torch.Tensor:
     return torch.randint(3, 300, (6, 10), generator=torch.Generator().manual_seed(1))
 
+
+# kernel costs under which one kernel is free and the others are not: the planner must pick it
+_DEAR = dict(launch=1.0, f_expert=1.0, f_token=1.0, r_expert=1.0, r_pair=1.0, r_token=1.0, g_expert=1.0,
+             g_pair=1.0, g_token=1.0)
+FREE = {"rowwise": KernelCosts(**{**_DEAR, "r_pair": 0.0, "r_token": 0.0, "r_expert": 0.0, "launch": 0.0}),
+        "gathered": KernelCosts(**{**_DEAR, "g_pair": 0.0, "g_token": 0.0, "g_expert": 0.0, "launch": 0.0})}
 
 MIXES = torch.tensor([
     [0.0, 0.0, 0.0],  # core only
@@ -82,35 +89,29 @@ def test_materialized_equals_factored(tm, ids):
     assert tm.plan(MIXES[1:2], tokens=1).path in ("factored", "materialized")
 
 
-def test_grouped_path_equals_concatenated_path(tm, ids):
-    # top-1 / top-2 style mixes: the grouped path (per-expert GEMMs on each expert's rows) must give the
-    # concatenated path's logits, and must really be the path taken
-    step = ids.numel()  # 60 tokens, 8 of 18 (row, expert) pairs used; the tiny experts' ranks are 4
-    assert tm.plan(MIXES, tokens=10, step_tokens=step).path == "factored"  # too few tokens, too low a rank
-    concatenated = tm.forward(ids, mix=MIXES)
-    dense_extra = tm.plan(MIXES, tokens=10).extra_flops_per_token
+def test_sparse_kernels_equal_the_factored_kernel(tm, ids):
+    # top-1 / top-2 style mixes: each row's own experts only (rowwise, gathered) must give the factored kernel's
+    # logits, and must really be the kernel run
+    factored = tm.forward(ids, mix=MIXES)
     policy = tm.policy
     try:
-        tm.policy = dataclasses.replace(policy, grouped_min_tokens=16, grouped_min_rank=1)
-        plan = tm.plan(MIXES, tokens=10, step_tokens=step)
-        assert plan.path == "grouped", str(plan)
-        assert plan.extra_flops_per_token < dense_extra  # the cost model counts the skipped pairs
-        assert tm.plan(torch.rand(6, 3) + 0.1, tokens=10, step_tokens=step).path == "factored"  # every pair used
-        assert tm.plan(MIXES, tokens=10, step_tokens=6).path == "factored"  # a decode step: launch-bound
-        assert tm.plan(MIXES, tokens=10).path == "factored"  # unknown step size: the safe path
-        grouped = tm.forward(ids, mix=MIXES)
+        for kernel in ("rowwise", "gathered"):
+            tm.policy = dataclasses.replace(policy, kernels=("factored", kernel), costs={"float32": FREE[kernel]})
+            assert tm.plan(MIXES, tokens=10, step_tokens=ids.numel()).path == kernel
+            torch.testing.assert_close(tm.forward(ids, mix=MIXES), factored, rtol=0, atol=1e-5)
     finally:
         tm.policy = policy
-    torch.testing.assert_close(grouped, concatenated, rtol=0, atol=1e-5)
 
 
 def test_mix_policy_is_frozen_and_validated(tm):
-    assert tm.policy == MixPolicy(grouped_density=0.5, grouped_min_tokens=64, grouped_min_rank=32)
+    assert tm.policy == MixPolicy(kernels=("factored", "rowwise", "gathered"))
     with pytest.raises(dataclasses.FrozenInstanceError):
-        tm.policy.grouped_min_rank = 1
-    for bad in ({"grouped_density": 1.5}, {"grouped_min_tokens": -1}, {"grouped_min_rank": -1}):
-        with pytest.raises(ValueError, match="must be"):
+        tm.policy.kernels = ("factored",)
+    for bad in ({"kernels": ("rowwise",)}, {"kernels": ("factored", "grouped")}, {"costs": {}}):
+        with pytest.raises(ValueError, match="must"):
             MixPolicy(**bad)
+    with pytest.raises(ValueError, match=">= 0"):
+        KernelCosts(*[1.0] * 8, -1.0)
 
 
 def test_materialized_weights_are_the_mixed_weight_and_evicted_least_recently_used():
@@ -149,10 +150,10 @@ def test_mix_linear_matches_reference(dtype, atol):
     sub = reference_forward_linear(x[:1], base.weight.detach().float(), base.bias.detach().float(), factors,
                                    torch.tensor([[0.0, 0.0, 0.4]]))
     torch.testing.assert_close(layer(x[:1].to(dtype)).float(), sub, rtol=0, atol=atol)
-    state.set(mix, grouped=True)  # the grouped path: each expert's GEMMs on its own rows
-    torch.testing.assert_close(layer(x.to(dtype)).float(), ref, rtol=0, atol=atol)
-    state.set(mix[:, None, :].expand(4, 1, 3)[:, 0], grouped=True)
-    torch.testing.assert_close(layer(x[:, -1].to(dtype)).float(), ref[:, -1], rtol=0, atol=atol)  # [B, in] input
+    for kernel in ("rowwise", "gathered"):  # each row's own experts only
+        state.set(mix, kernel=kernel)
+        torch.testing.assert_close(layer(x.to(dtype)).float(), ref, rtol=0, atol=atol)
+        torch.testing.assert_close(layer(x[:, -1].to(dtype)).float(), ref[:, -1], rtol=0, atol=atol)  # [B, in]
 
 
 PROMPTS = ["what is two plus three", "hello world", "def add(a, b):", "the capital of france is",

@@ -6,12 +6,15 @@ For a batch whose row b has mix weights `mix[b, :]` over N experts, every wrappe
     embedding:  e[b] = W[ids[b]] + Σ_n mix[b, n] · D_n[ids[b]]
     norm:       y[b] = norm_{w + Σ_n mix[b, n] δ_n}(x[b])        (norms affine in their weight, e.g. RMSNorm)
 
-The factored path concatenates the active experts' factors, `A_cat: [R, in]`, `B_cat: [out, R]`, and does two
-skinny GEMMs with a per-row rank scale `s[b, k] = mix[b, expert(k)]`:  y = x Wᵀ + ((x A_catᵀ) ⊙ s) B_catᵀ.
-Experts with zero weight in every row of the batch are left out of the GEMMs. When most (row, expert) pairs of
-a batch are zero (top-k routing: each row uses a few of many experts), the grouped path instead runs each
-active expert's two GEMMs on just the rows that use it (gather, GEMMs, index_add), so a row pays only for its
-own experts. A materialized path uses a cached `W' = W + B_cat diag(s) A_cat` when every row shares one mix.
+A linear layer keeps its experts' factors stacked by slot, zero-padded to its largest rank (`a_s: [S, in, r]`,
+`b_s: [S, r, out]`, see sparse.py), and runs one of these kernels (the planner picks, see planning.py):
+
+    factored:  the active experts' factors concatenated, `A_cat: [R, in]`, `B_cat: [out, R]`, two skinny GEMMs
+               with a per-row rank scale `s[b, k] = mix[b, expert(k)]`: y = x Wᵀ + ((x A_catᵀ) ⊙ s) B_catᵀ.
+               Every row pays for every expert active in the batch (experts no row uses are left out): the
+               path for dense mixes.
+    rowwise, gathered:  a row pays only for its own experts (top-k routing over many experts; sparse.py).
+    materialized:  a cached `W' = W + B_cat diag(s) A_cat` when every row shares one mix.
 """
 
 from __future__ import annotations
@@ -24,36 +27,44 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from twinrt.runtime.sparse import LayerRoutes, Pairs, gathered_delta, rowwise_delta_
+
+KERNELS = ("factored", "rowwise", "gathered")  # how a mixing layer adds rows' experts (see the module docstring)
+
 
 @dataclass
 class MixState:
     """The mix of the batch being run, shared by every wrapped module of one model.
 
-    `mix: [B, N]` or None (core only). `key` names a mix shared by all rows when the materialized path is on.
+    `mix: [B, N]` or None (core only). `materialized` names a mix shared by all rows when that path is on;
+    `kernel` (one of KERNELS) is how the factored layers add the experts.
     """
 
     n_experts: int
     mix: torch.Tensor | None = None
     active: tuple[int, ...] = ()  # experts with a non-zero weight in some row
     materialized: tuple | None = None  # key of the cached W' to use, when all rows share one mix
-    groups: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # grouped path: expert -> (rows, weights)
+    kernel: str = "factored"
+    pairs: Pairs | None = None  # the rowwise and gathered kernels: the mix's (row, expert) pairs with weight
     _cols: dict = field(default_factory=dict)
+    _routes: dict = field(default_factory=dict)
 
-    def set(self, mix: torch.Tensor | None, materialized: tuple | None = None, grouped: bool = False) -> None:
+    def set(self, mix: torch.Tensor | None, materialized: tuple | None = None, kernel: str = "factored") -> None:
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         self.mix = mix
         self.materialized = materialized
+        self.kernel = kernel
         self._cols = {}
-        self.groups = None
+        self._routes = {}
+        self.pairs = None
         if mix is None:
             self.active = ()
             return
         nz = mix != 0  # [B, N]
         self.active = tuple(int(i) for i in torch.nonzero(nz.any(dim=0)).flatten())
-        if grouped:
-            self.groups = {}
-            for e in self.active:
-                rows = torch.nonzero(nz[:, e]).flatten()  # [b_e]
-                self.groups[e] = (rows, mix[rows, e])
+        if kernel != "factored":
+            self.pairs = Pairs.of(mix)
 
     def columns(self, experts: tuple[int, ...], ranks: tuple[int, ...]) -> torch.Tensor:
         """Per-row rank scale `s: [B, Σ ranks]` for the given experts' slots (cached per layout)."""
@@ -64,6 +75,14 @@ class MixState:
             idx = torch.tensor([e for e, r in zip(experts, ranks) for _ in range(r)], device=self.mix.device)
             s = self._cols[key] = self.mix.index_select(1, idx)  # [B, R]
         return s
+
+    def routes(self, experts: tuple[int, ...], slot_of: torch.Tensor) -> LayerRoutes:
+        """The pairs of the layers whose experts (by slot) are `experts`, `slot_of: [N]` (cached per layout)."""
+        hit = self._routes.get(experts)
+        if hit is None:
+            assert self.pairs is not None
+            hit = self._routes[experts] = LayerRoutes.of(self.pairs, slot_of)
+        return hit
 
 
 def _per_row(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -80,21 +99,26 @@ class MixLinear(nn.Module):
         super().__init__()
         self.base = base
         self.state = state
-        self.experts = tuple(sorted(factors))  # experts with factors here, ascending
+        self.experts = tuple(sorted(factors))  # experts with factors here, ascending: slot s is experts[s]
         self.ranks = tuple(factors[e][0].shape[0] for e in self.experts)
-        a = [factors[e][0] for e in self.experts]  # [r_n, in]
-        b = [factors[e][1] for e in self.experts]  # [out, r_n]
         w = base.weight
-        self.register_buffer("a_cat", torch.cat(a).to(w) if a else w.new_zeros(0, w.shape[1]), persistent=False)
-        b_cat = torch.cat(b, dim=1).to(w) if b else w.new_zeros(w.shape[0], 0)  # [out, R]
-        self.register_buffer("b_t", b_cat.T.contiguous(), persistent=False)  # [R, out]: addmm_'s layout
+        n_slots, rank = len(self.experts), max(self.ranks, default=0)
+        a_s = w.new_zeros(n_slots, w.shape[1], rank)  # [S, in, r]: a_s[s, :, :r_s] = A_sᵀ
+        b_s = w.new_zeros(n_slots, rank, w.shape[0])  # [S, r, out]: b_s[s, :r_s] = B_sᵀ
+        for s, e in enumerate(self.experts):
+            a, b = factors[e]  # [r_s, in], [out, r_s]
+            a_s[s, :, : a.shape[0]] = a.T.to(w)
+            b_s[s, : a.shape[0]] = b.T.to(w)
+        self.register_buffer("a_s", a_s, persistent=False)
+        self.register_buffer("b_s", b_s, persistent=False)
+        slot_of = torch.full((state.n_experts,), -1, dtype=torch.long)
+        slot_of[list(self.experts)] = torch.arange(n_slots)
+        self.register_buffer("slot_of", slot_of.to(w.device), persistent=False)  # [N]: expert -> slot, -1 none
         self.dense = {e: d.to(w) for e, d in (dense or {}).items()}  # expert -> [out, in]
         self.dense_bias = {e: d.to(w) for e, d in (dense_bias or {}).items()}  # expert -> [out]
         self._subsets: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, tuple, tuple]] = OrderedDict()
         self._subset_cache = subset_cache
         self.materialized: dict[tuple, torch.Tensor] = {}  # mix key -> W' (owned by the model's LRU)
-        starts = torch.cumsum(torch.tensor((0,) + self.ranks), 0).tolist()
-        self.slots = {e: (st, r) for e, st, r in zip(self.experts, starts, self.ranks)}  # expert -> rows of a_cat
 
     @property
     def in_features(self) -> int:
@@ -104,19 +128,34 @@ class MixLinear(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
+    def _concat(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_catᵀ [in, R], B_catᵀ [R, out]) of these slots, unpadded (B_catᵀ of every slot at one rank: a view)."""
+        if not slots:
+            return self.a_s.new_zeros(self.in_features, 0), self.b_s.new_zeros(0, self.out_features)
+        a_t = torch.cat([self.a_s[s, :, : self.ranks[s]] for s in slots], dim=1)
+        if len(slots) == len(self.experts) and len(set(self.ranks)) == 1:
+            return a_t, self.b_s.view(-1, self.out_features)
+        return a_t, torch.cat([self.b_s[s, : self.ranks[s]] for s in slots])
+
+    @property
+    def a_cat(self) -> torch.Tensor:
+        """Every expert's A concatenated, [R, in] (built from the stack, not kept)."""
+        return self._concat(list(range(len(self.experts))))[0].T
+
+    @property
+    def b_t(self) -> torch.Tensor:
+        """Every expert's Bᵀ concatenated, [R, out]."""
+        return self._concat(list(range(len(self.experts))))[1]
+
     def _active_factors(self, active: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, tuple, tuple]:
-        """(A_cat [R, in], B_catᵀ [R, out]) restricted to the active experts (all of them: no copy)."""
+        """(A_catᵀ [in, R], B_catᵀ [R, out], experts, ranks) of the active experts: the factored kernel's
+        operands, concatenated from the stacks and kept for the last `subset_cache` sets of active experts (a
+        copy of their A factors, of their B factors too unless they are every expert at one rank)."""
         experts = tuple(e for e in self.experts if e in active)
-        if experts == self.experts:
-            return self.a_cat, self.b_t, self.experts, self.ranks
         hit = self._subsets.get(experts)
         if hit is None:
-            offsets = dict(zip(self.experts, torch.cumsum(torch.tensor((0,) + self.ranks), 0).tolist()))
-            rows = [torch.arange(offsets[e], offsets[e] + r) for e, r in zip(self.experts, self.ranks) if e in active]
-            idx = torch.cat(rows).to(self.a_cat.device) if rows else torch.zeros(0, dtype=torch.long)
-            ranks = tuple(r for e, r in zip(self.experts, self.ranks) if e in active)
-            hit = (self.a_cat.index_select(0, idx), self.b_t.index_select(0, idx), experts, ranks)
-            self._subsets[experts] = hit
+            slots = [s for s, e in enumerate(self.experts) if e in experts]
+            hit = self._subsets[experts] = (*self._concat(slots), experts, tuple(self.ranks[s] for s in slots))
             if len(self._subsets) > self._subset_cache:
                 self._subsets.popitem(last=False)
         else:
@@ -128,7 +167,7 @@ class MixLinear(nn.Module):
         w = torch.zeros(self.base.weight.shape, dtype=torch.float32, device=self.base.weight.device)
         if self.experts:
             idx = torch.tensor([e for e, r in zip(self.experts, self.ranks) for _ in range(r)], device=w.device)
-            s = mix_row.float().index_select(0, idx)  # [R]
+            s = mix_row.float().to(w.device).index_select(0, idx)  # [R]
             w += (self.b_t.float().T * s) @ self.a_cat.float()
         for e, d in self.dense.items():
             w += float(mix_row[e]) * d.float()
@@ -145,10 +184,15 @@ class MixLinear(nn.Module):
         y = self.base(x)  # [B, T, out] (or [B, out])
         if not st.active:
             return y
-        if st.groups is not None:
-            self._grouped(x, y, st)
-        else:
-            self._concatenated(x, y, st)
+        if self.experts:
+            if st.kernel == "factored":
+                self._concatenated(x, y, st)
+            else:
+                routes = st.routes(self.experts, self.slot_of)
+                if st.kernel == "gathered":
+                    y.add_(gathered_delta(x, self.a_s, self.b_s, routes))
+                else:
+                    rowwise_delta_(y, x, self.a_s, self.b_s, self.ranks, routes)
         for e, d in self.dense.items():
             if e in st.active:
                 y = y + _per_row(st.mix[:, e], y) * F.linear(x, d)
@@ -157,28 +201,10 @@ class MixLinear(nn.Module):
                 y = y + _per_row(st.mix[:, e], y) * d
         return y
 
-    def _grouped(self, x: torch.Tensor, y: torch.Tensor, st: MixState) -> None:
-        """y[rows_e] += ((x[rows_e] A_eᵀ) ⊙ w_e) B_eᵀ for each active expert e, on its rows only."""
-        batch = x.shape[0]
-        for e, (rows, w) in st.groups.items():  # type: ignore[union-attr]
-            slot = self.slots.get(e)
-            if slot is None:
-                continue
-            start, r = slot
-            a, b_t = self.a_cat[start:start + r], self.b_t[start:start + r]  # [r, in], [r, out]: views
-            if rows.numel() == batch:
-                u = F.linear(x, a)
-                u.mul_(_per_row(w, u))
-                y.view(-1, y.shape[-1]).addmm_(u.view(-1, r), b_t)
-            else:
-                u = F.linear(x.index_select(0, rows), a)  # [b_e, T, r]
-                u.mul_(_per_row(w, u))
-                y.index_add_(0, rows, torch.matmul(u, b_t))
-
     def _concatenated(self, x: torch.Tensor, y: torch.Tensor, st: MixState) -> None:
-        a, b_t, experts, ranks = self._active_factors(st.active)
+        a_t, b_t, experts, ranks = self._active_factors(st.active)
         if ranks:
-            u = F.linear(x, a)  # [B, T, R]
+            u = torch.matmul(x, a_t)  # [B, T, R]
             s = st.columns(experts, ranks).to(u.dtype)  # [B, R]
             u.mul_(s[:, None, :] if u.dim() == 3 else s)
             y.view(-1, y.shape[-1]).addmm_(u.view(-1, u.shape[-1]), b_t)  # y += (u ⊙ s) B_catᵀ, in place

@@ -39,7 +39,7 @@ class TwinModel(Runner):
         self.dtype = dtype
         self.experts: list[str] = list(artifact.experts)
         self.state = MixState(len(self.experts))
-        self.policy = policy or MixPolicy()  # when the grouped path is taken (see MixPolicy)
+        self.policy = policy or MixPolicy()  # which mixing kernels the planner may pick, at what cost
         self.mix_linears: list[MixLinear] = []
         self._attach()
         self.config = model.config
@@ -150,7 +150,7 @@ class TwinModel(Runner):
 
     def plan(self, mix: torch.Tensor | None, tokens: int, step_tokens: int | None = None) -> Plan:
         """The path a batch with this mix ([B, N], validated) takes, processing about `tokens` tokens in all and
-        `step_tokens` in this forward (see planning.plan_batch; `self.policy` decides the grouped path)."""
+        `step_tokens` in this forward (see planning.plan_batch; `self.policy` holds the kernels' costs)."""
         return plan_batch(mix, tokens, step_tokens, experts=self.experts, costs=self.costs, policy=self.policy,
                           is_cached=self.materialized.cached, budget_bytes=self.materialized.budget_bytes)
 
@@ -171,7 +171,7 @@ class TwinModel(Runner):
         if plan.path == "core":
             self.clear_mix()
         else:
-            self.state.set(mix.to(self.device), key, grouped=plan.path == "grouped")
+            self.state.set(mix.to(self.device), key, kernel=plan.kernel)
         return plan
 
     def clear_mix(self) -> None:

@@ -1,0 +1,205 @@
+"""Sparse per-row mixing: the rowwise and gathered kernels against their plain-torch references (fp32 and bf16,
+top-1 / top-2 / dense mixes, [B, T, in] and [B, in], rows with no expert, ranks that differ per expert, experts
+without factors in a layer), rows that pay only for their own experts, the planner's choice of kernel and its
+cost staying flat in N, and a mixed batch through `generate` equal to each row alone."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from twinrt.runtime import TwinModel
+from twinrt.runtime.mixing import MixLinear, MixState, reference_forward_linear
+from twinrt.runtime.planning import ExpertCosts, KernelCosts, MixPolicy, plan_batch
+from twinrt.runtime.sparse import LayerRoutes, Pairs, gathered_delta, reference_sparse_delta, rowwise_delta_
+
+SPARSE = ("rowwise", "gathered")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 0.06}
+
+# 5 rows over 4 experts; expert 1 has no factors in the layer below, so row 3 mixes it with an expert that has
+MIXES = {
+    "top1": torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0],
+                          [0.0, 0.0, 0.0, 1.0]]),
+    "top2": torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.7, 0.0, 0.3, 0.0], [0.0, 0.0, 0.4, 0.6], [0.0, 0.5, 0.0, 0.5],
+                          [0.9, 0.0, 0.0, 0.1]]),
+    "dense": torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25],
+                           [0.4, 0.1, 0.2, 0.3], [0.7, 0.1, 0.1, 0.1]]),
+}
+
+
+def _factors(dtype=torch.float32, in_f: int = 24, out_f: int = 40) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Factors of experts 0, 2 and 3 at ranks 3, 5 and 2 (expert 1 has none)."""
+    g = torch.Generator().manual_seed(0)
+    return {e: ((torch.randn(r, in_f, generator=g) * 0.3).to(dtype), (torch.randn(out_f, r, generator=g) * 0.3)
+                .to(dtype)) for e, r in ((0, 3), (2, 5), (3, 2))}
+
+
+def _layer(dtype) -> tuple[MixLinear, MixState, dict]:
+    base = torch.nn.Linear(24, 40, bias=True)
+    with torch.no_grad():
+        base.weight.mul_(0.3)
+    factors = _factors()
+    state = MixState(4)
+    layer = MixLinear(base.to(dtype), state, {e: (a.to(dtype), b.to(dtype)) for e, (a, b) in factors.items()})
+    return layer, state, factors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel", SPARSE)
+@pytest.mark.parametrize("kind", sorted(MIXES))
+@pytest.mark.parametrize("shape", [(5, 7, 24), (5, 24), (5, 1, 24)])
+def test_mix_linear_kernels_equal_the_reference(dtype, kernel, kind, shape):
+    layer, state, factors = _layer(dtype)
+    mix = MIXES[kind]
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    w, bias = layer.base.weight.detach().float(), layer.base.bias.detach().float()
+    ref = reference_forward_linear(x, w, bias, {e: (a.to(dtype).float(), b.to(dtype).float())
+                                                for e, (a, b) in factors.items()}, mix)
+    state.set(mix, kernel=kernel)
+    with torch.no_grad():
+        got = layer(x.to(dtype)).float()
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=0, atol=TOL[dtype])
+    core = torch.nn.functional.linear(x, w, bias)
+    torch.testing.assert_close(got[0], core[0], rtol=0, atol=TOL[dtype])  # the row with no expert is the core
+    assert (got[1:] - core[1:]).abs().amax() > 0.3  # and the experts move the others (5× the bf16 tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(5, 6, 24), (5, 24)])
+def test_sparse_deltas_equal_the_per_pair_loop(dtype, shape):
+    # the kernels alone, on a layer's stacks (ranks 3, 5, 2 zero-padded to 5), against sparse.py's reference
+    layer, _, factors = _layer(dtype)
+    slot_of = torch.tensor([0, -1, 1, 2])
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    for mix in MIXES.values():
+        routes = LayerRoutes.of(Pairs.of(mix), slot_of)
+        ref = reference_sparse_delta(x, {e: (a.to(dtype), b.to(dtype)) for e, (a, b) in factors.items()}, mix)
+        got = gathered_delta(x, layer.a_s, layer.b_s, routes).float()
+        torch.testing.assert_close(got, ref, rtol=0, atol=TOL[dtype])
+        y = torch.zeros(*shape[:-1], 40, dtype=dtype)
+        rowwise_delta_(y, x, layer.a_s, layer.b_s, layer.ranks, routes)
+        torch.testing.assert_close(y.float(), ref, rtol=0, atol=TOL[dtype])
+    assert layer.a_s.shape == (3, 24, 5) and layer.b_s.shape == (3, 5, 40)
+    assert layer.a_s[2, :, 2:].abs().sum() == 0 and layer.b_s[0, 3:].abs().sum() == 0  # padding is zeros
+
+
+@pytest.mark.parametrize("kernel", SPARSE)
+def test_rows_pay_only_for_their_own_experts(kernel):
+    # expert 2's factors are NaN: every row that does not use it must stay finite, which the factored kernel
+    # (every row runs every active expert, times its weight, 0 × NaN = NaN) cannot do
+    layer, state, _ = _layer(torch.float32)
+    with torch.no_grad():
+        layer.a_s[1] = float("nan")
+    mix, x = MIXES["top1"], torch.randn(5, 3, 24)
+    state.set(mix, kernel="factored")
+    with torch.no_grad():
+        assert layer(x).isnan().all()
+    state.set(mix, kernel=kernel)
+    with torch.no_grad():
+        y = layer(x)
+    assert y[2].isnan().all() and not y[[0, 1, 3, 4]].isnan().any()
+
+
+def smollm2_costs(n: int, dtype: str = "float32") -> ExpertCosts:
+    """ExpertCosts of SmolLM2-135M (30 decoder layers of 7 linears, tied 49152-token head) with n rank-16
+    experts on every decoder linear, as ExpertCosts.of would count them."""
+    shapes = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)] * 30
+    size = 2 if dtype == "bfloat16" else 4
+    elements = sum(16 * (i + o) for i, o in shapes)
+    base = sum(2 * i * o for i, o in shapes) + 2 * 576 * 49152
+    return ExpertCosts(base, (2 * elements,) * n, (0,) * n, (sum(2 * 16 * i * o for i, o in shapes),) * n,
+                       (16 * len(shapes),) * n, len(shapes), sum(i * o for i, o in shapes) * size,
+                       (len(shapes),) * n, base // 2 * size, (elements * size,) * n, dtype)
+
+
+def _plan(mix: torch.Tensor, step_tokens: int, costs: ExpertCosts, policy: MixPolicy | None = None):
+    names = [f"e{i}" for i in range(mix.shape[1])]
+    return plan_batch(mix, mix.shape[0] * 80, step_tokens, experts=names, costs=costs, policy=policy or MixPolicy(),
+                      is_cached=lambda row: False, budget_bytes=0)
+
+
+def _routing(kind: str, batch: int, n: int) -> torch.Tensor:
+    rows, mix = torch.arange(batch), torch.zeros(batch, n)
+    if kind == "top1":
+        mix[rows, rows % n] = 1.0
+    elif kind == "top2":
+        mix[rows, rows % n], mix[rows, (rows + 1) % n] = 0.7, 0.3
+    else:
+        mix = torch.rand(batch, n, generator=torch.Generator().manual_seed(0)) + 0.05
+        mix /= mix.sum(1, keepdim=True)
+    return mix
+
+
+def test_the_plan_picks_a_sparse_kernel_for_sparse_mixes_and_not_for_dense_ones():
+    costs = smollm2_costs(64)
+    for kind in ("top1", "top2"):
+        decode, prefill = _plan(_routing(kind, 32, 64), 32, costs), _plan(_routing(kind, 32, 64), 32 * 64, costs)
+        assert decode.path == "gathered" and prefill.path == "rowwise", (str(decode), str(prefill))
+        assert decode.extra_flops_per_token == prefill.extra_flops_per_token < costs.flops(tuple(range(32)))[1] / 8
+    for step in (32, 32 * 64):
+        dense = _plan(_routing("dense", 32, 16), step, smollm2_costs(16))
+        assert dense.path == "factored", str(dense)
+    plan = _plan(_routing("top1", 32, 64), 32, costs)
+    text = str(plan)  # the plan says why: the shape of the mix, and every kernel's estimate
+    assert "a row uses 1.0 of 32 active experts" in text and "est. factored" in text and "gathered" in text
+    assert dict(plan.estimates)["gathered"] < dict(plan.estimates)["factored"] / 2
+    assert plan.byte_limit_ratio == pytest.approx(costs.base_bytes / (costs.base_bytes + 32 * costs.factor_bytes[0]))
+    assert plan.limit_ratio == min(plan.flop_limit_ratio, plan.byte_limit_ratio) < 0.6
+    only = _plan(_routing("top1", 32, 64), 32, costs, MixPolicy(kernels=("factored",)))
+    assert only.path == "factored" and [k for k, _ in only.estimates] == ["factored"]
+
+
+def test_sparse_kernels_cost_is_flat_in_the_number_of_experts():
+    # 32 rows on 32 distinct experts of 64 or of 1024: the same estimate (and the same FLOPs) per kernel
+    small, large = (_plan(_routing("top1", 32, n), 32, smollm2_costs(n)) for n in (64, 1024))
+    assert small.path == large.path == "gathered"
+    assert dict(small.estimates)["gathered"] == pytest.approx(dict(large.estimates)["gathered"])
+    assert small.extra_flops_per_token == large.extra_flops_per_token
+
+
+# ---- end to end ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def strong(tiny_artifact) -> TwinModel:
+    """The session's tiny artifact with every expert's factors scaled up 30×, so that each expert decodes its
+    own tokens (at 5% perturbations all arms decode alike and a mix test would pass vacuously)."""
+    tm = TwinModel.from_artifact(tiny_artifact)
+    with torch.no_grad():
+        for layer in tm.mix_linears:
+            layer.b_s.mul_(30.0)
+    return tm
+
+
+PROMPTS = ["what is two plus three", "hello world", "def add(a, b):", "the capital of france is",
+           "5 + 7 =", "translate cat to french"]
+GEN_MIXES = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.7, 0.3, 0.0],
+                          [0.0, 0.4, 0.6]])
+_DEAR = dict(launch=1.0, f_expert=1.0, f_token=1.0, r_expert=1.0, r_pair=1.0, r_token=1.0, g_expert=1.0,
+             g_pair=1.0, g_token=1.0)
+FREE = {"rowwise": KernelCosts(**{**_DEAR, "launch": 0.0, "r_expert": 0.0, "r_pair": 0.0, "r_token": 0.0}),
+        "gathered": KernelCosts(**{**_DEAR, "launch": 0.0, "g_expert": 0.0, "g_pair": 0.0, "g_token": 0.0})}
+
+
+@pytest.mark.parametrize("kernel", SPARSE)
+def test_generate_mixed_batch_equals_each_row_alone(strong, kernel, monkeypatch):
+    tm = strong
+    alone = [tm.generate([p], mix=GEN_MIXES[i : i + 1], max_new_tokens=8, materialize=False)[0]
+             for i, p in enumerate(PROMPTS)]
+    assert len(set(alone)) >= 4  # the experts really decode differently
+    kernels = []
+    set_mix = tm.set_mix
+
+    def spy(*args, **kwargs):
+        plan = set_mix(*args, **kwargs)
+        kernels.append(plan.path)
+        return plan
+
+    monkeypatch.setattr(tm, "set_mix", spy)
+    monkeypatch.setattr(tm, "policy", dataclasses.replace(tm.policy, costs={"float32": FREE[kernel]}))
+    together = tm.generate(PROMPTS, mix=GEN_MIXES, max_new_tokens=8, materialize=False)
+    assert together == alone
+    assert kernel in kernels  # the batch (prefill and decode steps with different mixes) ran the sparse kernel
+
