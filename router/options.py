@@ -12,6 +12,11 @@ For one row of calibrated logits `z` (the head's logits divided by the router's 
         if min_weight: zero weights < min_weight, renormalise       # rule "min_weight" if that dropped any
                        (the row's largest weight is always kept)
 
+top_k None (the default) is automatic: with at most AUTO_DENSE_MAX experts every weight is kept (min_weight as
+given); with more, top_k = AUTO_TOP_K and min_weight = max(min_weight, AUTO_MIN_WEIGHT). A row then uses one or
+two experts, and the twin's sparse mixing kernels make it pay for those alone, where a full softmax over 64
+experts would make every row run every expert. An explicit top_k (top_k ≥ N: keep all) turns this off.
+
 Every row is ≥ 0 and sums to 1, except the documented all-zero "core" fallback row. A row's `rule` is the
 last rule that changed it ("router" when none did).
 """
@@ -28,6 +33,9 @@ from pydantic import Field
 from twinrt.validation import Frozen
 
 RULES = ("router", "top_k", "min_weight", "fallback")
+AUTO_DENSE_MAX = 8  # the most experts a default (top_k None) mix keeps every weight of
+AUTO_TOP_K = 2  # above that: the experts a default mix keeps per row
+AUTO_MIN_WEIGHT = 0.05  # and the smallest weight it keeps (the row's largest always stays)
 Rule = Literal["router", "top_k", "min_weight", "fallback"]
 
 
@@ -35,7 +43,7 @@ class RoutingOptions(Frozen):
     """How logits become weights; every router honours these. Validated once, then immutable."""
 
     temperature: float = Field(1.0, gt=0, allow_inf_nan=False)  # divides the logits before the softmax
-    top_k: int | None = Field(None, ge=1)                        # keep the k largest (k ≥ N: keep all)
+    top_k: int | None = Field(None, ge=1)                        # keep the k largest (k ≥ N: keep all; None: auto)
     min_weight: float = Field(0.0, ge=0, lt=1)                   # drop weights below it (largest kept)
     fallback_threshold: float = Field(0.0, ge=0, le=1)           # max prob below it -> fallback row
     fallback: Literal["uniform", "core"] = "uniform"
@@ -95,6 +103,14 @@ def fallback_row(n: int, fallback: str) -> torch.Tensor:
     return torch.full((n,), 1.0 / n) if fallback == "uniform" else torch.zeros(n)
 
 
+def effective_sparsity(options: RoutingOptions, n: int) -> tuple[int | None, float]:
+    """(top_k, min_weight) applied to a mix over n experts: the options', or the automatic ones of the module
+    docstring when top_k is None and n > AUTO_DENSE_MAX."""
+    if options.top_k is None and n > AUTO_DENSE_MAX:
+        return AUTO_TOP_K, max(options.min_weight, AUTO_MIN_WEIGHT)
+    return options.top_k, options.min_weight
+
+
 def apply_options(logits: torch.Tensor, options: RoutingOptions, experts: Sequence[str],
                   no_evidence: torch.Tensor | None = None) -> RoutingResult:
     """The rule of this module's docstring. logits: [B, N]; no_evidence: [B] bool (e.g. empty inputs)."""
@@ -106,11 +122,12 @@ def apply_options(logits: torch.Tensor, options: RoutingOptions, experts: Sequen
     rules = ["router"] * b
 
     w = probs
-    if options.top_k is not None:
-        w_k = keep_top_k(w, options.top_k)
+    top_k, min_weight = effective_sparsity(options, n)
+    if top_k is not None:
+        w_k = keep_top_k(w, top_k)
         rules = ["top_k" if ch else r for r, ch in zip(rules, _changed(w, w_k))]
         w = w_k
-    w_m = drop_below(w, options.min_weight)
+    w_m = drop_below(w, min_weight)
     rules = ["min_weight" if ch else r for r, ch in zip(rules, _changed(w, w_m))]
     w = w_m
 

@@ -203,3 +203,20 @@ def test_generate_mixed_batch_equals_each_row_alone(strong, kernel, monkeypatch)
     assert together == alone
     assert kernel in kernels  # the batch (prefill and decode steps with different mixes) ran the sparse kernel
 
+
+def test_router_default_keeps_a_few_experts_per_row_when_there_are_many():
+    from router.options import AUTO_DENSE_MAX, RoutingOptions, apply_options
+
+    z = torch.randn(6, 64, generator=torch.Generator().manual_seed(0)) * 3
+    z[:, 5] += 6.0  # one clear favourite, a tail of small weights
+    names = [f"e{i}" for i in range(64)]
+    res = apply_options(z, RoutingOptions(), names)
+    nz = (res.weights != 0).sum(1)
+    assert (nz >= 1).all() and (nz <= 2).all() and set(res.rules) <= {"top_k", "min_weight"}
+    torch.testing.assert_close(res.weights.sum(1), torch.ones(6))
+    assert (res.weights[res.weights != 0] >= 0.05).all()  # what is applied, and reported, is the sparse mix
+    kept = apply_options(z, RoutingOptions(top_k=64), names)  # an explicit top_k turns the default off
+    torch.testing.assert_close(kept.weights, torch.softmax(z, -1))
+    few = torch.randn(6, AUTO_DENSE_MAX, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(apply_options(few, RoutingOptions(), names[:AUTO_DENSE_MAX]).weights,
+                               torch.softmax(few, -1))  # a handful of experts: the full softmax, as before
