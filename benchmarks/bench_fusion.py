@@ -9,7 +9,8 @@ rank 16: HF `generate` on the static model at batch 32, twinrt `generate` with a
 the reference way. Every arm generates exactly 16 tokens per request (HF `min_new_tokens`, the engine's
 `ignore_eos`), so tokens/s compare the same work; `tokens_per_run` in the JSON shows it.
 Top-1 columns: every row routed to one expert (row b to expert b mod N), run with all active experts' factors
-concatenated on every row, and with the grouped path (each expert's GEMMs on its own rows only).
+concatenated on every row (the factored kernel), and with the sparse kernels that run each row's own expert
+only: rowwise (per-row GEMMs) and gathered (embedding bags); bench_experts.py has the many-experts grid.
 
 Synthetic experts change only the decoder's linear weights (as LoRA experts do), so the twin's extra cost is
 its factors alone; see bench_split.py for experts that also move embeddings and norms.
@@ -67,7 +68,7 @@ def random_mix(batch: int, n: int, seed: int) -> torch.Tensor:
 
 
 def top1_mix(batch: int, n: int) -> torch.Tensor:
-    """Top-1 routing: row b uses expert b mod n alone (the case the grouped path is for)."""
+    """Top-1 routing: row b uses expert b mod n alone (the case the sparse kernels are for)."""
     mix = torch.zeros(batch, n)
     mix[torch.arange(batch), torch.arange(batch) % n] = 1.0
     return mix
@@ -149,9 +150,10 @@ def bench_kernels(arts: dict, batches: list[int], dtypes: list[str], repeats: in
                 }
                 top1 = top1_mix(b, n)
                 top1_plan = tm.plan(top1, tokens=b * (PROMPT_LEN + DECODE_STEPS))
-                if b > 1:  # top-1 rows: all experts' GEMMs on every row, or each expert's on its own rows
+                if b > 1:  # top-1 rows: all experts' GEMMs on every row, or each row's own expert only
                     methods["twin_top1_concat"] = Runner(tm.model, lambda m=top1, t=tm: t.state.set(m))
-                    methods["twin_top1_grouped"] = Runner(tm.model, lambda m=top1, t=tm: t.state.set(m, grouped=True))
+                    for k in ("rowwise", "gathered"):
+                        methods[f"twin_top1_{k}"] = Runner(tm.model, lambda m=top1, t=tm, k=k: t.state.set(m, kernel=k))
                 for phase in ("prefill", "decode"):
                     times = {k: [] for k in (*methods, "reference")}
                     for _ in range(repeats):  # round-robin: every method sees the same machine noise
@@ -273,12 +275,12 @@ def main() -> None:
                           "decode_steps": DECODE_STEPS, "machine": machine(), "kernels": rows, "end_to_end": e2e})
     if rows:
         print("\n| dtype | N | rank | batch | phase | static tok/s | factored | materialized | reference | FLOP limit "
-              "| top-1 concat | top-1 grouped | top-1 limit |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "| top-1 concat | top-1 rowwise | top-1 gathered | top-1 limit |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             q = r["ratio_to_static"]
-            t1 = (f"{q['twin_top1_concat']:.2f}x | {q['twin_top1_grouped']:.2f}x | {r['top1_flop_limit']:.2f}x"
-                  if "twin_top1_grouped" in q else "– | – | –")
+            t1 = (f"{q['twin_top1_concat']:.2f}x | {q['twin_top1_rowwise']:.2f}x | {q['twin_top1_gathered']:.2f}x | "
+                  f"{r['top1_flop_limit']:.2f}x" if "twin_top1_rowwise" in q else "– | – | – | –")
             print(f"| {r['dtype']} | {r['n']} | {r['rank']} | {r['batch']} | {r['phase']} | {r['tok_s']['static']} | "
                   f"{q['twin_factored']:.2f}x | {q['twin_materialized']:.2f}x | {q['reference']:.2f}x | "
                   f"{r['flop_limit']:.2f}x | {t1} |")
