@@ -209,3 +209,39 @@ def test_inspect_prints_the_summary(tiny_artifact, capsys):
     assert code == 0
     for text in ("experts (mix order): math, code, chat", "ties", "checksums verified", "rank mean/max"):
         assert text in out
+
+
+def _many_experts(m, n: int, lowest: str):
+    """The manifest `m` with its first expert copied to n experts x0..x{n-1}, `lowest` keeping less energy."""
+    first = m.experts[0]
+    names = [f"x{i}" for i in range(n)]
+    experts = [first.model_copy(update={"name": name}) for name in names]
+    tensors = {}
+    for key, t in m.tensors.items():
+        info = t.experts[first.name]
+        per = {name: info for name in names}
+        if hasattr(info, "energy"):
+            per[lowest] = info.model_copy(update={"energy": info.energy / 2})
+        tensors[key] = t.model_copy(update={"experts": per})
+    sizes = m.sizes.model_copy(update={"experts": {name: m.sizes.experts[first.name] for name in names}})
+    return m.model_copy(update={"experts": experts, "tensors": tensors, "sizes": sizes})
+
+
+def test_summary_of_many_experts_is_one_row_per_source_kind(tiny_artifact):
+    from rich.console import Console
+
+    from twinrt.artifact.report import summary_table
+
+    def render(table) -> str:
+        console = Console(width=200, record=True)
+        console.print(table)
+        return console.export_text()
+
+    m = _many_experts(Artifact.open(tiny_artifact).manifest, 40, lowest="x17")
+    short = render(summary_table(m))
+    assert "40 (x0 … x39)" in short and "least energy kept: x17" in short
+    assert "x5 " not in short  # no row per expert
+    full = render(summary_table(m, per_expert=True))
+    assert all(f"x{i} " in full for i in range(40)) and "all 40" in full
+    few = render(summary_table(_many_experts(m, 3, lowest="x1")))
+    assert "x0 " in few and "x2 " in few and "least energy" not in few

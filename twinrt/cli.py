@@ -97,7 +97,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     console.print(f"[bold]{args.artifact}[/bold]  format {m.format}, "
                   f"written by twinrt {m.twinrt_version} at {m.created}")
     console.print(f"base: {m.base.source} ({m.base.kind}, {m.base.architecture}, {m.base.fingerprint[:19]}…)")
-    console.print(f"experts (mix order): {', '.join(m.expert_names)}")
+    console.print(f"experts (mix order{f', {len(m.expert_names)}' if len(m.expert_names) > 16 else ''}): "
+                  f"{', '.join(m.expert_names)}")
     later = [e for e in m.expert_names if not m.in_core(e)]
     gone = [e for e in m.shared.experts if e not in m.expert_names]
     if later or gone:
@@ -106,7 +107,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                       + (f"; removed (still in the core): {', '.join(gone)}" if gone else ""))
     if m.shared.excluded:
         console.print(f"not merged (core = base): {len(m.shared.excluded)} tensors, e.g. {m.shared.excluded[0]}")
-    console.print(summary_table(m))
+    console.print(summary_table(m, per_expert=True if args.experts else None))
     console.print(f"router: {'trained' if art.router_dir.is_dir() else 'none'}; "
                   + ("checksums verified" if not args.no_verify else "checksums not verified"))
     return 0
@@ -134,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="print an artifact's manifest summary")
     i.add_argument("artifact")
     i.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every file")
+    i.add_argument("--experts", action="store_true",
+                   help="one table row per expert also above 16 experts (default: one row per source kind)")
     i.set_defaults(fn=_cmd_inspect)
 
     a = sub.add_parser("add", help="factor one more expert against an artifact's core (the core and the other "

@@ -53,18 +53,48 @@ def expert_stats(m: Manifest) -> list[ExpertStats]:
     return out
 
 
-def summary_table(m: Manifest) -> Table:
-    """One row per expert: source kind, ranks, kept energy, stored bytes and their share of a full model."""
+PER_EXPERT_ROWS = 16  # above this many experts the table shows one row per source kind and the extremes
+
+
+def summary_table(m: Manifest, per_expert: bool | None = None) -> Table:
+    """One row per expert (source kind, ranks, kept energy, stored bytes and their share of a full model) and a
+    total; with more than PER_EXPERT_ROWS experts (unless `per_expert`), one row per source kind instead, over
+    its experts (rank mean/max, energy mean/min, bytes summed), naming the experts of least kept energy."""
+    stats = expert_stats(m)
+    per_expert = len(stats) <= PER_EXPERT_ROWS if per_expert is None else per_expert
     t = Table(title=f"core: {m.shared.method} {m.shared.params or ''}".rstrip(), title_justify="left")
-    for col in ("expert", "from", "rank mean/max", "energy mean/min", "factors", "dense (tensors)", "% of full"):
-        t.add_column(col, justify="left" if col in ("expert", "from") else "right", no_wrap=True)
-    for s in expert_stats(m):
-        total = s.factor_bytes + s.dense_bytes
-        t.add_row(s.name, s.kind, f"{s.mean_rank:.1f}/{s.max_rank}", f"{s.mean_energy:.3f}/{s.min_energy:.3f}",
-                  human_bytes(s.factor_bytes), f"{human_bytes(s.dense_bytes)} ({s.dense_tensors})",
-                  f"{100 * total / m.sizes.full_expert:.2f}%")
+    for col in ("expert" if per_expert else "experts", "from", "rank mean/max", "energy mean/min", "factors",
+                "dense (tensors)", "% of full"):
+        t.add_column(col, justify="left" if col in ("expert", "experts", "from") else "right", no_wrap=True)
+    full = m.sizes.full_expert
+
+    def row(label: str, group: list[ExpertStats], kind: str) -> None:
+        n = len(group)
+        total = sum(s.factor_bytes + s.dense_bytes for s in group)
+        t.add_row(label, kind, f"{sum(s.mean_rank for s in group) / n:.1f}/{max(s.max_rank for s in group)}",
+                  f"{sum(s.mean_energy for s in group) / n:.3f}/{min(s.min_energy for s in group):.3f}",
+                  human_bytes(sum(s.factor_bytes for s in group)),
+                  f"{human_bytes(sum(s.dense_bytes for s in group))} ({sum(s.dense_tensors for s in group)})",
+                  f"{100 * total / (n * full):.2f}%")
+
+    if per_expert:
+        for s in stats:
+            row(s.name, [s], s.kind)
+    else:
+        for kind in sorted({s.kind for s in stats}):
+            group = [s for s in stats if s.kind == kind]
+            row(f"{len(group)} ({group[0].name} … {group[-1].name})" if len(group) > 1 else group[0].name,
+                group, kind)
+    if len(stats) > 1 and (per_expert or len({s.kind for s in stats}) > 1):
+        t.add_section()
+        row(f"all {len(stats)}", stats, ", ".join(sorted({s.kind for s in stats})))
     mode = f"rank {m.exclusive.rank}" if m.exclusive.rank else f"energy {m.exclusive.energy}"
-    t.caption = (f"core {human_bytes(m.sizes.core)} ({m.exclusive.dtype}) = one full expert; exclusive {mode}, "
-                 f"svd {m.exclusive.svd}")
+    caption = (f"core {human_bytes(m.sizes.core)} ({m.exclusive.dtype}) = one full expert; exclusive {mode}, "
+               f"svd {m.exclusive.svd}; % of full: stored bytes over as many full models")
+    if not per_expert:
+        low = sorted(stats, key=lambda s: (s.min_energy, s.name))[:3]
+        caption += "\nleast energy kept: " + ", ".join(f"{s.name} {s.min_energy:.3f}" for s in low)
+        caption += " (twinrt inspect --experts lists every expert)"
+    t.caption = caption
     t.caption_justify = "left"
     return t
