@@ -89,7 +89,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     examples = _read(args.data, args.label_key)
     t0 = time.perf_counter()
     out = train_router(art, examples, cfg, source=str(args.data))
-    saved = save_router(out.router, art, out.training_record(cfg, Path(args.data).name, args.label_key))
+    saved = save_router(out.router, art, out.training_record(cfg, Path(args.data).name, args.label_key),
+                        features=None if args.no_features else (out.features, out.labels))
     console.print(f"[bold]{saved.kind}[/bold] router: fitted on {out.train_size} examples "
                   f"({out.holdout_size} held out) in {time.perf_counter() - t0:.1f} s; "
                   f"calibration temperature {saved.temperature:.3g}")
@@ -209,6 +210,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="max probability below this uses the fallback")
     t.add_argument("--fallback", choices=["uniform", "core"], default="uniform",
                    help="uniform: all experts equal; core: the shared core alone")
+    t.add_argument("--no-features", action="store_true", help="do not keep the examples' encoded features in "
+                   "router/ (then `twinrt add`/`remove` cannot refit a trained or hidden router)")
     t.set_defaults(fn=cmd_train, sigterm_cleanup=True)  # SIGTERM unwinds, so the router's build dir is removed
 
     e = sub.add_parser("eval", help="accuracy, confusion matrix and ECE of the saved router on data files")
@@ -218,4 +221,20 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="comma-separated splits of --tasks (test: in-distribution, test_ood: out-of-template)")
     e.add_argument("--json", metavar="OUT", help="also write the metrics of every data set as JSON")
     e.set_defaults(fn=cmd_eval)
+    _extend_updates(subparsers)
     return r
+
+
+def _extend_updates(subparsers) -> None:
+    """`twinrt add` and `twinrt remove` (twinrt's own commands) refit the artifact's router through this package:
+    add takes the new expert's examples (--router-data), remove refits from the stored features alone."""
+    from router.refit import cli_refitter
+
+    add, remove = subparsers.choices.get("add"), subparsers.choices.get("remove")
+    if add is not None:
+        add.add_argument("--router-data", metavar="FILE.jsonl", help="labelled examples of the new expert (and "
+                         "optionally others): the router is refitted for the new expert set")
+        add.add_argument("--router-label-key", default="expert", help="field of --router-data holding the expert")
+        add.set_defaults(router_refit=cli_refitter)
+    if remove is not None:
+        remove.set_defaults(router_refit=cli_refitter)

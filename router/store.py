@@ -3,6 +3,9 @@
     router/router.json         RouterConfig: format, kind, experts (mix order), options, encoder, head,
                                calibration temperature, training metrics
     router/weights.safetensors the head's tensors ("centroids", or "mean", "std", "net.*")
+    router/features.safetensors the training examples' encoded features ("features" [M, D] float32, "labels" [M]
+                               int64 indices into experts), not their text: what refits the head when an
+                               expert is added or removed (router/refit.py); absent when trained without
     router/encoder/            only for a custom sentence-transformers encoder: a copy of it
 
 The encoder is stored by identity, never by absolute path: "minilm" means `twinrt.models.minilm_dir()`,
@@ -34,6 +37,7 @@ from twinrt.validation import Frozen, describe
 ROUTER_FORMAT = "twinrt-router/1"
 CONFIG_FILE = "router.json"
 WEIGHTS_FILE = "weights.safetensors"
+FEATURES_FILE = "features.safetensors"
 ENCODER_COPY = "encoder"
 MINILM = "minilm"
 
@@ -94,8 +98,10 @@ def config_of(router: Router, encoder_ref: str, training: dict[str, Any] | None 
                         training=training or {})
 
 
-def write_router_dir(router: Router, out: Path, training: dict[str, Any] | None = None) -> RouterConfig:
-    """Write router.json + weights.safetensors (+ a copy of a custom encoder) into the dir `out`."""
+def write_router_dir(router: Router, out: Path, training: dict[str, Any] | None = None,
+                     features: tuple[torch.Tensor, torch.Tensor] | None = None) -> RouterConfig:
+    """Write router.json + weights.safetensors (+ a copy of a custom encoder, + `features`: the training
+    examples' (features [M, D], labels [M])) into the dir `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     enc = router.encoder
@@ -111,17 +117,26 @@ def write_router_dir(router: Router, out: Path, training: dict[str, Any] | None 
     cfg = config_of(router, ref, training)
     state = {k: v.detach().float().contiguous() for k, v in router.head.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format": ROUTER_FORMAT})
+    if features is not None:
+        feats, labels = features
+        if feats.ndim != 2 or feats.shape[1] != enc.dim or labels.shape != (feats.shape[0],):
+            raise ValueError(f"features {tuple(feats.shape)} / labels {tuple(labels.shape)} do not fit a "
+                             f"{enc.dim}-wide encoder")
+        save_file({"features": feats.detach().float().contiguous(), "labels": labels.long().contiguous()},
+                  str(out / FEATURES_FILE), metadata={"format": ROUTER_FORMAT})
     (out / CONFIG_FILE).write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
     return cfg
 
 
-def save_router(router: Router, artifact: Artifact, training: dict[str, Any] | None = None) -> RouterConfig:
-    """Install the router as ARTIFACT/router/, atomically (a build dir beside it, then a rename)."""
+def save_router(router: Router, artifact: Artifact, training: dict[str, Any] | None = None,
+                features: tuple[torch.Tensor, torch.Tensor] | None = None) -> RouterConfig:
+    """Install the router as ARTIFACT/router/, atomically (a build dir beside it, then a rename); `features`:
+    its training examples' (features, labels), kept for refits."""
     if router.experts != artifact.experts:
         raise TwinError(f"router experts {router.experts} differ from the artifact's {artifact.experts}")
     build = Path(tempfile.mkdtemp(prefix=".router.build-", dir=artifact.path))
     try:
-        cfg = write_router_dir(router, build, training)
+        cfg = write_router_dir(router, build, training, features)
         artifact.install_part("router", build)
     finally:
         shutil.rmtree(build, ignore_errors=True)
@@ -143,6 +158,22 @@ def read_config(router_dir: Path) -> RouterConfig:
         return RouterConfig.model_validate(raw)
     except ValidationError as e:
         raise TwinError(f"{f} is malformed at {describe(e, first=True)}") from None
+
+
+def load_features(router_dir: Path, cfg: RouterConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The training (features [M, D], labels [M]) kept beside the router, None if it kept none; TwinError if
+    they do not fit its encoder and experts."""
+    f = router_dir / FEATURES_FILE
+    if not f.is_file():
+        return None
+    t = load_file(str(f))
+    feats, labels = t.get("features"), t.get("labels")
+    if feats is None or labels is None or feats.ndim != 2 or feats.shape[1] != cfg.encoder.dim \
+            or labels.shape != (feats.shape[0],) or (len(labels) and not 0 <= int(labels.min())
+                                                     <= int(labels.max()) < len(cfg.experts)):
+        raise TwinError(f"{f} does not fit the router in {CONFIG_FILE} (features [M, {cfg.encoder.dim}] and "
+                        f"labels [M] in [0, {len(cfg.experts)}) expected)")
+    return feats.float(), labels.long()
 
 
 def _load_head(cfg: RouterConfig, weights: Path) -> torch.nn.Module:

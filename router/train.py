@@ -61,13 +61,15 @@ class TrainOutcome:
     final_loss: float | None          # None for the training-free prototype head
     nll_uncalibrated: float           # held-out NLL at T = 1 (NaN without a hold-out)
     evaluation: Evaluation | None     # held-out metrics at the calibrated T; None without a hold-out
+    features: torch.Tensor | None = None  # [M, D] every example's encoded features (train and held out)
+    labels: torch.Tensor | None = None    # [M] their experts, as indices into router.experts
 
     def training_record(self, cfg: TrainConfig, data: str, label_key: str) -> dict:
         """What router.json keeps under "training"."""
         rec = {"data": data, "label_key": label_key, "examples": self.train_size + self.holdout_size,
                "train": self.train_size, "holdout": self.holdout_size, "holdout_fraction": cfg.holdout,
                "seed": cfg.seed, "epochs": cfg.epochs if cfg.kind != "prototype" else 0,
-               "final_loss": self.final_loss}
+               "lr": cfg.lr, "weight_decay": cfg.weight_decay, "final_loss": self.final_loss}
         if self.evaluation is not None:
             rec["heldout"] = self.evaluation.summary() | {"nll_uncalibrated": round(self.nll_uncalibrated, 6)}
         return rec
@@ -106,12 +108,20 @@ def train_router(art: Artifact, examples: Sequence[Example], cfg: TrainConfig, *
     experts = art.experts
     labels = torch.tensor(label_indices(examples, experts, source))
     texts = routing_texts(examples, source)
-    train, held = stratified_split(labels.tolist(), experts, cfg.holdout, cfg.seed)
+    stratified_split(labels.tolist(), experts, cfg.holdout, cfg.seed)  # too few examples: say so before loading
     encoder = encoder or make_encoder(art, cfg)
     if (cfg.kind == "hidden") != isinstance(encoder, CoreEncoder):
         raise ValueError(f"a {cfg.kind!r} router needs {'a' if cfg.kind == 'hidden' else 'no'} CoreEncoder")
-    feats = encoder.encode(texts)                                           # [M, D]
-    tr, ho = torch.tensor(train), torch.tensor(held, dtype=torch.long)
+    return fit_router(experts, encoder, encoder.encode(texts), labels, cfg)
+
+
+def fit_router(experts: Sequence[str], encoder: Encoder, feats: torch.Tensor, labels: torch.Tensor,
+               cfg: TrainConfig) -> TrainOutcome:
+    """The router of `cfg.kind` fitted on encoded examples: feats [M, D] (from `encoder`), labels [M] indices
+    into `experts`; held out per expert by `cfg.holdout` for calibration and metrics."""
+    experts = list(experts)
+    train, held = stratified_split(labels.tolist(), experts, cfg.holdout, cfg.seed)
+    tr, ho = torch.tensor(train, dtype=torch.long), torch.tensor(held, dtype=torch.long)
 
     final_loss = None
     if cfg.kind == "prototype":
@@ -130,7 +140,7 @@ def train_router(art: Artifact, examples: Sequence[Example], cfg: TrainConfig, *
         evaluation = evaluate(raw / temperature, labels[ho])
     cls = HiddenStateRouter if cfg.kind == "hidden" else EmbeddingRouter
     router = cls(experts, encoder, head, temperature=temperature, options=cfg.options)
-    return TrainOutcome(router, len(train), len(held), final_loss, nll_raw, evaluation)
+    return TrainOutcome(router, len(train), len(held), final_loss, nll_raw, evaluation, feats.float(), labels)
 
 
 def evaluate_router(router: Router, examples: Sequence[Example], source: str = "the data") -> Evaluation:

@@ -62,8 +62,9 @@ def _cmd_add(args: argparse.Namespace) -> int:
     check_device(args.device)
     name, path = parse_assignment(args.expert)
     t0 = time.perf_counter()
+    refitter = getattr(args, "router_refit", None)  # the router package's, when it is installed
     manifest = add_expert(args.artifact, name, path, base=args.base, device=args.device,
-                          drop_router=args.drop_router)
+                          drop_router=args.drop_router, router=refitter(args) if refitter else None)
     if not args.quiet:
         from twinrt.artifact.report import summary_table
 
@@ -79,7 +80,9 @@ def _cmd_remove(args: argparse.Namespace) -> int:
     from twinrt.artifact import Artifact
     from twinrt.artifact.update import remove_expert
 
-    manifest, notes = remove_expert(Artifact.open(args.artifact), args.name, drop_router=args.drop_router)
+    refitter = getattr(args, "router_refit", None)  # the router package's, when it is installed
+    manifest, notes = remove_expert(Artifact.open(args.artifact), args.name, drop_router=args.drop_router,
+                                    router=refitter(args) if refitter else None)
     for line in notes:
         print(line)
     if not args.quiet:

@@ -54,7 +54,7 @@ def check_router(art: Artifact, drop_router: bool, refit: bool = False) -> bool:
     if not drop_router:
         raise TwinError(f"{art.path} has a router fitted to experts {', '.join(art.experts)}, which would not "
                         "match the new set: pass --drop-router (and train one again), or --router-data FILE "
-                        "to add the expert to a prototype router")
+                        "(the new expert's labelled examples) to refit it")
     return True
 
 
@@ -115,9 +115,12 @@ def adding(art: Artifact, info: ExpertInfo, *, drop_router: bool = False, refit:
     art.manifest = done[0]
 
 
-def remove_expert(art: Artifact, name: str, *, drop_router: bool = False) -> tuple[Manifest, list[str]]:
+def remove_expert(art: Artifact, name: str, *, drop_router: bool = False,
+                  router: Callable[[Artifact, list[str]], Path] | None = None) -> tuple[Manifest, list[str]]:
     """Remove expert `name` from `art` (its directory and every manifest entry; the mix order of the rest is
-    kept), atomically. The core stays as it is, also when `name` is one it was merged from.
+    kept), atomically. The core stays as it is, also when `name` is one it was merged from. `router(artifact,
+    experts)`, if given, builds the router refitted for the remaining experts (a dir on the artifact's
+    filesystem, moved in as router/).
 
     -> (the new manifest, one line per thing the user should know: the core keeps that expert, the router
     was dropped)."""
@@ -126,7 +129,7 @@ def remove_expert(art: Artifact, name: str, *, drop_router: bool = False) -> tup
         raise TwinError(f"unknown expert {name!r}; {art.path} has: {', '.join(art.experts)}")
     if len(art.experts) == 1:
         raise TwinError(f"{name!r} is the only expert of {art.path}; an artifact keeps at least one")
-    dropped = check_router(art, drop_router)
+    dropped = check_router(art, drop_router, refit=router is not None)
     notes = []
     if m.in_core(name):
         notes.append(f"expert {name!r} is one the core was merged from: the core keeps its contribution "
@@ -134,7 +137,10 @@ def remove_expert(art: Artifact, name: str, *, drop_router: bool = False) -> tup
     if dropped:
         notes.append(f"the router was fitted to {', '.join(art.experts)}: dropped (train one again)")
     prefix = f"experts/{name}/"
-    with art.staged([f"experts/{name}"] + ([ROUTER] if dropped else [])) as stage:
+    with art.staged([f"experts/{name}"] + ([ROUTER] if dropped or router is not None else [])) as stage:
+        if router is not None:
+            Path(router(art, [e for e in art.experts if e != name])).rename(stage / ROUTER)
+            notes.append(f"the router was refitted for {', '.join(e for e in art.experts if e != name)}")
         tensors = {t: info.model_copy(update={"experts": _without(info.experts, name)})
                    for t, info in m.tensors.items()}
         files = _router_files({k: v for k, v in m.files.items() if not k.startswith(prefix)}, stage,

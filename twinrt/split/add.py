@@ -9,7 +9,9 @@ those a full split with the same core would give it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -75,7 +77,8 @@ def add_expert(artifact: Path | str, name: str, path: Path, *, base: Path | None
     store = DTYPES[m.exclusive.dtype]
     info = ExpertInfo(name=name, source=str(path), kind=expert.kind, fingerprint=expert.fingerprint())
     tick = progress(len(names)) if progress else None
-    with adding(art, info, drop_router=drop_router, refit=router is not None) as (stage, commit):
+    with adding(art, info, drop_router=drop_router, refit=router is not None) as (stage, commit), \
+            _built(router(art, [*art.experts, name]) if router is not None else None) as refit:
         writer = ArtifactWriter(stage, [name], store, core=False)
         for tname in names:  # the split's order, so the files are written tensor for tensor as it writes them
             base_t = src.get(tname)
@@ -92,6 +95,16 @@ def add_expert(artifact: Path | str, name: str, path: Path, *, base: Path | None
             if tick:
                 tick(tname)
         sizes = writer.finish_experts()
-        refit = router(art, [*art.experts, name]) if router is not None else None
         commit(writer.tensors, sizes[name], router=refit)
     return art.manifest
+
+
+@contextmanager
+def _built(path: Path | None) -> Iterator[Path | None]:
+    """The refitted router's build dir (built before the expert's math, so bad router data fails early); removed
+    if the add fails before it is moved in."""
+    try:
+        yield path
+    finally:
+        if path is not None and Path(path).exists():
+            shutil.rmtree(path, ignore_errors=True)
