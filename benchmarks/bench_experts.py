@@ -14,6 +14,7 @@ the kernel `tm.plan` picks for the cell (its ratio is that arm's). An arm whose 
     python benchmarks/bench_experts.py [--ns 4 16 64] [--routings top1 top2 dirichlet zipf] [--batches 8 32]
         [--phases prefill decode] [--dtypes float32 bfloat16] [--repeats 2] [--threads 1]
     python benchmarks/bench_experts.py --calibrate      # fit planning.KernelCosts on this machine, per dtype
+    python benchmarks/bench_experts.py --split-only     # split each N again: seconds and peak RSS per N
 
 Before timing it waits (up to `--quiet-wait` seconds, polling every 30 s) for the 1-minute load average to drop
 below `--quiet-load`, and records the load average of every cell.
@@ -79,19 +80,21 @@ def lora_expert(base: Path, out: Path, seed: int, rank: int = RANK, rel_norm: fl
     return out
 
 
-def build_artifacts(workdir: Path, ns: list[int]) -> tuple[dict[int, Path], list[dict]]:
-    """One artifact per N (average core, rank-16 factors); the split's wall time and peak RSS per N."""
+def build_artifacts(workdir: Path, ns: list[int], force: bool = False) -> tuple[dict[int, Path], list[dict]]:
+    """One artifact per N (average core, rank-16 factors; `force`: split again even where one exists); the
+    split's wall time and peak RSS per N split."""
     base = smollm2_base(workdir)
     experts = [lora_expert(base, workdir / f"lora-expert{i}", seed=200 + i) for i in range(max(ns))]
     arts, splits = {}, []
     for n in ns:
         out = workdir / f"experts-n{n}"
-        if not (out / "twin.json").is_file():
+        if force or not (out / "twin.json").is_file():
             cfg = {"base": str(base), "experts": [{"name": f"e{i}", "path": str(p)} for i, p in enumerate(experts[:n])],
                    "shared": {"method": "average"}, "exclusive": {"rank": RANK}}
             cfg_path = workdir / f"experts-n{n}.yaml"
             cfg_path.write_text(yaml.safe_dump(cfg))
-            run = run_child([sys.executable, "-m", "twinrt.cli", "split", str(cfg_path), "-o", str(out), "-q"],
+            run = run_child([sys.executable, "-m", "twinrt.cli", "split", str(cfg_path), "-o", str(out), "-q",
+                             "--force"],
                             env={"PYTHONPATH": str(ROOT)})
             if run.returncode:
                 raise SystemExit(run.stderr)
@@ -383,6 +386,8 @@ def main() -> None:
     ap.add_argument("--quiet-load", type=float, default=1.2)
     ap.add_argument("--quiet-wait", type=float, default=1200.0)
     ap.add_argument("--calibrate", action="store_true")
+    ap.add_argument("--split-only", action="store_true", help="split every N again (one process each) and write "
+                    "its seconds and peak RSS; no timing grid")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -398,6 +403,18 @@ def main() -> None:
         write_json(args.out or ROOT / "benchmarks" / "results" / "experts_calibration.json",
                    {"benchmark": "experts-calibration", "machine": machine(), "load_before": load,
                     "load_after": os.getloadavg()[0], "fits": fits})
+        return
+    if args.split_only:
+        load = wait_quiet(args.quiet_load, args.quiet_wait)
+        _, splits = build_artifacts(args.workdir, sorted(set(args.ns)), force=True)
+        for s in splits:
+            s["seconds_per_expert"] = round(s["seconds"] / s["n"], 2)
+        out = args.out or ROOT / "benchmarks" / "results" / "experts_split.json"
+        write_json(out, {"benchmark": "experts-split", "rank": RANK, "machine": machine(),
+                         "load_before": round(load, 2), "command": " ".join(sys.argv), "splits": splits})
+        print("\n| N experts | split s | s per expert | peak RSS MiB |\n|---|---|---|---|")
+        for s in splits:
+            print(f"| {s['n']} | {s['seconds']} | {s['seconds_per_expert']} | {s['max_rss_mib']} |")
         return
     arts, splits = build_artifacts(args.workdir, sorted(set(args.ns)))
     load = wait_quiet(args.quiet_load, args.quiet_wait)

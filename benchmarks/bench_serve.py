@@ -2,7 +2,7 @@
 
     python benchmarks/bench_serve.py ARTIFACT [--arms twin core expert:NAME] [--concurrency 1 8 32]
            [--seconds 10] [--max-tokens 32] [--threads 1] [--max-batch 32] [--label NAME] [--out FILE]
-           [--backend local|vllm] [--compare-local]
+           [--backend local|vllm] [--compare-local] [--prompts FILE.jsonl] [--ignore-eos]
     python benchmarks/bench_serve.py ARTIFACT --long-prompt N [--concurrency 2] [--max-tokens 2] [--seconds 15]
            [--max-step-tokens T] [--long-prefill-share F]
 
@@ -57,6 +57,7 @@ from common import machine  # noqa: E402
 from serving.abreport import percentile  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "serve.json"
+EXTRA_BODY: dict = {}  # request fields every client sends besides its own (--ignore-eos)
 
 
 def free_port() -> int:
@@ -65,10 +66,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def task_prompts(experts: list[str], per_task: int = 40) -> list[list[dict]]:
-    """Chat prompts for the artifact's experts: the task suite's test prompts, else synthetic ones."""
+def task_prompts(experts: list[str], per_task: int = 40, path: Path | None = None) -> list[list[dict]]:
+    """Chat prompts for the artifact's experts: `path`'s (JSONL of {"messages"}), else the task suite's test
+    prompts, else synthetic ones."""
     tasks = ROOT / "examples" / "tasks"
-    if all((tasks / e / "test.jsonl").is_file() for e in experts):
+    if path is not None:
+        out = [json.loads(line)["messages"] for line in path.read_text().splitlines() if line.strip()]
+    elif all((tasks / e / "test.jsonl").is_file() for e in experts):
         out = []
         for e in experts:
             lines = (tasks / e / "test.jsonl").read_text().splitlines()[:per_task]
@@ -123,7 +127,7 @@ class ServerProcess:
 
 async def one_request(client: httpx.AsyncClient, arm: str, messages: list[dict], max_tokens: int) -> dict:
     body = {"model": arm, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **EXTRA_BODY}
     t0 = time.perf_counter()
     ttft = None
     tokens = 0
@@ -355,6 +359,10 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--backend", choices=["local", "vllm"], default="local")
     p.add_argument("--compare-local", action="store_true", help="with --backend vllm: also run the local backend")
+    p.add_argument("--prompts", type=Path, default=None, help="JSONL of {\"messages\": [...]} to send instead of "
+                   "the task prompts")
+    p.add_argument("--ignore-eos", action="store_true", help="every answer runs to --max-tokens (vLLM's ignore_eos), "
+                   "so arms compare the same work")
     p.add_argument("--table", action="store_true", help="only print the table of the --label run stored in --out")
     p.add_argument("--long-prompt", type=int, default=None, metavar="N",
                    help="fairness run: short requests with and without a concurrent N-token prompt (see above)")
@@ -363,6 +371,8 @@ def main() -> int:
     p.add_argument("--long-prefill-share", type=float, default=None, help="the server's time share of a long "
                    "prefill beside other work (default: the engine's)")
     args = p.parse_args()
+    if args.ignore_eos:
+        EXTRA_BODY["ignore_eos"] = True
     if args.long_prompt:
         if args.out == OUT:
             args.out = OUT.with_name("serve_long_prompt.json")
@@ -385,7 +395,7 @@ def main() -> int:
             print(f"{backend} server ready in {time.perf_counter() - t0:.1f} s", flush=True)
             experts = health["experts"]
             arms = args.arms or ["twin", "core", f"expert:{experts[0]}"]
-            prompts = task_prompts(experts)
+            prompts = task_prompts(experts, path=args.prompts)
             for arm in arms:  # warm-up: first-call costs (a vLLM adapter's first load, W' builds)
                 asyncio.run(run_level(server.url, arm, 2, 0.5, prompts, 4))
             for clients in args.concurrency:
@@ -401,7 +411,8 @@ def main() -> int:
     per_backend = {b: [r for r in rows if r["backend"] == b] for b in backends}
     result = {"artifact": str(args.artifact), "experts": health.get("experts"), "router": health.get("router"),
               "backends": backends, "seconds_per_level": args.seconds, "max_tokens": args.max_tokens,
-              "server_threads": args.threads, "max_batch": args.max_batch,
+              "server_threads": args.threads, "max_batch": args.max_batch, "ignore_eos": args.ignore_eos,
+              "prompts": str(args.prompts) if args.prompts else None,
               "load_average_before": round(load_before, 2), "machine": machine(), "rows": rows,
               "twin_over_core_tokens_per_s": {b: ratios(v) for b, v in per_backend.items()},
               "core_over_twin_tpot": {b: {c: round(1 / x, 3) for c, x in ratios(v, "tpot_p50").items() if x}
