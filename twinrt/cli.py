@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -93,7 +94,7 @@ def _cmd_remove(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from twinrt.artifact import Artifact
-    from twinrt.artifact.report import summary_table
+    from twinrt.artifact.report import static_table, summary_table
 
     art = Artifact.open(args.artifact, verify=not args.no_verify)
     m = art.manifest
@@ -111,8 +112,47 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if m.shared.excluded:
         console.print(f"not merged (core = base): {len(m.shared.excluded)} tensors, e.g. {m.shared.excluded[0]}")
     console.print(summary_table(m, per_expert=True if args.experts else None))
+    statics = static_table(m)
+    if statics is not None:
+        console.print(statics)
     console.print(f"router: {'trained' if art.router_dir.is_dir() else 'none'}; "
                   + ("checksums verified" if not args.no_verify else "checksums not verified"))
+    return 0
+
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """--set K=V ... -> {K: V}, each value a YAML scalar (0.2 is a number, true a bool)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise TwinError(f"--set expects KEY=VALUE (e.g. density=0.2), got {item!r}")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise TwinError(f"--set {key}: {value!r} is not a value") from None
+    return out
+
+
+def _cmd_static(args: argparse.Namespace) -> int:
+    from twinrt.artifact.report import human_bytes
+    from twinrt.split.static import add_static, remove_static
+
+    if args.static_command == "remove":
+        remove_static(args.artifact, args.label)
+        if not args.quiet:
+            console.print(f"removed static:{args.label} from {args.artifact}")
+        return 0
+    t0 = time.perf_counter()
+    m = add_static(args.artifact, args.label, args.method, _parse_set(args.set), base=args.base, device=args.device)
+    if not args.quiet:
+        st = m.static(args.label)
+        exact = sum(1 for i in st.tensors.values() if getattr(i, "path", None) == "exact")
+        console.print(f"added static:{args.label} ({st.method} {st.params}) to {args.artifact} in "
+                      f"{time.perf_counter() - t0:.1f} s: {human_bytes(st.size.factors + st.size.dense)} "
+                      f"({exact} tensors as exact factors, {human_bytes(st.size.dense)} dense)")
     return 0
 
 
@@ -160,6 +200,26 @@ def build_parser() -> argparse.ArgumentParser:
     _drop_router_flag(r)
     r.add_argument("-q", "--quiet", action="store_true", help="only what the user must know")
     r.set_defaults(fn=_cmd_remove, sigterm_cleanup=True)
+
+    st = sub.add_parser("static", help="store a static merge of the experts beside the twin, served as the arm "
+                        "static:LABEL (for A/B tests against the merges you would otherwise ship)")
+    st_sub = st.add_subparsers(dest="static_command", required=True)
+    sa = st_sub.add_parser("add", help="merge the artifact's experts (from their original sources) by a method")
+    sa.add_argument("artifact")
+    sa.add_argument("label", help="the arm is static:LABEL")
+    sa.add_argument("--method", required=True, help="a data-free merge method (ties, dare_ties, task_arithmetic, "
+                    "average, ...)")
+    sa.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a method parameter, e.g. --set density=0.2 (repeatable; defaults: the method's)")
+    sa.add_argument("--base", type=Path, help="the artifact's base model, if not at the recorded path")
+    sa.add_argument("--device", default="cpu", help="device for the merge math")
+    sa.add_argument("-q", "--quiet", action="store_true")
+    sa.set_defaults(fn=_cmd_static, sigterm_cleanup=True)
+    sr = st_sub.add_parser("remove", help="remove a static merge")
+    sr.add_argument("artifact")
+    sr.add_argument("label")
+    sr.add_argument("-q", "--quiet", action="store_true")
+    sr.set_defaults(fn=_cmd_static, sigterm_cleanup=True)
 
     for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda ep: ep.name):
         ep.load()(sub)

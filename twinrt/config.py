@@ -7,6 +7,9 @@
     shared: {method: ties, scaling: 1.0, density: 0.2}
     exclusive: {rank: 16}                   # or {energy: 0.95}; optional svd: auto | full | randomized
     dtype: float32
+    statics:                                # optional: static merges served beside the twin as static:<label>
+      - {label: ties, method: ties, density: 0.2}
+      - {label: ta05, method: task_arithmetic, scaling: 0.5}
 
 Relative paths are resolved against the config file's directory. Unknown keys are errors. A method that needs
 data (fisher, regmean, mats: `statistics()` of its parameters) needs `calibration` for every expert; data-free
@@ -98,12 +101,53 @@ class ExclusiveSpec(Frozen):
         return self
 
 
+class StaticSpec(Frozen):
+    """A static merge to store beside the twin (twinrt.split.static): a label, a data-free method and its
+    parameters, written beside them and validated by the method's parameter model."""
+
+    label: str
+    method: str
+    params: dict[str, Any] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_params(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("method"), str):
+            return data
+        own = {k: data[k] for k in ("label", "method") if k in data}
+        given = {k: v for k, v in data.items() if k not in own}
+        method = get_method(data["method"])
+        try:
+            params = method.resolve(given)
+        except TwinError as e:
+            raise TwinError(str(e).replace("shared.", f"statics[{data.get('label')!r}].", 1)) from None
+        if method.statistics(params):
+            raise TwinError(f"statics[{data.get('label')!r}]: method {method.name!r} needs calibration statistics; "
+                            "a static merge takes a data-free method")
+        return {**own, "params": params}
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, v: str) -> str:
+        return check_expert_name(v)
+
+
 class SplitConfig(Frozen):
     base: Path
     experts: tuple[ExpertSpec, ...] = Field(min_length=1)
     shared: SharedSpec
     exclusive: ExclusiveSpec
     dtype: DtypeName = "float32"
+    statics: tuple[StaticSpec, ...] = ()
+
+    @field_validator("statics")
+    @classmethod
+    def _unique_statics(cls, statics: tuple[StaticSpec, ...]) -> tuple[StaticSpec, ...]:
+        labels = [s.label for s in statics]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(f"duplicate static labels: {', '.join(dup)}")
+        return statics
 
     @field_validator("experts")
     @classmethod

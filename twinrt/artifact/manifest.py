@@ -12,13 +12,21 @@
       "sizes": {"core": bytes, "full_expert": bytes, "experts": {name: {"factors", "dense"}}, "router": bytes},
       "files": {relative path: sha256},
       "history": [{"op": "split"|"add"|"remove", "at": ISO-8601, "experts": [names], "twinrt_version",
-                   "note": str | null}]                                            # oldest first
+                   "note": str | null}],                                           # oldest first
+      "statics": [{"label", "method", "params", "experts": [merged from], "created",
+                   "tensors": {name: {"rank", "energy", "path"} | {"stored", "norm"}},
+                   "size": {"factors", "dense"}}]                # static-merge arms; optional, [] if absent
     }
 
 The core never changes after the split: `twinrt add` factors a new expert against it and `twinrt remove`
 drops one expert's files, so `shared.experts` (what the core is made of) and the current `experts` (what can
 be mixed) part ways; `history` says when and how. A manifest written before either existed reads as one split
 of its current experts at `created`.
+
+A static merge (`twinrt static add`, or `statics:` in the split config) is the arm `static:<label>`: the
+same experts merged by another method or parameters, stored under static/<label>/ as its exact difference
+from the core (θ_static − θ_core), laid out like an expert's directory: adapter factors where that difference
+is exactly low rank (path "exact"), dense deltas elsewhere.
 
 The manifest is validated as a whole when it is read: expert names follow `EXPERT_NAME` (they become
 directory names), every path in `files` is a plain relative path, and the experts, tensors, sizes and files
@@ -43,6 +51,8 @@ DIGEST = "twin.json.sha256"  # sha256sum-style line: "<sha256 of twin.json's byt
 EXPERT_NAME = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # used with fullmatch
 RESERVED_NAMES = frozenset({"core", "twin", "base", "router"})  # the serving arms and artifact parts
 EXPERT_FILES = (adapter.CONFIG_FILE, adapter.WEIGHTS_FILE)  # every expert dir has these (a PEFT adapter)
+STATIC_DIR = "static"  # static/<label>/: a static merge's difference from the core, laid out as an expert's
+STATIC_PREFIX = "static:"  # the arm (and mix column) name of a static merge
 
 
 def check_expert_name(name: str) -> str:
@@ -130,6 +140,25 @@ class ExpertSize(Frozen):
     dense: int
 
 
+class StaticInfo(Frozen):
+    """A static merge served beside the twin as the arm `static:<label>`: the experts merged by `method` with
+    `params` (as the core is), stored as its exact difference from the core under static/<label>/ (PEFT
+    adapter factors where that difference is exactly low rank, dense deltas elsewhere, nothing where zero)."""
+
+    label: str
+    method: str
+    params: dict[str, Any]
+    experts: list[str]                               # merged from, in mix order
+    tensors: dict[str, FactorInfo | DenseInfo]       # every tensor of `tensors`: how its difference is stored
+    size: ExpertSize
+    created: str
+
+    @field_validator("label")
+    @classmethod
+    def _label_ok(cls, v: str) -> str:
+        return check_expert_name(v)
+
+
 class Sizes(Frozen):
     core: int
     full_expert: int  # bytes of one full model at the artifact's dtype: the yardstick for compression
@@ -149,6 +178,7 @@ class Manifest(Frozen):
     sizes: Sizes
     files: dict[str, str]
     history: list[HistoryEvent]
+    statics: list[StaticInfo] = []  # static-merge arms, in the order they were added
 
     @model_validator(mode="before")
     @classmethod
@@ -183,6 +213,16 @@ class Manifest(Frozen):
     def expert_names(self) -> list[str]:
         return [e.name for e in self.experts]
 
+    @property
+    def static_labels(self) -> list[str]:
+        return [s.label for s in self.statics]
+
+    def static(self, label: str) -> StaticInfo:
+        for s in self.statics:
+            if s.label == label:
+                return s
+        raise KeyError(label)
+
     def in_core(self, expert: str) -> bool:
         """Whether the expert of this name is one the core was merged from: the last event of the history that
         names it is the split (one removed and added again, perhaps another model, came later)."""
@@ -208,11 +248,27 @@ def _check_consistent(m: Manifest) -> None:
     if dup:
         raise ValueError(f"duplicate expert names: {', '.join(dup)}")
     known = set(names)
+    labels = m.static_labels
     for rel in m.files:
         parts = rel.split("/")
         if parts[0] == "experts" and (len(parts) < 3 or parts[1] not in known):
             raise ValueError(f"files lists {rel}, which belongs to no expert of experts ({', '.join(names)}); "
                              "was an expert renamed?")
+        if parts[0] == STATIC_DIR and (len(parts) < 3 or parts[1] not in labels):
+            raise ValueError(f"files lists {rel}, which belongs to no static merge of statics "
+                             f"({', '.join(labels) or 'none'})")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"duplicate static labels: {', '.join(sorted({x for x in labels if labels.count(x) > 1}))}")
+    for st in m.statics:
+        for f in EXPERT_FILES:
+            if f"{STATIC_DIR}/{st.label}/{f}" not in m.files:
+                raise ValueError(f"static merge {st.label!r} has no {STATIC_DIR}/{st.label}/{f} in files")
+        if set(st.tensors) != set(m.tensors):
+            raise ValueError(f"static merge {st.label!r} records other tensors than the artifact's")
+        if any(isinstance(i, DenseInfo) and i.stored for i in st.tensors.values()) and \
+                f"{STATIC_DIR}/{st.label}/dense.safetensors" not in m.files:
+            raise ValueError(f"static merge {st.label!r} has stored dense deltas but files lacks "
+                             f"{STATIC_DIR}/{st.label}/dense.safetensors")
     for name in names:
         for f in EXPERT_FILES:
             if f"experts/{name}/{f}" not in m.files:

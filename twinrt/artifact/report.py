@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from rich.table import Table
 
-from twinrt.artifact.manifest import DenseInfo, FactorInfo, Manifest
+from twinrt.artifact.manifest import STATIC_PREFIX, DenseInfo, FactorInfo, Manifest
 
 
 def human_bytes(n: float) -> str:
@@ -97,4 +97,22 @@ def summary_table(m: Manifest, per_expert: bool | None = None) -> Table:
         caption += " (twinrt inspect --experts lists every expert)"
     t.caption = caption
     t.caption_justify = "left"
+    return t
+
+
+def static_table(m: Manifest) -> Table | None:
+    """One row per static-merge arm: its method and parameters, and what its difference from the core costs
+    (exact factors, dense deltas, their share of a full model); None without static merges."""
+    if not m.statics:
+        return None
+    t = Table(title="static merges (arms static:LABEL)", title_justify="left")
+    for col in ("arm", "method", "params", "exact factors (tensors)", "dense (tensors)", "% of full"):
+        t.add_column(col, justify="left" if col in ("arm", "method", "params") else "right", no_wrap=col != "params")
+    for st in m.statics:
+        factored = sum(1 for i in st.tensors.values() if isinstance(i, FactorInfo) and i.rank > 0)
+        dense = sum(1 for i in st.tensors.values() if isinstance(i, DenseInfo) and i.stored)
+        params = ", ".join(f"{k}={v}" for k, v in st.params.items())
+        t.add_row(STATIC_PREFIX + st.label, st.method, params, f"{human_bytes(st.size.factors)} ({factored})",
+                  f"{human_bytes(st.size.dense)} ({dense})",
+                  f"{100 * (st.size.factors + st.size.dense) / m.sizes.full_expert:.2f}%")
     return t

@@ -27,7 +27,16 @@ from pydantic import ValidationError
 from safetensors import safe_open
 
 from twinrt import adapter
-from twinrt.artifact.manifest import DIGEST, FORMAT, MANIFEST, Manifest, check_relpath
+from twinrt.artifact.manifest import (
+    DIGEST,
+    FORMAT,
+    MANIFEST,
+    STATIC_DIR,
+    STATIC_PREFIX,
+    FactorInfo,
+    Manifest,
+    check_relpath,
+)
 from twinrt.errors import TwinError
 from twinrt.sources.checkpoint import sha256_file
 from twinrt.validation import describe
@@ -279,7 +288,16 @@ class Artifact:
     def router_dir(self) -> Path:
         return self.inside("router")
 
+    @property
+    def statics(self) -> list[str]:
+        """The static-merge arms' names, "static:<label>", in the order they were added."""
+        return [STATIC_PREFIX + label for label in self.manifest.static_labels]
+
     def expert_dir(self, name: str) -> Path:
+        """experts/<name>/, or static/<label>/ for a static merge's arm name "static:<label>"."""
+        if name.startswith(STATIC_PREFIX):
+            self._check_static(name)
+            return self.inside(f"{STATIC_DIR}/{name.removeprefix(STATIC_PREFIX)}")
         self._check_expert(name)
         return self.inside(f"experts/{name}")
 
@@ -287,18 +305,30 @@ class Artifact:
         if name not in self.experts:
             raise TwinError(f"unknown expert {name!r}; this artifact has: {', '.join(self.experts)}")
 
+    def _check_static(self, name: str) -> None:
+        if name not in self.statics:
+            raise TwinError(f"unknown static merge {name!r}; this artifact has: {', '.join(self.statics) or 'none'}")
+
+    def _factored(self, name: str) -> list[str]:
+        if name.startswith(STATIC_PREFIX):
+            tensors = self.manifest.static(name.removeprefix(STATIC_PREFIX)).tensors
+            return [t for t, i in tensors.items() if isinstance(i, FactorInfo) and i.rank > 0]
+        return list(self.manifest.factored(name))
+
     def load_factors(self, name: str, dtype: torch.dtype | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """An expert's factors: weight name -> (A [r, in], B [out, r]), with `B A = expert − core`."""
+        """An expert's factors: weight name -> (A [r, in], B [out, r]), with `B A = expert − core` (a static
+        merge's, "static:<label>", too: `B A = static − core`)."""
         out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         with safe_open(str(self.expert_dir(name) / adapter.WEIGHTS_FILE), framework="pt") as f:
-            for weight in self.manifest.factored(name):
+            for weight in self._factored(name):
                 a_key, b_key = adapter.lora_keys(weight.removesuffix(".weight"))
                 a, b = f.get_tensor(a_key), f.get_tensor(b_key)
                 out[weight] = (a, b) if dtype is None else (a.to(dtype), b.to(dtype))
         return out
 
     def load_dense(self, name: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """An expert's exact dense deltas (expert − core) for tensors without factors; zero ones are absent."""
+        """An expert's (or static merge's) exact dense deltas from the core for tensors without factors; zero
+        ones are absent."""
         f = self.expert_dir(name) / "dense.safetensors"
         if not f.is_file():
             return {}

@@ -69,10 +69,13 @@ def now() -> str:
 class ArtifactWriter:
     """Assembles an artifact in `root` for `experts` (in mix order); tensors are stored as `dtype`.
 
-    `core=False`: only the experts' files (the core is there already and stays as it is)."""
+    `core=False`: only the experts' files (the core is there already and stays as it is); `subdir`: where
+    the experts' dirs go ("static" for a static merge, laid out as an expert)."""
 
-    def __init__(self, root: Path, experts: Sequence[str], dtype: torch.dtype, *, core: bool = True) -> None:
+    def __init__(self, root: Path, experts: Sequence[str], dtype: torch.dtype, *, core: bool = True,
+                 subdir: str = "experts") -> None:
         self.root = Path(root)
+        self.subdir = subdir
         self.dtype = dtype
         self.core_dir = self.root / "core"
         self.core: SafetensorsWriter | None = None
@@ -88,7 +91,7 @@ class ArtifactWriter:
         self.tensors: dict[str, TensorInfo] = {}
 
     def expert_dir(self, name: str) -> Path:
-        return self.root / "experts" / name
+        return self.root / self.subdir / name
 
     def save_core(self, *parts: Any) -> None:
         """`part.save_pretrained(core/)` for each: the config, tokenizer and generation config that make core/ a

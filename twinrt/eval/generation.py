@@ -38,6 +38,7 @@ class PlainModel(Runner):
         self.dtype = dtype
         self.config = model.config
         self.experts: list[str] = []
+        self.columns: list[str] = []
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str | torch.device = "cpu",
@@ -86,7 +87,8 @@ def generate(runner: Runner, prompts: Sequence[Messages], mix: torch.Tensor | No
     mix: [B, N] (one row per prompt, TwinModel only) or None (core / plain weights). `on_done(k)` is called
     as k more prompts finish.
     """
-    if mix is not None and tuple(mix.shape) != (len(prompts), len(runner.experts)):
+    if mix is not None and (mix.dim() != 2 or mix.shape[0] != len(prompts)
+                            or mix.shape[1] not in (len(runner.experts), len(runner.columns))):
         raise ValueError(f"mix has shape {list(mix.shape)}, expected [{len(prompts)}, {len(runner.experts)}]")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     engine = Engine(runner, max_batch=batch_size)

@@ -236,7 +236,8 @@ class Engine:
             on_token: TokenCallback | None = None, deadline: float | None = None,
             constraint: TokenConstraint | None = None) -> Request:
         """Queue a request; `prompt` is text, chat messages, or token ids (a list or tuple of ints); `mix` is a
-        validated [N] row (None or all zeros = core). `deadline`: the time.perf_counter() past which its caller
+        validated [N] row over the experts or [N + S] over every column (None or all zeros = core).
+        `deadline`: the time.perf_counter() past which its caller
         gives up on it; a long prompt's chunks get more than `chunk_share` when they would otherwise miss it (see
         the class). `constraint`: what may come next at each step (see `constraint`). Raises ValueError for a
         prompt or token ids the model cannot take."""
@@ -253,6 +254,8 @@ class Engine:
         gen = None
         if not is_greedy(params.temperature):
             gen = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
+        if mix is not None and mix.shape[0] < len(self.tm.columns):  # a row over the experts: no static merge
+            mix = torch.cat([mix, mix.new_zeros(len(self.tm.columns) - mix.shape[0])])
         req = Request(next(self._ids), ids, None if mix is None or not bool(mix.any()) else mix, params, on_token,
                       generator=gen, deadline=deadline, constraint=constraint)
         self._waiting.append(req)
@@ -540,7 +543,7 @@ class Engine:
     def _mix_matrix(self, reqs: list[Request]) -> torch.Tensor | None:
         if all(r.mix is None for r in reqs):
             return None
-        n = len(self.tm.experts)
+        n = len(self.tm.columns)
         return torch.stack([r.mix if r.mix is not None else torch.zeros(n) for r in reqs])
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache, reqs: list[Request], tokens: int,

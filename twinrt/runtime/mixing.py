@@ -195,11 +195,20 @@ class MixLinear(nn.Module):
                     rowwise_delta_(y, x, self.a_s, self.b_s, self.ranks, routes)
         for e, d in self.dense.items():
             if e in st.active:
-                y = y + _per_row(st.mix[:, e], y) * F.linear(x, d)
+                y = self._dense_delta(x, y, st.mix[:, e], d)
         for e, d in self.dense_bias.items():
             if e in st.active:
                 y = y + _per_row(st.mix[:, e], y) * d
         return y
+
+    @staticmethod
+    def _dense_delta(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """y + w[b] · D x[b] on the rows b with w[b] != 0 only (a static merge's rows, say): a dense delta
+        costs a full GEMM, which the other rows of the batch do not pay."""
+        rows = torch.nonzero(w).flatten()
+        if len(rows) == w.shape[0]:
+            return y + _per_row(w, y) * F.linear(x, d)
+        return y.index_add(0, rows, _per_row(w[rows], y) * F.linear(x.index_select(0, rows), d))
 
     def _concatenated(self, x: torch.Tensor, y: torch.Tensor, st: MixState) -> None:
         a_t, b_t, experts, ranks = self._active_factors(st.active)

@@ -28,6 +28,7 @@ class TwinModel(Runner):
     >>> tm = TwinModel.from_artifact("ARTIFACT", device="cpu", dtype="float32")
     >>> logits = tm.forward(input_ids, attention_mask, mix=w)      # w: [B, N]; None = core only
     >>> texts = tm.generate(prompts, mix=[{"math": 1.0}], max_new_tokens=32)
+    >>> tm.forward(input_ids, mix=[{"static:ties": 1.0}])             # a static merge stored in the artifact
     """
 
     def __init__(self, artifact: Artifact, model: nn.Module, tokenizer: Any, device: torch.device,
@@ -38,12 +39,14 @@ class TwinModel(Runner):
         self.device = device
         self.dtype = dtype
         self.experts: list[str] = list(artifact.experts)
-        self.state = MixState(len(self.experts))
+        self.statics: list[str] = list(artifact.statics)  # "static:<label>": static merges, one column each
+        self.columns: list[str] = self.experts + self.statics  # a mix's columns: the experts, then the statics
+        self.state = MixState(len(self.columns))
         self.policy = policy or MixPolicy()  # which mixing kernels the planner may pick, at what cost
         self.mix_linears: list[MixLinear] = []
         self._attach()
         self.config = model.config
-        self.costs = ExpertCosts.of(model, self.mix_linears, len(self.experts), dtype)
+        self.costs = ExpertCosts.of(model, self.mix_linears, len(self.columns), dtype)
         self.materialized = MaterializedWeights(self.mix_linears, dtype, device, materialize_budget_bytes)
 
     # ---- loading ---------------------------------------------------------------------------------------------
@@ -52,7 +55,7 @@ class TwinModel(Runner):
     def from_artifact(cls, path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
                       *, verify: bool = True, materialize_budget_mib: int = 1024,
                       policy: MixPolicy | None = None) -> TwinModel:
-        """Load the core with transformers and attach every expert's factors and dense deltas."""
+        """Load the core with transformers and attach every expert's (and static merge's) factors and deltas."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         art = Artifact.open(path, verify=verify)
@@ -70,7 +73,7 @@ class TwinModel(Runner):
         dt, dev = self.dtype, self.device
         factors: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         dense: dict[str, dict[int, torch.Tensor]] = {}
-        for i, name in enumerate(self.experts):
+        for i, name in enumerate(self.columns):
             for w, (a, b) in art.load_factors(name, dtype=dt).items():
                 factors.setdefault(w, {})[i] = (a.to(dev), b.to(dev))
             for w, d in art.load_dense(name, dtype=dt).items():
@@ -118,40 +121,55 @@ class TwinModel(Runner):
     # ---- mixes -----------------------------------------------------------------------------------------------
 
     def parse_mix(self, mix: MixLike, batch: int) -> torch.Tensor | None:
-        """Validate a mix: a [B, N] tensor or B dicts {expert: weight}. Returns float32 [B, N] or None."""
+        """Validate a mix: a [B, N] tensor over the experts (or [B, N + S] over every column, the S static merges
+        last), or B dicts {expert or "static:<label>": weight}. Returns float32 [B, N + S] or None.
+
+        A row that gives a static merge weight gives it weight 1 and nothing else: `static:<label>` is that
+        model, not a direction to mix."""
         if mix is None:
             return None
-        n = len(self.experts)
+        n, width = len(self.experts), len(self.columns)
         if isinstance(mix, torch.Tensor):
             w = mix.detach().to("cpu", torch.float32)
-            if w.dim() != 2 or w.shape != (batch, n):
-                raise ValueError(f"mix must have shape [{batch}, {n}] (batch, experts {self.experts}), "
-                                 f"got {list(mix.shape)}")
+            if w.dim() != 2 or w.shape[0] != batch or w.shape[1] not in (n, width):
+                cols = f"{n}] (batch, experts {self.experts})" + (f" or [{batch}, {width}] (with the static "
+                                                                   f"merges {self.statics})" if self.statics else "")
+                raise ValueError(f"mix must have shape [{batch}, {cols}, got {list(mix.shape)}")
+            if w.shape[1] < width:
+                w = torch.cat([w, w.new_zeros(batch, width - w.shape[1])], dim=1)
         else:
             rows = list(mix)
             if len(rows) != batch:
                 raise ValueError(f"mix has {len(rows)} rows for a batch of {batch}")
-            w = torch.zeros(batch, n)
+            w = torch.zeros(batch, width)
             for b, row in enumerate(rows):
                 if not isinstance(row, Mapping):
                     raise ValueError(f"mix row {b} must be a dict {{expert: weight}}, got {type(row).__name__}")
                 for name, value in row.items():
-                    if name not in self.experts:
-                        raise ValueError(f"mix row {b}: unknown expert {name!r}; experts are {self.experts}")
+                    if name not in self.columns:
+                        raise ValueError(f"mix row {b}: unknown expert {name!r}; experts are {self.experts}"
+                                         + (f", static merges {self.statics}" if self.statics else ""))
                     if not isinstance(value, (int, float)) or isinstance(value, bool):
                         raise ValueError(f"mix row {b}: weight of {name!r} must be a number, got {value!r}")
-                    w[b, self.experts.index(name)] = float(value)
+                    w[b, self.columns.index(name)] = float(value)
         if not torch.isfinite(w).all():
             raise ValueError("mix has NaN or infinite weights")
         if (w < 0).any():
             b, e = (w < 0).nonzero()[0].tolist()
-            raise ValueError(f"mix row {b}: weight of {self.experts[e]!r} is negative ({w[b, e].item()})")
+            raise ValueError(f"mix row {b}: weight of {self.columns[e]!r} is negative ({w[b, e].item()})")
+        if self.statics:
+            st = w[:, n:]
+            bad = ((st != 0).sum(1) > 1) | (((st != 0).sum(1) == 1) & ((st.sum(1) != 1) | (w[:, :n] != 0).any(1)))
+            if bad.any():
+                b = int(bad.nonzero()[0])
+                raise ValueError(f"mix row {b}: a static merge is served alone at weight 1 (got {w[b].tolist()} "
+                                 f"over {self.columns})")
         return w
 
     def plan(self, mix: torch.Tensor | None, tokens: int, step_tokens: int | None = None) -> Plan:
         """The path a batch with this mix ([B, N], validated) takes, processing about `tokens` tokens in all and
         `step_tokens` in this forward (see planning.plan_batch; `self.policy` holds the kernels' costs)."""
-        return plan_batch(mix, tokens, step_tokens, experts=self.experts, costs=self.costs, policy=self.policy,
+        return plan_batch(mix, tokens, step_tokens, experts=self.columns, costs=self.costs, policy=self.policy,
                           is_cached=self.materialized.cached, budget_bytes=self.materialized.budget_bytes)
 
     def materialize(self, row: torch.Tensor) -> MixKey:

@@ -31,12 +31,13 @@ class Runner(Protocol):
     tokenizer: Any  # a transformers tokenizer: encodes prompts, decodes outputs, names pad and eos ids
     config: Any  # the HF config of `model`: context length, attention shape, the KV cache's layout
     device: torch.device  # where `model` runs; the engine moves each forward's inputs there
-    experts: Sequence[str]  # the column order of every mix; empty for a model without experts
+    experts: Sequence[str]  # the experts, first columns of every mix; empty for a model without experts
+    columns: Sequence[str]  # every column of a mix: the experts, then any static merges ("static:<label>")
 
     @abstractmethod
     def set_mix(self, mix: torch.Tensor | None, tokens: int = 1, allow_materialize: bool = True,
                 step_tokens: int | None = None) -> object:
-        """Make the next forward pass(es) of `model` use `mix` ([B, N] over `experts`, validated; None = no
+        """Make the next forward pass(es) of `model` use `mix` ([B, C] over `columns`, validated; None = no
         expert). `tokens`: what the batch will process in all; `step_tokens`: this forward's tokens."""
         ...
 

@@ -294,7 +294,7 @@ def split(cfg: SplitConfig, out: Path, *, force: bool = False, device: str = "cp
             shutil.rmtree(work)
             record = statistics_record(method, stats_plan, costs, reports)
             (tmp / STATISTICS_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        return writer.finish(
+        manifest = writer.finish(
             base=BaseInfo(source=str(cfg.base), kind="gguf" if isinstance(base, GGUFFile) else "hf",
                           fingerprint=base.fingerprint(),
                           architecture=(base.config.get("architectures") or [None])[0],
@@ -306,3 +306,9 @@ def split(cfg: SplitConfig, out: Path, *, force: bool = False, device: str = "cp
             experts=[ExpertInfo(name=s.name, source=str(s.path), kind=experts[s.name].kind,
                                 fingerprint=experts[s.name].fingerprint()) for s in cfg.experts],
         )
+    if cfg.statics:  # each its own atomic update of the finished artifact, from the same sources
+        from twinrt.split.static import add_static
+
+        for st in cfg.statics:
+            manifest = add_static(out, st.label, st.method, st.params, device=device)
+    return manifest

@@ -1,0 +1,158 @@
+"""Static merges served beside the twin (`twinrt static add`, `statics:` in the split config): the arm
+static:<label> equals the same merge built with twinrt.merge and run as a plain transformers model; LoRA
+experts over a linear core store it as exact factors; in one mixed batch with the twin, experts and the core
+each row equals itself alone; bad input is one line and exit 2 with the artifact untouched."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from helpers import write_config
+from twinrt import TwinModel
+from twinrt.artifact import Artifact
+from twinrt.artifact.manifest import DenseInfo, FactorInfo
+from twinrt.cli import main
+from twinrt.config import load_config
+from twinrt.errors import TwinError
+from twinrt.merge import get_method, merge_tensor
+from twinrt.split.run import split
+from twinrt.split.static import add_static, remove_static
+
+IDS = torch.tensor([[5, 9, 33, 7, 101, 64], [12, 3, 3, 250, 17, 8]])
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(model_dir / "model.safetensors")
+
+
+def reference_merge(base: Path, experts: list[Path], method: str, params: dict) -> torch.nn.Module:
+    """θ_base + merge(τ) of every float tensor, with twinrt.merge, in a plain transformers model of the base."""
+    m = get_method(method)
+    resolved = m.resolve(params)
+    theta_base = weights(base)
+    per_expert = [weights(e) for e in experts]
+    merged = {}
+    for name, b in theta_base.items():
+        tau = torch.stack([w[name].float() - b.float() for w in per_expert])
+        merged[name] = (b.float() + merge_tensor(m, resolved, name, tau).tau).to(b.dtype)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    missing, unexpected = model.load_state_dict(merged, strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing)  # the tied head follows the embeddings
+    return model
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def make(tiny_models, root: Path, experts: dict[str, str], shared: dict, statics=()) -> Path:
+    cfg = write_config(root / "s.yaml", tiny_models["base"], {n: tiny_models[k] for n, k in experts.items()},
+                       shared, {"rank": 4})
+    if statics:
+        import yaml
+
+        data = yaml.safe_load(cfg.read_text())
+        data["statics"] = list(statics)
+        cfg.write_text(yaml.safe_dump(data))
+    split(load_config(cfg), root / "art")
+    return root / "art"
+
+
+@pytest.fixture(scope="module")
+def full(tiny_models, tmp_path_factory) -> Path:
+    """Three full experts, a task-arithmetic core, and static merges declared in the split config."""
+    return make(tiny_models, tmp_path_factory.mktemp("static-full"), {n: n for n in ("math", "code", "chat")},
+                {"method": "task_arithmetic", "scaling": 0.3},
+                statics=[{"label": "ties", "method": "ties", "density": 0.2},
+                         {"label": "dare", "method": "dare_ties", "density": 0.5, "seed": 3}])
+
+
+@pytest.mark.parametrize("label,method,params", [("ties", "ties", {"density": 0.2}),
+                                                 ("dare", "dare_ties", {"density": 0.5, "seed": 3})])
+def test_a_static_arm_equals_the_merge_as_a_plain_model(full, tiny_models, label, method, params):
+    want = logits(reference_merge(tiny_models["base"], [tiny_models[n] for n in ("math", "code", "chat")],
+                                  method, params))
+    tm = TwinModel.from_artifact(full)
+    assert tm.statics == ["static:ties", "static:dare"] and tm.experts == ["math", "code", "chat"]
+    got = tm.forward(IDS, mix=[{f"static:{label}": 1.0}] * 2)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+    core = tm.forward(IDS)
+    assert (core - want).abs().max() > 1e-3  # the arm is not the core
+    st = Artifact.open(full).manifest.static(label)
+    assert (st.method, st.params["density"]) == (method, params["density"])
+    assert st.size.dense > 0 and all(isinstance(i, DenseInfo) for i in st.tensors.values())  # full experts: dense
+
+
+def test_lora_experts_over_a_linear_core_store_exact_factors(tiny_models, tmp_path):
+    art = make(tiny_models, tmp_path, {"a": "lora_a", "b": "lora_b"}, {"method": "task_arithmetic", "scaling": 0.3})
+    m = add_static(art, "avg", "average", {})
+    st = m.static("avg")
+    factored = [i for i in st.tensors.values() if isinstance(i, FactorInfo)]
+    assert factored and all(i.path == "exact" and 0 < i.rank <= 4 + 6 for i in factored)  # ≤ Σ of the LoRA ranks
+    assert st.size.dense == 0  # LoRA leaves everything else as the base: Δ is zero there
+    want = logits(reference_merge(tiny_models["base"], [tiny_models["lora_a_merged"], tiny_models["lora_b_merged"]],
+                                  "average", {}))
+    got = TwinModel.from_artifact(art).forward(IDS, mix=[{"static:avg": 1.0}] * 2)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+    m = add_static(art, "ties", "ties", {"density": 0.5})  # a non-linear merge of LoRA experts is full rank
+    assert m.static("ties").size.dense > 0
+
+
+def test_static_arms_twin_experts_and_core_in_one_batch_equal_each_row_alone(full):
+    tm = TwinModel.from_artifact(full)
+    rows = [{"static:ties": 1.0}, {"math": 0.5, "chat": 0.5}, {"code": 1.0}, {}, {"static:dare": 1.0}]
+    ids = IDS[[0, 1, 0, 1, 1]]
+    together = tm.forward(ids, mix=rows)
+    for b, row in enumerate(rows):
+        alone = tm.forward(ids[b:b + 1], mix=[row] if row else None)
+        assert torch.allclose(together[b:b + 1], alone, atol=1e-5, rtol=0), (b, row)
+    with pytest.raises(ValueError, match="served alone at weight 1"):
+        tm.forward(IDS, mix=[{"static:ties": 1.0, "math": 0.5}, {}])
+    with pytest.raises(ValueError, match="served alone at weight 1"):
+        tm.forward(IDS, mix=[{"static:ties": 0.5}, {}])
+    out = tm.generate(["the capital of france is"] * 3, mix=[{"static:ties": 1.0}, {"code": 1.0}, {}],
+                      max_new_tokens=5)
+    assert out[0] == tm.generate(["the capital of france is"], mix=[{"static:ties": 1.0}], max_new_tokens=5)[0]
+
+
+def test_inspect_shows_each_static_arm_and_its_bytes(full, capsys):
+    assert main(["inspect", str(full)]) == 0
+    out = capsys.readouterr().out
+    assert "static:ties" in out and "static:dare" in out and "ties" in out
+
+
+def test_remove_and_bad_input(full, tiny_models, tmp_path, capsys):
+    art = tmp_path / "art"
+    shutil.copytree(full, art)
+    before = sorted((p.relative_to(art), p.read_bytes()) for p in art.rglob("*") if p.is_file())
+    cases = [(["static", "add", art, "ties", "--method", "ties"], "already in"),
+             (["static", "add", art, "x", "--method", "nope"], "nope"),
+             (["static", "add", art, "x", "--method", "ties", "--set", "density=2"], "density"),
+             (["static", "add", art, "x", "--method", "ties", "--set", "densty=0.2"], "densty"),
+             (["static", "add", art, "x", "--method", "fisher"], "calibration statistics"),
+             (["static", "add", art, "../x", "--method", "ties"], "static label"),
+             (["static", "add", art, "x", "--method", "ties", "--set", "density"], "KEY=VALUE"),
+             (["static", "remove", art, "nope"], "unknown static merge")]
+    for args, message in cases:
+        code = main([str(a) for a in args])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and message in err, (args, err)
+    assert sorted((p.relative_to(art), p.read_bytes()) for p in art.rglob("*") if p.is_file()) == before
+    m = remove_static(art, "dare")
+    assert m.static_labels == ["ties"] and not (art / "static" / "dare").exists()
+    Artifact.open(art)  # verifies
+    with pytest.raises(TwinError, match="source .* does not exist"):
+        moved = tmp_path / "moved"
+        shutil.copytree(art, moved)
+        shutil.move(tiny_models["chat"], tmp_path / "chat-away")
+        try:
+            add_static(moved, "y", "ties", {})
+        finally:
+            shutil.move(tmp_path / "chat-away", tiny_models["chat"])
