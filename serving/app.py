@@ -61,6 +61,7 @@ class Server:
     name: str = "twinrt"
     request_timeout: float | None = None      # seconds from arrival; None = no deadline
     on_fatal: Callable[[], None] | None = None  # the backend stopped for good (e.g. exit for a restart)
+    static_info: dict[str, dict[str, Any]] = field(default_factory=dict)  # static:<label> -> method, params
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: Metrics = field(init=False)
     draining: bool = field(init=False, default=False)
@@ -102,8 +103,11 @@ def model_card(server: Server, model_id: str) -> dict[str, Any]:
     if split is not None:
         info: dict[str, Any] = {"kind": "ab", "arms": {a.name: w for a, w in zip(split.arms, split.weights)}}
     else:
-        arm = parse_arm(model_id, server.experts)
+        arm = parse_arm(model_id, server.experts, server.arms.statics)
         info = {"kind": arm.kind} | ({"expert": arm.expert} if arm.expert else {})
+        if arm.kind == "static":
+            st = server.static_info.get(arm.name, {})
+            info |= {"method": st.get("method"), "params": st.get("params")}
     return {"id": model_id, "object": "model", "created": server.created, "owned_by": "twinrt", "root": server.name,
             "parent": None, "twinrt": info}
 

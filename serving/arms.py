@@ -3,6 +3,8 @@
     twin            the router picks the mix for each request (no router: the uniform mix, see serving.routing)
     core            the shared core alone (the static merge): mix = None
     expert:<name>   one expert: mix = one-hot(name)
+    static:<label>  a static merge stored in the artifact (`twinrt static add`): the core plus its exact
+                    difference from the core, no expert mix
     <alias>         an A/B split given at start, e.g. `--ab twin=50,core=50` (alias name "ab" by default)
 
 An A/B alias picks an arm per request with probability weight / Σ weights. With a `user` field the pick is
@@ -22,6 +24,7 @@ from typing import Literal
 from twinrt.errors import TwinError
 
 EXPERT_PREFIX = "expert:"
+STATIC_PREFIX = "static:"
 DEFAULT_AB_NAME = "ab"
 _ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -32,25 +35,28 @@ class UnknownModel(LookupError):
 
 @dataclass(frozen=True)
 class Arm:
-    name: str                                   # "twin" | "core" | "expert:<name>"
-    kind: Literal["twin", "core", "expert"]
+    name: str                                   # "twin" | "core" | "expert:<name>" | "static:<label>"
+    kind: Literal["twin", "core", "expert", "static"]
     expert: str | None = None
 
 
-def parse_arm(name: str, experts: Sequence[str]) -> Arm:
-    """The arm a model name denotes; raises UnknownModel naming the valid ones."""
+def parse_arm(name: str, experts: Sequence[str], statics: Sequence[str] = ()) -> Arm:
+    """The arm a model name denotes (`statics`: the artifact's "static:<label>" names); raises UnknownModel
+    naming the valid ones."""
     if name == "twin":
         return Arm("twin", "twin")
     if name == "core":
         return Arm("core", "core")
     if name.startswith(EXPERT_PREFIX) and name[len(EXPERT_PREFIX):] in experts:
         return Arm(name, "expert", name[len(EXPERT_PREFIX):])
+    if name.startswith(STATIC_PREFIX) and name in statics:
+        return Arm(name, "static")
     raise UnknownModel(f"The model {name!r} does not exist. Available: "
-                       + ", ".join(arm_names(experts)))
+                       + ", ".join(arm_names(experts, statics)))
 
 
-def arm_names(experts: Sequence[str]) -> list[str]:
-    return ["twin", "core", *(EXPERT_PREFIX + e for e in experts)]
+def arm_names(experts: Sequence[str], statics: Sequence[str] = ()) -> list[str]:
+    return ["twin", "core", *(EXPERT_PREFIX + e for e in experts), *statics]
 
 
 @dataclass(frozen=True)
@@ -83,9 +89,11 @@ def pick_by_point(arms: Sequence[Arm], weights: Sequence[float], point: float) -
     return arms[-1]
 
 
-def parse_ab(spec: str, experts: Sequence[str], name: str = DEFAULT_AB_NAME) -> ABSplit:
-    """`twin=50,core=50` (arm=weight, weights > 0, any scale) -> ABSplit; raises TwinError on a bad spec."""
-    if not _ALIAS.match(name) or name in arm_names(experts) or name.startswith(EXPERT_PREFIX):
+def parse_ab(spec: str, experts: Sequence[str], name: str = DEFAULT_AB_NAME, statics: Sequence[str] = ()) -> ABSplit:
+    """`twin=50,core=50` (arm=weight, weights > 0, any scale; `static:<label>` arms too) -> ABSplit; raises
+    TwinError on a bad spec."""
+    if not _ALIAS.match(name) or name in arm_names(experts, statics) or name.startswith(EXPERT_PREFIX) \
+            or name.startswith(STATIC_PREFIX):
         raise TwinError(f"--ab-name {name!r} must be 1-64 letters, digits, '_', '.', '-' and not an arm name")
     arms, weights = [], []
     for part in spec.split(","):
@@ -93,10 +101,10 @@ def parse_ab(spec: str, experts: Sequence[str], name: str = DEFAULT_AB_NAME) -> 
         if not eq or not arm_name:
             raise TwinError(f"--ab {spec!r}: each part must be ARM=WEIGHT, e.g. twin=50,core=50")
         try:
-            arm = parse_arm(arm_name.strip(), experts)
+            arm = parse_arm(arm_name.strip(), experts, statics)
         except UnknownModel:
             raise TwinError(f"--ab {spec!r}: unknown arm {arm_name!r}; arms are "
-                            + ", ".join(arm_names(experts))) from None
+                            + ", ".join(arm_names(experts, statics))) from None
         try:
             w = float(value)
         except ValueError:
@@ -115,13 +123,15 @@ def parse_ab(spec: str, experts: Sequence[str], name: str = DEFAULT_AB_NAME) -> 
 class ArmTable:
     """The model names a server answers to: the arms, plus the A/B aliases."""
 
-    def __init__(self, experts: Sequence[str], splits: Sequence[ABSplit] = (), seed: int | None = None) -> None:
+    def __init__(self, experts: Sequence[str], splits: Sequence[ABSplit] = (), seed: int | None = None,
+                 statics: Sequence[str] = ()) -> None:
         self.experts = list(experts)
+        self.statics = list(statics)
         self.splits = {s.name: s for s in splits}
         self._rng = random.Random(seed)
 
     def model_ids(self) -> list[str]:
-        return arm_names(self.experts) + list(self.splits)
+        return arm_names(self.experts, self.statics) + list(self.splits)
 
     def resolve(self, model: str, user: str | None = None) -> tuple[Arm, ABSplit | None]:
         """(the arm that serves this request, the A/B split that chose it or None)."""
@@ -129,7 +139,7 @@ class ArmTable:
         if split is not None:
             return split.pick(user, self._rng), split
         try:
-            return parse_arm(model, self.experts), None
+            return parse_arm(model, self.experts, self.statics), None
         except UnknownModel:
             raise UnknownModel(f"The model {model!r} does not exist. Available: "
                                + ", ".join(self.model_ids())) from None

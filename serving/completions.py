@@ -198,7 +198,8 @@ def _rows(body: Body, pl: Plan, decisions: Sequence[Decision], deadline: float |
         frequency_penalty=body.frequency_penalty or 0.0, logit_bias=body.bias(),
         stop_token_ids=tuple(body.stop_token_ids or ()), include_stop_str_in_output=body.include_stop_str_in_output,
         logprobs=pl.top, prompt_logprobs=pl.prompt_top, structured=pl.structured, tools=pl.template_tools)
-    return [GenerationRequest(prompt=p, mix=d.mix, seed=None if body.seed is None else body.seed + i, **common)
+    return [GenerationRequest(prompt=p, mix=d.mix, static=d.static, seed=None if body.seed is None else body.seed + i,
+                              **common)
             for p, d in zip(pl.prompts, decisions) for i in range(pl.rows)]
 
 

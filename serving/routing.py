@@ -3,6 +3,7 @@
     override given           mix = the override (weights as given, or one-hot)    router "override"
     arm core                 mix = None (the shared core alone)                    router "none"
     arm expert:<name>        mix = one-hot(name)                                   router "none"
+    arm static:<label>       mix = None, static = the arm (a stored static merge)   router "none"
     arm twin, router loaded  mix = router.route([input]).weights[0]                router = its kind
     arm twin, no router      mix = uniform 1/N (the router's own "uniform" fallback) router "none"
 
@@ -47,6 +48,7 @@ class Decision:
     overridden: bool
     rule: str | None = None        # the router's rule for this row, when it decided
     ab: str | None = None          # the A/B alias that picked the arm
+    static: str | None = None      # "static:<label>": a static merge serves the request (mix None)
 
     def weights(self, experts: Sequence[str]) -> dict[str, float]:
         row = self.mix or (0.0,) * len(experts)
@@ -138,6 +140,11 @@ class RoutingService:
     async def decide(self, arm: Arm, router_input: Any, override: RoutingOverride | None = None,
                      split: ABSplit | None = None) -> Decision:
         ab = split.name if split is not None else None
+        if arm.kind == "static":
+            if override is not None:
+                raise OverrideError(f"a routing override mixes experts; the arm {arm.name} is a static merge, which "
+                                    "takes no mix", "routing")
+            return Decision(arm.name, None, "none", False, ab=ab, static=arm.name)
         if override is not None:
             return Decision(arm.name, override_mix(override, self.experts), "override", True, ab=ab)
         if arm.kind == "core":

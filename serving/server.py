@@ -100,8 +100,9 @@ def build_server(opts: ServeOptions) -> Server:
     if opts.no_log and opts.feedback is not None:
         raise TwinError("--feedback needs the routing log (feedback is for the ids it records): drop --no-log")
     art = Artifact.open(opts.artifact)
-    experts = art.experts
-    arms = ArmTable(experts, [parse_ab(opts.ab, experts, opts.ab_name)] if opts.ab else [], seed=opts.ab_seed)
+    experts, statics = art.experts, art.statics
+    arms = ArmTable(experts, [parse_ab(opts.ab, experts, opts.ab_name, statics)] if opts.ab else [],
+                    seed=opts.ab_seed, statics=statics)
     router = None
     if opts.router and (art.router_dir / "router.json").is_file():
         router = load_router(art, device=opts.device)  # a "hidden" router loads its own copy of the core
@@ -109,9 +110,16 @@ def build_server(opts: ServeOptions) -> Server:
     route_log = None if opts.no_log else RouteLog(log_path)
     feedback = None if opts.no_log else FeedbackStore(opts.feedback or log_path.parent / DEFAULT_STORE)
     backend = BACKENDS[opts.backend](opts)
+    unservable = getattr(backend, "unservable", {})  # static arms this backend cannot serve, and why
+    for split in arms.splits.values():
+        for arm in split.arms:
+            if arm.name in unservable:
+                raise TwinError(f"--ab: {unservable[arm.name]}")
     return Server(backend=backend, arms=arms, routing=RoutingService(experts, router), log=route_log,
                   feedback=feedback, api_key=api_key, max_body_bytes=opts.max_body_bytes, name=art.path.name,
-                  request_timeout=opts.request_timeout)
+                  request_timeout=opts.request_timeout,
+                  static_info={f"static:{st.label}": {"method": st.method, "params": st.params}
+                               for st in art.manifest.statics})
 
 
 async def drain(server: Server, timeout: float) -> None:

@@ -5,6 +5,7 @@ each row equals itself alone; bad input is one line and exit 2 with the artifact
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from helpers import write_config
+from tiny import make_full_expert
 from twinrt import TwinModel
 from twinrt.artifact import Artifact
 from twinrt.artifact.manifest import DenseInfo, FactorInfo
@@ -65,10 +67,22 @@ def make(tiny_models, root: Path, experts: dict[str, str], shared: dict, statics
     return root / "art"
 
 
+FULL = ("math", "code", "chat")
+
+
 @pytest.fixture(scope="module")
-def full(tiny_models, tmp_path_factory) -> Path:
+def far(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    """Full experts far enough apart that the arms decode different tokens (the session's are 5% apart)."""
+    root = tmp_path_factory.mktemp("far")
+    for i, name in enumerate(FULL):
+        make_full_expert(tiny_models["base"], root / name, seed=100 + i, scale=0.5)
+    return {**tiny_models, **{n: root / n for n in FULL}}
+
+
+@pytest.fixture(scope="module")
+def full(far, tmp_path_factory) -> Path:
     """Three full experts, a task-arithmetic core, and static merges declared in the split config."""
-    return make(tiny_models, tmp_path_factory.mktemp("static-full"), {n: n for n in ("math", "code", "chat")},
+    return make(far, tmp_path_factory.mktemp("static-full"), {n: n for n in FULL},
                 {"method": "task_arithmetic", "scaling": 0.3},
                 statics=[{"label": "ties", "method": "ties", "density": 0.2},
                          {"label": "dare", "method": "dare_ties", "density": 0.5, "seed": 3}])
@@ -76,9 +90,8 @@ def full(tiny_models, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("label,method,params", [("ties", "ties", {"density": 0.2}),
                                                  ("dare", "dare_ties", {"density": 0.5, "seed": 3})])
-def test_a_static_arm_equals_the_merge_as_a_plain_model(full, tiny_models, label, method, params):
-    want = logits(reference_merge(tiny_models["base"], [tiny_models[n] for n in ("math", "code", "chat")],
-                                  method, params))
+def test_a_static_arm_equals_the_merge_as_a_plain_model(full, far, label, method, params):
+    want = logits(reference_merge(far["base"], [far[n] for n in FULL], method, params))
     tm = TwinModel.from_artifact(full)
     assert tm.statics == ["static:ties", "static:dare"] and tm.experts == ["math", "code", "chat"]
     got = tm.forward(IDS, mix=[{f"static:{label}": 1.0}] * 2)
@@ -128,7 +141,7 @@ def test_inspect_shows_each_static_arm_and_its_bytes(full, capsys):
     assert "static:ties" in out and "static:dare" in out and "ties" in out
 
 
-def test_remove_and_bad_input(full, tiny_models, tmp_path, capsys):
+def test_remove_and_bad_input(full, far, tmp_path, capsys):
     art = tmp_path / "art"
     shutil.copytree(full, art)
     before = sorted((p.relative_to(art), p.read_bytes()) for p in art.rglob("*") if p.is_file())
@@ -151,8 +164,49 @@ def test_remove_and_bad_input(full, tiny_models, tmp_path, capsys):
     with pytest.raises(TwinError, match="source .* does not exist"):
         moved = tmp_path / "moved"
         shutil.copytree(art, moved)
-        shutil.move(tiny_models["chat"], tmp_path / "chat-away")
+        shutil.move(far["chat"], tmp_path / "chat-away")
         try:
             add_static(moved, "y", "ties", {})
         finally:
-            shutil.move(tmp_path / "chat-away", tiny_models["chat"])
+            shutil.move(tmp_path / "chat-away", far["chat"])
+
+
+# ---- served ----------------------------------------------------------------------------------------------------
+
+def test_static_arms_are_served_listed_and_ab_tested(full, tmp_path):
+    import httpx
+    from openai import OpenAI
+
+    from helpers import start
+    from serving.server import ServeOptions
+
+    tm = TwinModel.from_artifact(full)
+    want = {arm: tm.generate(["what is two plus three"], mix=mix, max_new_tokens=6)[0]
+            for arm, mix in (("static:ties", [{"static:ties": 1.0}]), ("static:dare", [{"static:dare": 1.0}]),
+                             ("core", None))}
+    assert len(set(want.values())) == 3  # the arms decode differently, so a mix-up shows
+    live = start(ServeOptions(artifact=full, ab="twin=1,static:ties=1", log=tmp_path / "routing.jsonl",
+                              max_batch=8))
+    try:
+        client = OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0)
+        models = {m.id: m for m in client.models.list().data}
+        assert {"static:ties", "static:dare"} <= set(models)
+        assert models["static:ties"].model_extra["twinrt"] == {"kind": "static", "method": "ties",
+                                                                "params": Artifact.open(full).manifest
+                                                                .static("ties").params}
+        for arm in want:
+            res = client.completions.create(model=arm, prompt="what is two plus three", max_tokens=6, temperature=0)
+            assert res.choices[0].text == want[arm], arm
+            assert res.model_extra["routing"]["arm"] == arm
+        arms = {client.completions.create(model="ab", prompt="hi", max_tokens=1, temperature=0, user=f"u{i}")
+                .model_extra["routing"]["arm"] for i in range(16)}
+        assert arms == {"twin", "static:ties"}
+        bad = httpx.post(live.url + "/v1/completions", json={"model": "static:ties", "prompt": "hi", "max_tokens": 1,
+                                                              "routing": {"expert": "math"}})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "routing"
+        missing = httpx.post(live.url + "/v1/completions", json={"model": "static:nope", "prompt": "hi"})
+        assert missing.status_code == 404 and "static:ties" in missing.json()["error"]["message"]
+    finally:
+        live.stop()
+    records = [json.loads(line) for line in (tmp_path / "routing.jsonl").read_text().splitlines()]
+    assert {r["arm"] for r in records} >= {"static:ties", "static:dare", "twin"}

@@ -28,6 +28,7 @@ from serving.backends.mixadapter import MixAdapterBuilder, MixQuantizer
 from serving.server import ServeOptions, ThreadedServer, build_server
 from tiny import make_lora_artifact
 from twinrt.artifact import Artifact
+from twinrt.errors import TwinError
 from twinrt.runtime import Engine, TwinModel
 from twinrt.runtime.structured import StructuredSpec
 
@@ -49,7 +50,14 @@ GRID_MIX = (0.6, 0.4, 0.0)  # on the 0.05 grid, two experts: served exactly
 
 @pytest.fixture(scope="module")
 def lora_artifact(tmp_path_factory) -> Path:
-    return make_lora_artifact(tmp_path_factory.mktemp("vllm-art"), EXPERTS)
+    """LoRA experts over a task-arithmetic core, with two static merges: the average (exactly low rank: served
+    as an adapter) and TIES (dense: refused on vLLM, served by the local backend)."""
+    from twinrt.split.static import add_static
+
+    art = make_lora_artifact(tmp_path_factory.mktemp("vllm-art"), EXPERTS)
+    add_static(art, "avg", "average", {})
+    add_static(art, "ties", "ties", {"density": 0.5})
+    return art
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +154,24 @@ def test_adapter_cache_evicts_and_reloads(servers):
         assert again.token_ids == first.token_ids
     finally:
         cache.capacity = old
+
+
+def test_a_low_rank_static_arm_is_a_vllm_adapter_and_a_dense_one_is_refused(servers):
+    local, remote = servers
+    reqs = [GenerationRequest(p, None, 12, temperature=0.0, static="static:avg") for p in PROMPTS]
+    want, got = generate(local, reqs), generate(remote, reqs)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    core = generate(remote, [greedy(p, None) for p in PROMPTS])
+    assert [c.token_ids for c in core] != [g.token_ids for g in got]  # the arm is not the core
+    body = {"model": "static:ties", "prompt": "the capital of france is", "max_tokens": 4, "temperature": 0}
+    bad = httpx.post(remote.url + "/v1/completions", json=body, timeout=120)
+    assert bad.status_code == 400 and "dense deltas" in bad.json()["error"]["message"], bad.text
+    assert httpx.post(local.url + "/v1/completions", json=body, timeout=120).status_code == 200
+    from serving.server import build_server
+
+    with pytest.raises(TwinError, match="--ab: static:ties .* dense deltas"):
+        build_server(ServeOptions(artifact=remote.server.backend.art.path, backend="vllm", no_log=True,
+                                  ab="twin=1,static:ties=1"))
 
 
 def test_http_surface_and_routing_extension_match_local(servers):

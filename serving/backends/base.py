@@ -107,6 +107,7 @@ class GenerationRequest:
     prompt_logprobs: int | None = None
     structured: StructuredSpec | None = None
     tools: tuple[dict[str, Any], ...] | None = None
+    static: str | None = None  # "static:<label>": a static merge of the backend's `statics` serves it (mix None)
 
 
 # the GenerationRequest fields every engine takes under the same name (engine_sampling passes them on)
@@ -254,6 +255,8 @@ def check_submit(request: GenerationRequest, running: bool, inflight: int, max_b
         raise QueueFull(f"the server is at capacity ({max_batch} running + {max_queue} queued requests); retry later")
     if request.mix is not None and len(request.mix) != n_experts:
         raise ValueError(f"mix has {len(request.mix)} weights for {n_experts} experts")
+    if request.static is not None and request.mix is not None:
+        raise ValueError("a static merge serves a request without a mix")
 
 
 def engine_sampling(make: Callable[..., T], request: GenerationRequest, **engine_fields: Any) -> T:
@@ -379,6 +382,7 @@ class Backend(Protocol):
 
     name: str
     experts: Sequence[str]
+    statics: Sequence[str]  # the static-merge arms it serves ("static:<label>"; GenerationRequest.static)
     context: int
     max_batch: int
     max_queue: int

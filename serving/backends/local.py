@@ -79,6 +79,7 @@ class LocalBackend:
         check_capacity(max_batch, max_queue)
         self.tm = tm
         self.experts = list(tm.experts)
+        self.statics = list(tm.statics)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.materialize = materialize
@@ -179,7 +180,12 @@ class LocalBackend:
                     raise PromptError(f"the structured output cannot be compiled: {e}",
                                       param="response_format", code="invalid_structured_output") from None
             mix = None
-            if r.mix is not None:
+            if r.static is not None:  # the static merge's own column at weight 1, nothing else
+                if r.static not in self.statics:
+                    raise PromptError(f"unknown static merge {r.static!r}", param="model")
+                mix = torch.zeros(len(self.tm.columns))
+                mix[self.tm.columns.index(r.static)] = 1.0
+            elif r.mix is not None:
                 mix = torch.tensor(r.mix, dtype=torch.float32)  # [N]
                 if not bool(torch.isfinite(mix).all()) or not math.isfinite(float(mix.sum())):
                     raise PromptError("routing weights overflow float32", param="routing")

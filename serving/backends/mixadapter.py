@@ -156,7 +156,7 @@ class AdapterCache:
     `capacity` (deleting their files and removing them from the engine); experts' own adapters stay."""
 
     def __init__(self, builder: MixAdapterBuilder, quantizer: MixQuantizer, workdir: Path, capacity: int,
-                 engine: Any = None, zero_core: bool = False) -> None:
+                 engine: Any = None, zero_core: bool = False, statics: dict[str, Path] | None = None) -> None:
         from vllm.lora.request import LoRARequest
 
         self._lora_request = LoRARequest
@@ -176,6 +176,8 @@ class AdapterCache:
             request = LoRARequest(f"expert:{name}", next(self._ids), str(path))
             self.entries[quantizer.one(i)] = _Adapter(request, path, owned=False)
         self._n = n
+        # static merges stored as exact factors: each its own adapter, fixed like the experts'
+        self.statics = {name: LoRARequest(name, next(self._ids), str(path)) for name, path in (statics or {}).items()}
         self.core: Any = None
         if zero_core:  # the core as an all-zero adapter (see VLLMBackend.zero_core)
             path = builder.write_zero(workdir / "core-zero")

