@@ -38,7 +38,8 @@ from serving.abstats import Comparison, Interval, percentile
 from twinrt.errors import TwinError
 
 __all__ = ["ArmSummary", "Joined", "Report", "compare_arms", "join_outcomes", "percentile", "report", "summarize"]
-DEFAULTS = {"control": "core", "mde": 0.05, "alpha": 0.05, "power": 0.8, "seed": 0, "resamples": 2000}
+DEFAULTS = {"control": "core", "mde": 0.05, "alpha": 0.05, "power": 0.8, "seed": 0, "resamples": 2000,
+            "unsure": 0.9}
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ class ArmSummary:
     outcomes: int = 0
     outcome_mean: float | None = None
     outcome_ci: Interval | None = None
+    routed: int = 0  # completed requests the router decided
+    unsure: int = 0  # of those: its top expert's probability below the report's threshold, or its fallback rule
 
 
 @dataclass(frozen=True)
@@ -107,8 +110,15 @@ def join_outcomes(records: Sequence[dict[str, Any]], outcomes: Sequence[Any]) ->
                   sum(1 for c in seen.values() if c > 1))
 
 
+def is_unsure(record: dict[str, Any], below: float) -> bool:
+    """Whether the router was unsure of a logged request: it fell back, or its top expert's probability (the
+    log's `confidence`) is below `below`."""
+    conf = record.get("confidence")
+    return record.get("rule") == "fallback" or (conf is not None and float(conf) < below)
+
+
 def summarize(records: Sequence[dict[str, Any]], joined: Joined | None = None, *, seed: int = 0,
-              resamples: int = 2000, alpha: float = 0.05) -> list[ArmSummary]:
+              resamples: int = 2000, alpha: float = 0.05, unsure_below: float = 0.9) -> list[ArmSummary]:
     """One summary per arm, arms in order of first appearance."""
     experts = expert_order(records)
     arms: dict[str, list[dict[str, Any]]] = {}
@@ -137,7 +147,8 @@ def summarize(records: Sequence[dict[str, Any]], joined: Joined | None = None, *
             latency_p50_ci=abstats.median_ci(lat, resamples, seed, alpha),
             tokens_per_s_ci=abstats.rate_ci([int(r.get("completion_tokens") or 0) for r in timed], lat, resamples,
                                             seed, alpha),
-            outcomes=len(values), outcome_mean=mean, outcome_ci=ci))
+            outcomes=len(values), outcome_mean=mean, outcome_ci=ci,
+            routed=sum(r.get("rule") is not None for r in ok), unsure=sum(is_unsure(r, unsure_below) for r in ok)))
     return out
 
 
@@ -166,14 +177,16 @@ def summary_table(summaries: Sequence[ArmSummary], experts: Sequence[str]):
     from rich.markup import escape
     from rich.table import Table
 
+    routed = any(a.routed for a in summaries)
     t = Table(title="A/B report: per arm (latency and ttft in seconds; [95% CI])")
     for col in ("arm", "requests", "cancelled", "errors", "p50", "p90", "p99", "ttft p50", "tok/s",
-                *(escape(f"w[{e}]") for e in experts)):
+                *(("router unsure",) if routed else ()), *(escape(f"w[{e}]") for e in experts)):
         t.add_column(col, justify="left" if col == "arm" else "right")
     for a in summaries:
+        unsure = (f"{a.unsure}/{a.routed} ({a.unsure / a.routed:.1%})" if a.routed else "-",) if routed else ()
         t.add_row(escape(a.arm), str(a.requests), str(a.cancelled), str(a.errors), _ci(a.latency_p50, a.latency_p50_ci),
                   _s(a.latency_p90), _s(a.latency_p99), _s(a.ttft_p50), _ci(a.tokens_per_s, a.tokens_per_s_ci, ".1f"),
-                  *(f"{a.mean_weights.get(e, 0.0):.3f}" for e in experts))
+                  *unsure, *(f"{a.mean_weights.get(e, 0.0):.3f}" for e in experts))
     return t
 
 
@@ -299,6 +312,8 @@ def _check(args: argparse.Namespace) -> None:
             raise TwinError(f"--{name} {getattr(args, name)}: it must be within (0, 1)")
     if args.resamples < 100:
         raise TwinError(f"--resamples {args.resamples}: use at least 100 bootstrap resamples")
+    if not 0 < args.unsure <= 1:
+        raise TwinError(f"--unsure {args.unsure}: it is a probability threshold within (0, 1]")
 
 
 def load_outcomes(args: argparse.Namespace, console) -> list[Any]:
@@ -343,15 +358,17 @@ class Report:
 
 
 def report(records: Sequence[dict[str, Any]], outcomes: Sequence[Any], control: str = "core", mde: float = 0.05,
-           alpha: float = 0.05, power: float = 0.8, seed: int = 0, resamples: int = 2000) -> Report:
+           alpha: float = 0.05, power: float = 0.8, seed: int = 0, resamples: int = 2000,
+           unsure: float = 0.9) -> Report:
     """The whole report: per-arm summaries, the joined outcomes, each arm against `control`."""
     joined = join_outcomes(records, outcomes)
-    summaries = summarize(records, joined, seed=seed, resamples=resamples, alpha=alpha)
+    summaries = summarize(records, joined, seed=seed, resamples=resamples, alpha=alpha, unsure_below=unsure)
     names = [s.arm for s in summaries]
     comparisons = compare_arms(joined, names, control, mde, alpha, power) if joined.matched and control in names \
         else []
     return Report(summaries, joined, control, comparisons,
-                  {"mde": mde, "alpha": alpha, "power": power, "seed": seed, "resamples": resamples})
+                  {"mde": mde, "alpha": alpha, "power": power, "seed": seed, "resamples": resamples,
+                   "unsure_below": unsure})
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -366,7 +383,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not records:
         raise TwinError(f"routing log {args.log} has no requests")
     outcomes = load_outcomes(args, console)
-    rep = report(records, outcomes, args.control, args.mde, args.alpha, args.power, args.seed, args.resamples)
+    rep = report(records, outcomes, args.control, args.mde, args.alpha, args.power, args.seed, args.resamples,
+                 args.unsure)
     experts = expert_order(records)
     console.print(summary_table(rep.arms, experts))
     if bad:
@@ -416,6 +434,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    "%(default)s)")
     r.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of the bootstrap (default %(default)s)")
     r.add_argument("--resamples", type=int, default=DEFAULTS["resamples"], help="bootstrap resamples (default "
+                   "%(default)s)")
+    r.add_argument("--unsure", type=float, default=DEFAULTS["unsure"], help="a routed request counts as unsure "
+                   "when the router's top expert has less probability than this, or it fell back (default "
                    "%(default)s)")
     r.add_argument("--png", default=None, help="chart path (default: LOG with suffix .png)")
     r.add_argument("--json", default=None, help="also write the report as JSON here")

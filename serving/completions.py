@@ -272,7 +272,8 @@ async def complete(server: Any, shape: Shape, body: Body, request: Request) -> J
     first = decisions[0]
     record = {"ts": round(track.ts, 3), "id": rid, "endpoint": shape.endpoint, "model": body.model,
               "arm": first.arm, "ab": first.ab, "user": user_hash(body.user), "router": first.router,
-              "rule": first.rule, "overridden": first.overridden, "weights": _mean_weights(server, decisions),
+              "rule": first.rule, "confidence": None if first.confidence is None else round(first.confidence, 6),
+              "overridden": first.overridden, "weights": _mean_weights(server, decisions),
               "n": body.n, "stream": body.stream}
     if len(pl.prompts) > 1:
         record["prompts"] = len(pl.prompts)

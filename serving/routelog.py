@@ -4,11 +4,12 @@
      "id": "chatcmpl-3f2a...",        # the response id
      "endpoint": "chat.completions",  # or "completions"
      "model": "ab",                   # the `model` the client sent
-     "arm": "core",                   # the arm that served it (twin | core | expert:<name>)
+     "arm": "core",                   # the arm that served it (twin | core | expert:<name> | static:<label>)
      "ab": "ab",                      # the A/B alias that picked the arm, or null
      "user": "9f86d081884c7d65",      # sha256(user)[:16] of the request's `user`, or null (never the raw id)
      "router": "trained",             # router kind, "none" or "override"
      "rule": "router",                # the router's rule (router | top_k | min_weight | fallback), or null
+     "confidence": 0.97,              # the router's probability of its top expert, or null (it did not decide)
      "overridden": false,
      "weights": {"math": 0.91, "code": 0.06, "chat": 0.03},   # the mix, in expert order
      "n": 1, "stream": false,
@@ -36,8 +37,9 @@ from typing import IO, Any
 
 from twinrt.errors import TwinError
 
-LOG_FIELDS = ("ts", "id", "endpoint", "model", "arm", "ab", "user", "router", "rule", "overridden", "weights", "n",
-              "stream", "status", "finish_reasons", "prompt_tokens", "completion_tokens", "latency_s", "ttft_s")
+LOG_FIELDS = ("ts", "id", "endpoint", "model", "arm", "ab", "user", "router", "rule", "confidence", "overridden",
+              "weights", "n", "stream", "status", "finish_reasons", "prompt_tokens", "completion_tokens", "latency_s",
+              "ttft_s")
 ID_INDEX_SIZE = 1 << 18  # ids (with their arm) a RouteLog remembers: ~40 MiB with chatcmpl-<32 hex> ids
 
 

@@ -8,8 +8,8 @@
     arm twin, no router      mix = uniform 1/N (the router's own "uniform" fallback) router "none"
 
 Every response carries the decision as `"routing": {"arm", "weights": {expert: w}, "router", "overridden"}`,
-plus `"rule"` when the router decided (router | top_k | min_weight | fallback, see router.options) and
-`"ab"` when an A/B alias picked the arm.
+plus `"rule"` and `"confidence"` (its probability of the top expert) when the router decided (rule: router |
+top_k | min_weight | fallback, see router.options) and `"ab"` when an A/B alias picked the arm.
 
 Router calls are batched: requests that arrive while the router is busy are routed together in one
 `route()` call on a single worker thread (the router never runs concurrently with itself). If a batch raises,
@@ -49,6 +49,7 @@ class Decision:
     rule: str | None = None        # the router's rule for this row, when it decided
     ab: str | None = None          # the A/B alias that picked the arm
     static: str | None = None      # "static:<label>": a static merge serves the request (mix None)
+    confidence: float | None = None  # the router's probability of its top expert, when it decided
 
     def weights(self, experts: Sequence[str]) -> dict[str, float]:
         row = self.mix or (0.0,) * len(experts)
@@ -60,6 +61,8 @@ class Decision:
                                "overridden": self.overridden}
         if self.rule is not None:
             out["rule"] = self.rule
+        if self.confidence is not None:
+            out["confidence"] = round(self.confidence, 6)
         if self.ab is not None:
             out["ab"] = self.ab
         return out
@@ -85,7 +88,8 @@ def override_mix(override: RoutingOverride, experts: Sequence[str]) -> tuple[flo
 
 
 class RouterBatcher:
-    """Routes inputs in batches on one worker thread; `await route(x)` -> (weights row [N], rule)."""
+    """Routes inputs in batches on one worker thread; `await route(x)` -> (weights row [N], rule, the top
+    expert's probability)."""
 
     def __init__(self, router: Any, max_batch: int = ROUTE_BATCH) -> None:
         self.router = router
@@ -95,7 +99,7 @@ class RouterBatcher:
         self._solo = 0  # rows still to route alone, after a batch that raised
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="twinrt-router")
 
-    async def route(self, x: Any) -> tuple[tuple[float, ...], str]:
+    async def route(self, x: Any) -> tuple[tuple[float, ...], str, float]:
         fut = asyncio.get_running_loop().create_future()
         self._pending.append((x, fut))
         if self._task is None or self._task.done():
@@ -120,7 +124,8 @@ class RouterBatcher:
                 continue
             for i, (_, fut) in enumerate(batch):
                 if not fut.done():
-                    fut.set_result((tuple(float(w) for w in res.weights[i]), res.rules[i]))
+                    fut.set_result((tuple(float(w) for w in res.weights[i]), res.rules[i],
+                                    float(res.probs[i].max())))
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -154,8 +159,8 @@ class RoutingService:
         if self._batcher is None:
             n = len(self.experts)
             return Decision(arm.name, (1.0 / n,) * n, "none", False, ab=ab)
-        row, rule = await self._batcher.route(router_input)
-        return Decision(arm.name, row, self.kind, False, rule=rule, ab=ab)
+        row, rule, confidence = await self._batcher.route(router_input)
+        return Decision(arm.name, row, self.kind, False, rule=rule, ab=ab, confidence=confidence)
 
     def close(self) -> None:
         if self._batcher is not None:

@@ -61,7 +61,8 @@ def test_chat_carries_routing_consistent_with_the_model(client, live, model):
     elif model == "expert:code":
         assert r["router"] == "none" and r["weights"] == {"math": 0.0, "code": 1.0, "chat": 0.0}
     else:
-        assert r["router"] == "prototype" and r["rule"] == "router"
+        assert r["router"] == "prototype" and r["rule"] == "router" and 0 < r["confidence"] <= 1
+        assert r["confidence"] == pytest.approx(max(r["weights"].values()), abs=1e-5)  # no top-k: weights = probs
         expect = live.server.routing.router.route([chat(PROMPTS[0])]).weights[0]
         torch.testing.assert_close(torch.tensor(list(r["weights"].values())), expect, atol=1e-5, rtol=0)
     tok = live.server.backend.tm.tokenizer

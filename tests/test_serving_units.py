@@ -154,6 +154,27 @@ def test_summarize_per_arm() -> None:
     assert (core.requests, core.errors, core.latency_p99, core.mean_weights) == (1, 1, 2.0, {"math": 0.0, "code": 0.0})
 
 
+def test_the_report_counts_unsure_routing_per_arm(tmp_path, capsys) -> None:
+    def routed(arm: str, confidence: float | None, rule: str | None = "router") -> dict:
+        return {**record(arm, 1.0, 4, {"math": 1.0}), "rule": rule, "confidence": confidence}
+
+    rs = [routed("twin", 0.99), routed("twin", 0.6), routed("twin", 0.95, "fallback"), routed("twin", 0.89),
+          routed("core", None, None), routed("ab-twin", 0.91)]
+    twin, core, other = summarize(rs)
+    assert (twin.routed, twin.unsure) == (4, 3) and (core.routed, core.unsure) == (0, 0)
+    assert (other.routed, other.unsure) == (1, 0)
+    twin, _, other = summarize(rs, unsure_below=0.95)
+    assert (twin.unsure, other.unsure) == (3, 1)  # 0.95 itself is sure; the fallback row is unsure whatever it says
+    log = RouteLog(tmp_path / "r.jsonl")
+    for r in rs:
+        log.write(r)
+    log.close()
+    assert serving_main(["ab", "report", str(tmp_path / "r.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "router unsure" in out and "3/4 (75.0%)" in out
+    assert serving_main(["ab", "report", str(tmp_path / "r.jsonl"), "--unsure", "0"]) == 2
+
+
 def test_route_log_round_trip_and_ab_report_cli(tmp_path, capsys) -> None:
     log = RouteLog(tmp_path / "logs" / "r.jsonl")
     for i in range(12):
