@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports --no-logo
-	TWINRT_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q
+	TWINRT_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q --durations=15
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''

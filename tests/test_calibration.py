@@ -180,7 +180,7 @@ def data_config(tiny_models, tmp_path: Path, method: dict, experts=EXPERTS) -> d
 @pytest.mark.parametrize("method", [{"method": "fisher"}, {"method": "regmean", "alpha": 0.9},
                                     {"method": "mats", "objective": "kfac", "iterations": 30},
                                     {"method": "mats", "objective": "regmean"}])
-def test_split_with_a_data_method_records_cost_and_solves(tiny_models, tmp_path, method):
+def test_split_with_a_data_method_records_cost_and_solves(tiny_models, tmp_path, method, capsys):
     ticks = []
     cfg = parse_config(data_config(tiny_models, tmp_path, method))
     m = split(cfg, tmp_path / "art", progress=lambda total: (ticks.append([total, 0]),
@@ -200,6 +200,11 @@ def test_split_with_a_data_method_records_cost_and_solves(tiny_models, tmp_path,
                    for r in record["tensors"].values())
     else:
         assert record["tensors"] == {}
+    from twinrt.cli import main
+
+    assert main(["inspect", str(tmp_path / "art")]) == 0
+    out = capsys.readouterr().out
+    assert "calibration statistics" in out and f"for {m.shared.method}): 3 experts" in out
 
 
 def test_regmean_core_solves_linear_layers_and_averages_the_rest(tiny_models, tmp_path):

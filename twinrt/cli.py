@@ -115,6 +115,20 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     statics = static_table(m)
     if statics is not None:
         console.print(statics)
+    stats_file = art.path / "statistics.json"  # written by a split whose core method needs calibration data
+    if stats_file.is_file():
+        import json
+
+        from twinrt.artifact.report import human_bytes
+
+        rec = json.loads(stats_file.read_text())
+        total = rec.get("total", {})
+        peak = total.get("peak_rss_bytes")
+        console.print(f"calibration statistics ({', '.join(rec.get('statistics', []))}, for {rec.get('method')}): "
+                      f"{len(rec.get('experts', []))} experts, "
+                      f"{sum(e.get('tokens', 0) for e in rec.get('experts', []))} tokens, "
+                      f"{total.get('seconds', 0):.1f} s, {human_bytes(total.get('bytes', 0))} on disk while splitting"
+                      + (f", peak RSS {human_bytes(peak)}" if peak else ""))
     console.print(f"router: {'trained' if art.router_dir.is_dir() else 'none'}; "
                   + ("checksums verified" if not args.no_verify else "checksums not verified"))
     return 0
