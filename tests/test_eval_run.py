@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -19,8 +20,10 @@ from helpers import examples, write_config
 from router.synthetic import make_prompts
 from twinrt.artifact import Artifact
 from twinrt.cli import main as twinrt_main
+from twinrt.errors import TwinError
 from twinrt.eval.generation import PlainModel, generate
 from twinrt.eval.metrics import task_score
+from twinrt.eval.report import to_json
 from twinrt.eval.run import EvalOptions, Routing, run_eval
 from twinrt.eval.tasks import open_suite
 from twinrt.runtime.model import TwinModel
@@ -222,6 +225,24 @@ def test_run_eval_api_with_routing_callable_and_no_merges(sharp, suite_dir) -> N
                                           "twin:router"]
     assert len(seen) == 6 and res.router.accuracy == pytest.approx(1 / 3)
     assert res.router.per_task == {"math": 0.0, "code": 0.0, "chat": 1.0}
+
+
+def test_another_held_out_split_is_scored_when_asked(sharp, suite_dir, tmp_path) -> None:
+    suite = tmp_path / "suite"
+    shutil.copytree(suite_dir, suite)
+    for t in TASKS:  # the same prompts, every answer wrong: a score of 0 shows this split was read
+        rows = [json.loads(line) for line in (suite / t / "test.jsonl").read_text().splitlines()]
+        (suite / t / "test_ood.jsonl").write_text("".join(json.dumps({**r, "answer": NEVER}) + "\n" for r in rows))
+    tm = TwinModel.from_artifact(sharp["artifact"])
+    opts = dict(limit=N_TEST, max_new_tokens=MAX_NEW, batch_size=BATCH, methods=())
+    ood = run_eval(tm, open_suite(suite), EvalOptions(split="test_ood", **opts))
+    assert all(v == 0.0 for a in ood.arms for v in a.scores.values())
+    assert any(v > 0 for a in run_eval(tm, open_suite(suite), EvalOptions(**opts)).arms for v in a.scores.values())
+    assert to_json(ood)["split"] == "test_ood"
+    with pytest.raises(TwinError, match="has no 'nope' split"):
+        run_eval(tm, open_suite(suite), EvalOptions(split="nope", **opts))
+    with pytest.raises(TwinError, match="--split validation"):
+        EvalOptions(split="validation")
 
 
 # ---- bad input: one clear line, exit code 2 ---------------------------------------------------------------

@@ -73,7 +73,7 @@ def _options(args: argparse.Namespace):
                        base=Path(args.base) if args.base else None,
                        expert_paths={k: Path(v) for k, v in parse_pairs(args.expert_path, "--expert-path").items()},
                        check_fingerprints=not args.no_verify, calibration_samples=args.calibration_samples,
-                       twin_ranks=parse_ranks(args.twin_ranks))
+                       twin_ranks=parse_ranks(args.twin_ranks), split=args.split)
 
 
 def _progress(bar) -> Callable[[str, int], Callable[[int], None]]:
@@ -136,6 +136,8 @@ def register(subparsers, load_routing: RoutingLoader) -> argparse.ArgumentParser
     e.add_argument("artifact", help="twin artifact directory")
     e.add_argument("--tasks", required=True, metavar="DIR", help="task suite: DIR/suite.json + DIR/<task>/test.jsonl")
     e.add_argument("--out", metavar="DIR", help="write eval.json, eval.md and eval.png here")
+    e.add_argument("--split", default="test", help="the split every arm is scored on: test (default), or another "
+                   "held-out one such as test_ood (the out-of-template phrasings)")
     e.add_argument("--limit", type=int, metavar="N", help="first N test examples per task (default: all)")
     e.add_argument("--val-limit", type=int, metavar="N",
                    help="first N validation examples per task for the merge grids (default: --limit)")

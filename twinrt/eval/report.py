@@ -49,7 +49,7 @@ def to_json(result: EvalResult) -> dict[str, Any]:
         "format": EVAL_FORMAT,
         "artifact": result.artifact,
         "tasks_dir": result.tasks_dir,
-        "split": "test",
+        "split": result.options.split,
         "options": opts,
         "tasks": [{"name": t.name, "metric": t.metric, "examples": result.examples[t.name],
                    "expert": result.expert_of_task[t.name]} for t in result.tasks],
@@ -104,7 +104,7 @@ def notes(result: EvalResult) -> list[str]:
     """The lines under the table: examples, router accuracy, chosen merge parameters, undefined tasks."""
     o = result.options
     n = sum(result.examples.values())
-    out = [f"test split: {n} examples over {len(result.tasks)} tasks; greedy, max {o.max_new_tokens} new tokens, "
+    out = [f"{o.split} split: {n} examples over {len(result.tasks)} tasks; greedy, max {o.max_new_tokens} new tokens, "
            f"batch {o.batch_size}; cells are raw score (normalized by the task's own expert)"]
     if result.router is not None:
         r = result.router
@@ -142,7 +142,7 @@ def rich_table(result: EvalResult) -> Any:
     from rich.table import Table
 
     head, body = rows(result)
-    t = Table(title="twinrt eval (test split)")
+    t = Table(title=f"twinrt eval ({result.options.split} split)")
     for i, h in enumerate(head):
         t.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for r in body:

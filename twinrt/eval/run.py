@@ -70,12 +70,16 @@ class EvalOptions:
     check_fingerprints: bool = True
     calibration_samples: int = 64  # train examples per expert for the data-based methods' statistics
     twin_ranks: tuple[int, ...] = ()  # exclusive ranks tried for the twin on each core (twinrt.eval.twin_rank)
+    split: str = "test"  # the split every arm is scored on ("test_ood": the out-of-template phrasings)
 
     def __post_init__(self) -> None:
         for key in ("max_new_tokens", "batch_size", "limit", "val_limit", "calibration_samples"):
             v = getattr(self, key)
             if v is not None and not _count(v):
                 raise TwinError(f"--{key.replace('_', '-')} must be an integer >= 1, got {v!r}")
+        if self.split in ("train", "validation"):
+            raise TwinError(f"--split {self.split}: the merges' parameters are chosen on validation and the data "
+                            "methods' statistics come from train; score on test or another held-out split")
         bad = [r for r in self.twin_ranks if not _count(r)]
         if bad:
             raise TwinError(f"--twin-ranks must be integers >= 1, got {bad[0]!r}")
@@ -195,7 +199,7 @@ class _Evaluator:
         self.opts = options
         self.progress = progress
         self.tasks = list(suite.tasks)
-        self.test = suite.load("test", options.limit)
+        self.test = suite.load(options.split, options.limit)
         self.grids = {m: grid_points(m, options.grid, n_experts) for m in options.methods}
         needs_validation = any(len(points) > 1 for points in self.grids.values())
         self.validation = suite.load("validation", options.validation_limit) if needs_validation else {}
