@@ -239,7 +239,7 @@ def test_another_held_out_split_is_scored_when_asked(sharp, suite_dir, tmp_path)
     assert all(v == 0.0 for a in ood.arms for v in a.scores.values())
     assert any(v > 0 for a in run_eval(tm, open_suite(suite), EvalOptions(**opts)).arms for v in a.scores.values())
     assert to_json(ood)["split"] == "test_ood"
-    with pytest.raises(TwinError, match="has no 'nope' split"):
+    with pytest.raises(TwinError, match="nope.jsonl is missing"):
         run_eval(tm, open_suite(suite), EvalOptions(split="nope", **opts))
     with pytest.raises(TwinError, match="--split validation"):
         EvalOptions(split="validation")

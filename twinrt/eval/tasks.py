@@ -54,10 +54,6 @@ class TaskSuite:
     def load(self, split: str, limit: int | None = None) -> dict[str, list[Example]]:
         """{task: the first `limit` examples of its split (all when None)}, in suite order; TwinError naming the
         file when a task lacks the split."""
-        for t in self.tasks:
-            f = self.root / t.name / f"{split}.jsonl"
-            if not f.is_file():
-                raise TwinError(f"task {t.name!r} has no {split!r} split ({f} is missing)")
         return {t.name: read_split(self.root / t.name / f"{split}.jsonl", t.name, limit) for t in self.tasks}
 
 
