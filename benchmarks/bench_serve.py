@@ -361,6 +361,8 @@ def main() -> int:
     p.add_argument("--compare-local", action="store_true", help="with --backend vllm: also run the local backend")
     p.add_argument("--prompts", type=Path, default=None, help="JSONL of {\"messages\": [...]} to send instead of "
                    "the task prompts")
+    p.add_argument("--serve-arg", action="append", default=[], metavar="ARG", help="one more argument of `twinrt "
+                   "serve` for the --backend server, e.g. --serve-arg=--max-loras=4 (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="every answer runs to --max-tokens (vLLM's ignore_eos), "
                    "so arms compare the same work")
     p.add_argument("--table", action="store_true", help="only print the table of the --label run stored in --out")
@@ -389,7 +391,8 @@ def main() -> int:
     for backend in backends:
         log = Path(tempfile.mkdtemp(prefix="bench_serve_")) / "routing.jsonl"
         t0 = time.perf_counter()
-        server = ServerProcess(args.artifact, args.threads, args.max_batch, log, backend)
+        server = ServerProcess(args.artifact, args.threads, args.max_batch, log, backend,
+                               tuple(args.serve_arg) if backend == args.backend else ())
         try:
             health = server.wait_ready()
             print(f"{backend} server ready in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -412,6 +415,7 @@ def main() -> int:
     result = {"artifact": str(args.artifact), "experts": health.get("experts"), "router": health.get("router"),
               "backends": backends, "seconds_per_level": args.seconds, "max_tokens": args.max_tokens,
               "server_threads": args.threads, "max_batch": args.max_batch, "ignore_eos": args.ignore_eos,
+              "serve_args": args.serve_arg,
               "prompts": str(args.prompts) if args.prompts else None,
               "load_average_before": round(load_before, 2), "machine": machine(), "rows": rows,
               "twin_over_core_tokens_per_s": {b: ratios(v) for b, v in per_backend.items()},
