@@ -188,19 +188,3 @@ def _static_delta(name: str, base_t: torch.Tensor, experts: Mapping[str, Any], m
     delta = static_t.float() - core.get(name).to(device).float()
     return delta.cpu(), static_t.float().cpu()
 
-
-def static_merge_tensors(art: Artifact, label: str) -> dict[str, torch.Tensor]:
-    """Every tensor of the static model (θ_core + Δ, in the artifact's dtype), for checks and exports."""
-    core = SafetensorsDir(art.core_dir, what="core")
-    name = f"static:{label}"
-    factors, dense = art.load_factors(name), art.load_dense(name)
-    out = {}
-    for t in core.names():
-        theta = core.get(t)
-        if t in factors:
-            a, b = factors[t]
-            theta = (theta.float() + b.float() @ a.float()).to(theta.dtype)
-        elif t in dense:
-            theta = (theta.float() + dense[t].float()).to(theta.dtype)
-        out[t] = theta
-    return out
