@@ -161,6 +161,9 @@ def test_remove_and_bad_input(full, far, tmp_path, capsys):
     m = remove_static(art, "dare")
     assert m.static_labels == ["ties"] and not (art / "static" / "dare").exists()
     Artifact.open(art)  # verifies
+    assert main(["static", "add", str(art), "ta", "--method", "task_arithmetic", "--set", "scaling=0.5"]) == 0
+    assert "added static:ta" in capsys.readouterr().out
+    assert Artifact.open(art).manifest.static("ta").params == {"scaling": 0.5}  # --set values are numbers
     with pytest.raises(TwinError, match="source .* does not exist"):
         moved = tmp_path / "moved"
         shutil.copytree(art, moved)

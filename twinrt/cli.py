@@ -152,6 +152,7 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
 
 def _cmd_static(args: argparse.Namespace) -> int:
     from twinrt.artifact.report import human_bytes
+    from twinrt.config import check_device
     from twinrt.split.static import add_static, remove_static
 
     if args.static_command == "remove":
@@ -159,8 +160,21 @@ def _cmd_static(args: argparse.Namespace) -> int:
         if not args.quiet:
             console.print(f"removed static:{args.label} from {args.artifact}")
         return 0
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    check_device(args.device)
+    bar = Progress(TextColumn(f"[bold]static:{args.label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.description}"), console=console, transient=True,
+                   disable=args.quiet or not console.is_terminal)
+
+    def progress(total: int) -> Callable[[str], None]:
+        task = bar.add_task("", total=total)
+        return lambda name: bar.update(task, advance=1, description=name)
+
     t0 = time.perf_counter()
-    m = add_static(args.artifact, args.label, args.method, _parse_set(args.set), base=args.base, device=args.device)
+    with bar:
+        m = add_static(args.artifact, args.label, args.method, _parse_set(args.set), base=args.base,
+                       device=args.device, progress=progress)
     if not args.quiet:
         st = m.static(args.label)
         exact = sum(1 for i in st.tensors.values() if getattr(i, "path", None) == "exact")
