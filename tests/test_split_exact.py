@@ -108,3 +108,24 @@ def test_lora_experts_equal_their_merged_checkpoints(tiny_models, tmp_path, meth
             torch.testing.assert_close(ta[k], tm[k], rtol=0, atol=1e-5)
     kinds = [e.kind for e in Artifact.open(arts["adapters"]).manifest.experts]
     assert kinds == ["lora", "lora"]
+
+
+def test_lora_experts_build_no_stack_for_the_tensors_they_leave_alone(tiny_models, tmp_path, monkeypatch):
+    """Embeddings and norms of LoRA experts are the base's: the split copies them without an [N, ...] stack of
+    zero task vectors (what made its peak memory grow with N), and records that no expert changes them."""
+    import twinrt.split.run as run
+
+    stacked = []
+    real = run.task_vectors
+    monkeypatch.setattr(run, "task_vectors", lambda experts, name, *a: stacked.append(name) or real(experts, name, *a))
+    experts = {"a": tiny_models["lora_a"], "b": tiny_models["lora_b"]}
+    cfg = write_config(tmp_path / "s.yaml", tiny_models["base"], experts, {"method": "ties", "density": 0.5},
+                       {"rank": 4})
+    m = split(load_config(cfg), tmp_path / "art")
+    untouched = [n for n, t in m.tensors.items() if t.role == "dense"]
+    assert "model.embed_tokens.weight" in untouched and not set(untouched) & set(stacked)
+    assert stacked and all(".mlp." in n or ".self_attn." in n for n in stacked)
+    base = load_file(tiny_models["base"] / "model.safetensors")
+    core = load_file(tmp_path / "art" / "core" / "model.safetensors")
+    for n in untouched:
+        assert torch.equal(core[n], base[n]) and all(not i.stored for i in m.tensors[n].experts.values())

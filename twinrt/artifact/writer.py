@@ -129,6 +129,11 @@ class ArtifactWriter:
                 self.experts[expert].dense.add(name, d.to(self.dtype))
         self.tensors[name] = TensorInfo(shape=list(shape), role="dense", experts=per_expert)
 
+    def add_unchanged(self, name: str, shape: Sequence[int]) -> None:
+        """Tensor `name` is the core's in every expert (no delta at all): recorded, nothing stored."""
+        self.tensors[name] = TensorInfo(shape=list(shape), role="dense",
+                                        experts={e: DenseInfo(stored=False, norm=0.0) for e in self.experts})
+
     def finish_experts(self) -> dict[str, ExpertSize]:
         """Close every expert's files and write its adapter config; -> each expert's stored bytes."""
         sizes = {}

@@ -185,6 +185,10 @@ class _Plan:
     device: str
     stats: Callable[[str], TensorStats] | None = None  # the experts' statistics of a tensor, for data methods
 
+    def _untouched(self, name: str) -> bool:
+        """Whether every expert is a LoRA adapter that does not adapt tensor `name` (so τ_i = 0 for all)."""
+        return all(isinstance(e, LoraExpert) and name not in e.loras for e in self.experts.values())
+
     def tensor(self, name: str, out: ArtifactWriter) -> tuple[bool, dict[str, Any]]:
         """Split tensor `name` into `out`; -> (excluded from the merge: its core is the base's, the method's
         report on the tensor)."""
@@ -194,6 +198,13 @@ class _Plan:
             check_integer_tensor(self.experts.values(), name, base_t)
             out.add_core(name, base_t)
             return False, {}
+        if self.stats is None and base_t.dtype == self.store and name not in self.factored and self._untouched(name):
+            # LoRA experts that leave this tensor as the base (embeddings, norms): every τ_i is zero, so the
+            # core is the base (stored as it is: same dtype) and no expert has a delta; no [N, ...] stack is
+            # built (the largest tensors are these, so peak memory no longer grows with N for LoRA experts)
+            out.add_core(name, base_t.to(self.store))
+            out.add_unchanged(name, base_t.shape)
+            return any(r.search(name) for r in self.excluded), {}
         base32 = base_t.to(device=self.device, dtype=torch.float32)
         tau = task_vectors(self.experts.values(), name, base_t, base32, self.device)  # [N, ...]
         excluded = any(r.search(name) for r in self.excluded)
