@@ -31,13 +31,23 @@ _UNSUPPORTED = {
 
 @dataclass(frozen=True)
 class _Lora:
-    a: torch.Tensor  # [r, in]   (embeddings: [r, num_embeddings])
-    b: torch.Tensor  # [out, r]  (embeddings: [dim, r])
+    """One module's LoRA factors, read from the adapter file when used (so N open experts hold no factors:
+    a split's memory does not grow with the experts' adapters)."""
+
+    file: Path
+    a_key: str   # A: [r, in]   (embeddings: [r, num_embeddings])
+    b_key: str   # B: [out, r]  (embeddings: [dim, r])
+    rank: int
     scaling: float
     embedding: bool
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        with safe_open(str(self.file), framework="pt", device="cpu") as f:
+            return f.get_tensor(self.a_key), f.get_tensor(self.b_key)
+
     def delta(self) -> torch.Tensor:
-        ba = self.b.float() @ self.a.float()  # [out, in]
+        a, b = self.factors()
+        ba = b.float() @ a.float()  # [out, in]
         return self.scaling * (ba.T if self.embedding else ba)
 
 
@@ -71,13 +81,15 @@ class LoraExpert:
         self.loras = self._read(weights, cfg)
 
     def _read(self, weights: Path, cfg: dict[str, Any]) -> dict[str, _Lora]:
-        parts: dict[str, dict[str, torch.Tensor]] = {}
+        """Every module's factors, checked by their shapes alone (read from the file's header; the tensors are
+        read when used)."""
+        parts: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
         with safe_open(str(weights), framework="pt", device="cpu") as f:
             for key in f.keys():
                 m = adapter.KEY.match(key)
                 if m is None:
                     raise TwinError(f"{self.label}: unexpected tensor {key} in the adapter (not a LoRA A/B factor)")
-                parts.setdefault(m["module"], {})[m["kind"]] = f.get_tensor(key)
+                parts.setdefault(m["module"], {})[m["kind"]] = (key, tuple(f.get_slice(key).get_shape()))
         fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
         base_names = set(self.base.names())
         loras: dict[str, _Lora] = {}
@@ -87,9 +99,13 @@ class LoraExpert:
                     else (p.get("lora_A"), p.get("lora_B")))
             if a is None or b is None:
                 raise TwinError(f"{self.label}: module {module} has only one of its two LoRA factors")
+            (a_key, a_shape), (b_key, b_shape) = a, b
+            if len(a_shape) != 2 or len(b_shape) != 2:
+                raise TwinError(f"{self.label}: module {module} has factors of shapes {list(a_shape)} and "
+                                f"{list(b_shape)}, not matrices")
             r = adapter.module_rank(cfg, module)
-            if a.shape[0] != r or b.shape[1] != r:
-                raise TwinError(f"{self.label}: module {module} has factors of rank {a.shape[0]}/{b.shape[1]}, "
+            if a_shape[0] != r or b_shape[1] != r:
+                raise TwinError(f"{self.label}: module {module} has factors of rank {a_shape[0]}/{b_shape[1]}, "
                                 f"the config says r={r}")
             scaling = adapter.module_scaling(cfg, module)
             if fan_in_fan_out and not embedding:
@@ -97,12 +113,11 @@ class LoraExpert:
             name = f"{module}.weight"
             if name not in base_names:
                 raise TwinError(f"{self.label}: adapted module {module} has no weight {name} in the base")
-            lora = _Lora(a, b, scaling, embedding)
-            shape = (a.shape[1], b.shape[0]) if embedding else (b.shape[0], a.shape[1])
-            if shape != self.base.meta(name).shape:
+            shape = (a_shape[1], b_shape[0]) if embedding else (b_shape[0], a_shape[1])
+            if shape != tuple(self.base.meta(name).shape):
                 raise TwinError(f"{self.label}: LoRA of {module} implies shape {list(shape)}, the base weight "
                                 f"{name} is {list(self.base.meta(name).shape)} (adapter for another base?)")
-            loras[name] = lora
+            loras[name] = _Lora(weights, a_key, b_key, r, scaling, embedding)
         if not loras:
             raise TwinError(f"{self.label}: the adapter holds no LoRA factors")
         return loras

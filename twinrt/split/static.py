@@ -134,7 +134,7 @@ def add_static(artifact: Path | str, label: str, method_name: str, params: Mappi
                                                 device)
                 factors = None
                 if lora and m.tensors[name].role == "factored" and bool(delta.any()):
-                    bound = sum(x.loras[name].a.shape[0] for x in experts.values() if name in x.loras)
+                    bound = sum(x.loras[name].rank for x in experts.values() if name in x.loras)
                     tol = ULPS * torch.finfo(store).eps * float(static_t.abs().max())
                     factors = exact_low_rank(delta, bound, tol)
                 if factors is not None:
