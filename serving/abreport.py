@@ -39,7 +39,7 @@ from twinrt.errors import TwinError
 
 __all__ = ["ArmSummary", "Joined", "Report", "compare_arms", "join_outcomes", "percentile", "report", "summarize"]
 DEFAULTS = {"control": "core", "mde": 0.05, "alpha": 0.05, "power": 0.8, "seed": 0, "resamples": 2000,
-            "unsure": 0.9}
+            "unsure": 0.7}
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def is_unsure(record: dict[str, Any], below: float) -> bool:
 
 
 def summarize(records: Sequence[dict[str, Any]], joined: Joined | None = None, *, seed: int = 0,
-              resamples: int = 2000, alpha: float = 0.05, unsure_below: float = 0.9) -> list[ArmSummary]:
+              resamples: int = 2000, alpha: float = 0.05, unsure_below: float = 0.7) -> list[ArmSummary]:
     """One summary per arm, arms in order of first appearance."""
     experts = expert_order(records)
     arms: dict[str, list[dict[str, Any]]] = {}
@@ -359,7 +359,7 @@ class Report:
 
 def report(records: Sequence[dict[str, Any]], outcomes: Sequence[Any], control: str = "core", mde: float = 0.05,
            alpha: float = 0.05, power: float = 0.8, seed: int = 0, resamples: int = 2000,
-           unsure: float = 0.9) -> Report:
+           unsure: float = 0.7) -> Report:
     """The whole report: per-arm summaries, the joined outcomes, each arm against `control`."""
     joined = join_outcomes(records, outcomes)
     summaries = summarize(records, joined, seed=seed, resamples=resamples, alpha=alpha, unsure_below=unsure)
