@@ -213,3 +213,18 @@ def test_static_arms_are_served_listed_and_ab_tested(full, tmp_path):
         live.stop()
     records = [json.loads(line) for line in (tmp_path / "routing.jsonl").read_text().splitlines()]
     assert {r["arm"] for r in records} >= {"static:ties", "static:dare", "twin"}
+
+
+@pytest.mark.parametrize("statics,message", [
+    ([{"label": "x", "method": "fisher"}], "statics['x']: method 'fisher' needs calibration statistics"),
+    ([{"label": "x", "method": "ties", "densty": 0.2}], "densty"),
+    ([{"label": "x", "method": "ties"}, {"label": "x", "method": "average"}], "duplicate static labels: x"),
+    ([{"label": "../x", "method": "ties"}], "must be 1-64 letters"),
+])
+def test_bad_statics_in_the_split_config_are_refused_by_name(tiny_models, statics, message):
+    from twinrt.config import parse_config
+
+    data = {"base": str(tiny_models["base"]), "experts": [{"name": "math", "path": str(tiny_models["math"])}],
+            "shared": {"method": "average"}, "exclusive": {"rank": 4}, "statics": statics}
+    with pytest.raises(TwinError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        parse_config(data)
