@@ -29,23 +29,30 @@ COMMANDS_GROUP = "twinrt.commands"
 console = Console(width=None if sys.stdout.isatty() else 120)  # pipes and CI logs get full tables
 
 
-def _cmd_split(args: argparse.Namespace) -> int:
+def _tensor_progress(label: str, quiet: bool) -> tuple[Any, Callable[[int], Callable[[str], None]]]:
+    """(a transient progress bar to enter, `progress(total)` -> a callback per tensor done) for commands that
+    go through a model tensor by tensor; off when quiet or not on a terminal."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.description}"), console=console, transient=True,
+                   disable=quiet or not console.is_terminal)
+
+    def progress(total: int) -> Callable[[str], None]:
+        task = bar.add_task("", total=total)
+        return lambda name: bar.update(task, advance=1, description=name)
+
+    return bar, progress
+
+
+def _cmd_split(args: argparse.Namespace) -> int:
     from twinrt.artifact.report import summary_table
     from twinrt.config import check_device, load_config
     from twinrt.split.run import split
 
     check_device(args.device)
     cfg = load_config(args.config)
-    bar = Progress(TextColumn("[bold]split"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.description}"), console=console, transient=True,
-                   disable=args.quiet or not console.is_terminal)
-
-    def progress(total: int) -> Callable[[str], None]:
-        task = bar.add_task("", total=total)
-        return lambda name: bar.update(task, advance=1, description=name)
-
+    bar, progress = _tensor_progress("split", args.quiet)
     t0 = time.perf_counter()
     with bar:
         manifest = split(cfg, Path(args.output), force=args.force, device=args.device, progress=progress,
@@ -160,17 +167,8 @@ def _cmd_static(args: argparse.Namespace) -> int:
         if not args.quiet:
             console.print(f"removed static:{args.label} from {args.artifact}")
         return 0
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     check_device(args.device)
-    bar = Progress(TextColumn(f"[bold]static:{args.label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.description}"), console=console, transient=True,
-                   disable=args.quiet or not console.is_terminal)
-
-    def progress(total: int) -> Callable[[str], None]:
-        task = bar.add_task("", total=total)
-        return lambda name: bar.update(task, advance=1, description=name)
-
+    bar, progress = _tensor_progress(f"static:{args.label}", args.quiet)
     t0 = time.perf_counter()
     with bar:
         m = add_static(args.artifact, args.label, args.method, _parse_set(args.set), base=args.base,

@@ -60,6 +60,18 @@ class ExpertSpec(Frozen):
         return check_expert_name(v)  # the same rule the manifest checks: a name becomes experts/<name>/
 
 
+def _method_params(data: dict[str, Any], own_keys: tuple[str, ...], where: str) -> tuple[dict[str, Any], Any, dict]:
+    """A config mapping that names a merge `method` beside its parameters -> (its own keys, the method, the
+    parameters validated with defaults filled in); TwinError for an unknown method or parameter, naming `where`."""
+    own = {k: data[k] for k in own_keys if k in data}
+    given = {k: v for k, v in data.items() if k not in own}
+    method = get_method(data["method"])
+    try:
+        return own, method, method.resolve(given)
+    except TwinError as e:  # the registry names the config's `shared.` section
+        raise TwinError(str(e).replace("shared.", where, 1)) from None
+
+
 class SharedSpec(Frozen):
     """`method` plus that method's parameters, written beside it in the YAML and validated by the method's own
     parameter model (twinrt.merge.registry): `params` holds them with the method's defaults filled in."""
@@ -73,9 +85,8 @@ class SharedSpec(Frozen):
     def _method_params(cls, data: Any) -> Any:
         if not isinstance(data, dict) or not isinstance(data.get("method"), str):
             return data  # not a mapping, or no method name: the field checks say what is wrong
-        own = {k: data[k] for k in ("method", "exclude") if k in data}
-        given = {k: v for k, v in data.items() if k not in own}
-        return {**own, "params": get_method(data["method"]).resolve(given)}  # TwinError: unknown method or param
+        own, _, params = _method_params(data, ("method", "exclude"), "shared.")
+        return {**own, "params": params}
 
     @model_validator(mode="after")
     def _regexes(self) -> SharedSpec:
@@ -114,13 +125,7 @@ class StaticSpec(Frozen):
     def _method_params(cls, data: Any) -> Any:
         if not isinstance(data, dict) or not isinstance(data.get("method"), str):
             return data
-        own = {k: data[k] for k in ("label", "method") if k in data}
-        given = {k: v for k, v in data.items() if k not in own}
-        method = get_method(data["method"])
-        try:
-            params = method.resolve(given)
-        except TwinError as e:
-            raise TwinError(str(e).replace("shared.", f"statics[{data.get('label')!r}].", 1)) from None
+        own, method, params = _method_params(data, ("label", "method"), f"statics[{data.get('label')!r}].")
         if method.statistics(params):
             raise TwinError(f"statics[{data.get('label')!r}]: method {method.name!r} needs calibration statistics; "
                             "a static merge takes a data-free method")
