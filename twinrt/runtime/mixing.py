@@ -48,6 +48,7 @@ class MixState:
     pairs: Pairs | None = None  # the rowwise and gathered kernels: the mix's (row, expert) pairs with weight
     _cols: dict = field(default_factory=dict)
     _routes: dict = field(default_factory=dict)
+    _rows: dict = field(default_factory=dict)
 
     def set(self, mix: torch.Tensor | None, materialized: tuple | None = None, kernel: str = "factored") -> None:
         if kernel not in KERNELS:
@@ -57,6 +58,7 @@ class MixState:
         self.kernel = kernel
         self._cols = {}
         self._routes = {}
+        self._rows = {}
         self.pairs = None
         if mix is None:
             self.active = ()
@@ -75,6 +77,15 @@ class MixState:
             idx = torch.tensor([e for e, r in zip(experts, ranks) for _ in range(r)], device=self.mix.device)
             s = self._cols[key] = self.mix.index_select(1, idx)  # [B, R]
         return s
+
+    def rows(self, e: int) -> torch.Tensor | None:
+        """The rows that give column `e` weight ([R] indices), or None when every row does (cached: one
+        device sync per column and batch, not per layer)."""
+        if e not in self._rows:
+            assert self.mix is not None
+            idx = torch.nonzero(self.mix[:, e]).flatten()
+            self._rows[e] = None if len(idx) == self.mix.shape[0] else idx
+        return self._rows[e]
 
     def routes(self, experts: tuple[int, ...], slot_of: torch.Tensor) -> LayerRoutes:
         """The pairs of the layers whose experts (by slot) are `experts`, `slot_of: [N]` (cached per layout)."""
@@ -195,18 +206,18 @@ class MixLinear(nn.Module):
                     rowwise_delta_(y, x, self.a_s, self.b_s, self.ranks, routes)
         for e, d in self.dense.items():
             if e in st.active:
-                y = self._dense_delta(x, y, st.mix[:, e], d)
+                y = self._dense_delta(x, y, st.mix[:, e], d, st.rows(e))
         for e, d in self.dense_bias.items():
             if e in st.active:
                 y = y + _per_row(st.mix[:, e], y) * d
         return y
 
     @staticmethod
-    def _dense_delta(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        """y + w[b] · D x[b] on the rows b with w[b] != 0 only (a static merge's rows, say): a dense delta
-        costs a full GEMM, which the other rows of the batch do not pay."""
-        rows = torch.nonzero(w).flatten()
-        if len(rows) == w.shape[0]:
+    def _dense_delta(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, d: torch.Tensor,
+                     rows: torch.Tensor | None) -> torch.Tensor:
+        """y + w[b] · D x[b] on the rows b with w[b] != 0 only (`rows`; None: all), a static merge's rows, say:
+        a dense delta costs a full GEMM, which the other rows of the batch do not pay."""
+        if rows is None:
             return y + _per_row(w, y) * F.linear(x, d)
         return y.index_add(0, rows, _per_row(w[rows], y) * F.linear(x.index_select(0, rows), d))
 
