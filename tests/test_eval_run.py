@@ -243,6 +243,8 @@ def test_another_held_out_split_is_scored_when_asked(sharp, suite_dir, tmp_path)
         run_eval(tm, open_suite(suite), EvalOptions(split="nope", **opts))
     with pytest.raises(TwinError, match="--split validation"):
         EvalOptions(split="validation")
+    with pytest.raises(TwinError, match="must name a split file"):
+        EvalOptions(split="../test")
 
 
 # ---- bad input: one clear line, exit code 2 ---------------------------------------------------------------

@@ -25,6 +25,7 @@ direction of imports (the CLI binds `router` in).
 from __future__ import annotations
 
 import contextlib
+import re
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -77,6 +78,9 @@ class EvalOptions:
             v = getattr(self, key)
             if v is not None and not _count(v):
                 raise TwinError(f"--{key.replace('_', '-')} must be an integer >= 1, got {v!r}")
+        if not isinstance(self.split, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.split):
+            raise TwinError(f"--split {self.split!r} must name a split file DIR/<task>/<split>.jsonl: letters, digits, "
+                            "'_' or '-'")
         if self.split in ("train", "validation"):
             raise TwinError(f"--split {self.split}: the merges' parameters are chosen on validation and the data "
                             "methods' statistics come from train; score on test or another held-out split")
