@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from twinrt.runtime.transfer import to_device
+
 
 def joinable(cache: DynamicCache) -> bool:
     """Only plain full-attention layers can be padded and concatenated (sliding windows keep extra state)."""
@@ -37,6 +39,9 @@ def concat(dst: DynamicCache, src: DynamicCache) -> None:
 
 
 def select_rows(cache: DynamicCache, rows: torch.Tensor) -> None:
+    """Keep `rows` ([R] long, on the host or the cache's device) of every layer."""
+    if cache.layers:
+        rows = to_device(rows, cache.layers[0].keys.device)
     for layer in cache.layers:
         layer.keys = layer.keys.index_select(0, rows)
         layer.values = layer.values.index_select(0, rows)
@@ -46,7 +51,7 @@ def select_copy(cache: DynamicCache, rows: torch.Tensor) -> DynamicCache:
     """A new cache holding `rows` of `cache` (same length and layer types); `cache` is left as it is."""
     out = copy.copy(cache)
     out.layers = [copy.copy(layer) for layer in cache.layers]
-    select_rows(out, rows.to(cache.layers[0].keys.device) if cache.layers else rows)
+    select_rows(out, rows)
     return out
 
 

@@ -58,6 +58,7 @@ from twinrt.runtime.runner import Runner
 from twinrt.runtime.sampling import is_greedy
 from twinrt.runtime.token_cost import attention_share, chunk_tokens, prefill_cost
 from twinrt.runtime.tokens import Tokens, fail, fail_not_finite, final_callback
+from twinrt.runtime.transfer import to_device
 
 log = logging.getLogger(__name__)
 
@@ -473,9 +474,10 @@ class Engine:
             tokens = self._remaining(rows) + r.prompt_tokens - p.done + r.params.max_new_tokens
             self.tm.set_mix(mixes, tokens=tokens, allow_materialize=self.materialize, step_tokens=len(rows) + n)
             try:
-                logits = packing.packed_forward(self.tm.model, self._next.to(self.tm.device), self._cache,
-                                                self._mask.to(self.tm.device),
-                                                torch.tensor(r.prompt_ids[p.done:p.done + n], device=self.tm.device),
+                dev = self.tm.device
+                logits = packing.packed_forward(self.tm.model, to_device(self._next, dev), self._cache,
+                                                to_device(self._mask, dev),
+                                                to_device(torch.tensor(r.prompt_ids[p.done:p.done + n]), dev),
                                                 p.cache, p.done)
             finally:
                 self.tm.clear_mix()
@@ -552,13 +554,13 @@ class Engine:
         with `every` the logits after every position, [B, T, V] in the model's dtype. Appends T columns to
         `cache` in place."""
         dev = self.tm.device
-        mask = mask.to(dev)
+        mask = to_device(mask, dev)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]  # [B, T]
         try:
             self.tm.set_mix(self._mix_matrix(reqs), tokens=tokens, allow_materialize=self.materialize,
                             step_tokens=ids.numel())
             with torch.no_grad():
-                out = self.tm.model(input_ids=ids.to(dev), attention_mask=mask, position_ids=positions,
+                out = self.tm.model(input_ids=to_device(ids, dev), attention_mask=mask, position_ids=positions,
                                     past_key_values=cache, use_cache=True, logits_to_keep=0 if every else 1)
         finally:
             self.tm.clear_mix()

@@ -36,6 +36,12 @@ class MaterializedWeights:
         self.budget_bytes = budget_bytes
         self._sizes: OrderedDict[MixKey, int] = OrderedDict()  # mix key -> bytes of its W', LRU order
 
+    def clear(self) -> None:
+        """Drop every W' (the memory is free once no forward holds one)."""
+        for layer in self.layers:
+            layer.materialized.clear()
+        self._sizes.clear()
+
     def cached(self, row: torch.Tensor) -> bool:
         """Whether the W' of this mix row [N] is built."""
         return mix_key(row) in self._sizes
@@ -50,7 +56,7 @@ class MaterializedWeights:
         nbytes = 0
         with torch.no_grad():
             for layer in self.layers:
-                w = (layer.base.weight.float() + layer.delta_weight(row.to(self.device))).to(self.dtype)
+                w = (layer.base.weight.float() + layer.delta_weight(row)).to(self.dtype)
                 layer.materialized[key] = w
                 nbytes += w.numel() * w.element_size()
         self._sizes[key] = nbytes

@@ -28,6 +28,7 @@ from torch import nn
 from torch.func import functional_call
 
 from twinrt.runtime.sparse import LayerRoutes, Pairs, gathered_delta, rowwise_delta_
+from twinrt.runtime.transfer import to_device
 
 KERNELS = ("factored", "rowwise", "gathered")  # how a mixing layer adds rows' experts (see the module docstring)
 
@@ -36,24 +37,29 @@ KERNELS = ("factored", "rowwise", "gathered")  # how a mixing layer adds rows' e
 class MixState:
     """The mix of the batch being run, shared by every wrapped module of one model.
 
-    `mix: [B, N]` or None (core only). `materialized` names a mix shared by all rows when that path is on;
-    `kernel` (one of KERNELS) is how the factored layers add the experts.
+    `mix: [B, N]` on `device` (None: the mix's own) or None (core only). `materialized` names a mix shared by all
+    rows when that path is on; `kernel` (one of KERNELS) is how the factored layers add the experts.
+
+    What the layers index with (the active experts, each column's rows, the sparse kernels' pairs) is found on
+    a host copy of the mix and sent over without blocking, so no layer waits for the device in a forward pass.
     """
 
     n_experts: int
+    device: torch.device | None = None
     mix: torch.Tensor | None = None
     active: tuple[int, ...] = ()  # experts with a non-zero weight in some row
     materialized: tuple | None = None  # key of the cached W' to use, when all rows share one mix
     kernel: str = "factored"
     pairs: Pairs | None = None  # the rowwise and gathered kernels: the mix's (row, expert) pairs with weight
+    _host: torch.Tensor | None = None  # the mix on the host
     _cols: dict = field(default_factory=dict)
     _routes: dict = field(default_factory=dict)
     _rows: dict = field(default_factory=dict)
 
     def set(self, mix: torch.Tensor | None, materialized: tuple | None = None, kernel: str = "factored") -> None:
+        """Use `mix` ([B, N], best given on the host: one on the device is read back once here)."""
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-        self.mix = mix
         self.materialized = materialized
         self.kernel = kernel
         self._cols = {}
@@ -61,38 +67,43 @@ class MixState:
         self._rows = {}
         self.pairs = None
         if mix is None:
+            self.mix = self._host = None
             self.active = ()
             return
-        nz = mix != 0  # [B, N]
+        dev = self.device or mix.device
+        self._host = mix.detach().to("cpu")
+        self.mix = mix if mix.device == dev else to_device(self._host, dev)
+        nz = self._host != 0  # [B, N]
         self.active = tuple(int(i) for i in torch.nonzero(nz.any(dim=0)).flatten())
         if kernel != "factored":
-            self.pairs = Pairs.of(mix)
+            self.pairs = Pairs.of(self._host)
 
     def columns(self, experts: tuple[int, ...], ranks: tuple[int, ...]) -> torch.Tensor:
         """Per-row rank scale `s: [B, Σ ranks]` for the given experts' slots (cached per layout)."""
         key = (experts, ranks)
         s = self._cols.get(key)
         if s is None:
-            assert self.mix is not None
-            idx = torch.tensor([e for e, r in zip(experts, ranks) for _ in range(r)], device=self.mix.device)
-            s = self._cols[key] = self.mix.index_select(1, idx)  # [B, R]
+            assert self._host is not None and self.mix is not None
+            idx = torch.tensor([e for e, r in zip(experts, ranks) for _ in range(r)], dtype=torch.long)
+            s = self._cols[key] = to_device(self._host.index_select(1, idx), self.mix.device)  # [B, R]
         return s
 
     def rows(self, e: int) -> torch.Tensor | None:
-        """The rows that give column `e` weight ([R] indices), or None when every row does (cached: one
-        device sync per column and batch, not per layer)."""
+        """The rows that give column `e` weight ([R] indices on the mix's device), or None when every row does
+        (cached per column and batch)."""
         if e not in self._rows:
-            assert self.mix is not None
-            idx = torch.nonzero(self.mix[:, e]).flatten()
-            self._rows[e] = None if len(idx) == self.mix.shape[0] else idx
+            assert self._host is not None and self.mix is not None
+            idx = torch.nonzero(self._host[:, e]).flatten()
+            self._rows[e] = None if len(idx) == self._host.shape[0] else to_device(idx, self.mix.device)
         return self._rows[e]
 
     def routes(self, experts: tuple[int, ...], slot_of: torch.Tensor) -> LayerRoutes:
-        """The pairs of the layers whose experts (by slot) are `experts`, `slot_of: [N]` (cached per layout)."""
+        """The pairs of the layers whose experts (by slot) are `experts`, `slot_of: [N]` on the host (cached per
+        layout), on the mix's device."""
         hit = self._routes.get(experts)
         if hit is None:
-            assert self.pairs is not None
-            hit = self._routes[experts] = LayerRoutes.of(self.pairs, slot_of)
+            assert self.pairs is not None and self.mix is not None
+            hit = self._routes[experts] = LayerRoutes.of(self.pairs, slot_of, self.mix.device)
         return hit
 
 
@@ -122,9 +133,8 @@ class MixLinear(nn.Module):
             b_s[s, : a.shape[0]] = b.T.to(w)
         self.register_buffer("a_s", a_s, persistent=False)
         self.register_buffer("b_s", b_s, persistent=False)
-        slot_of = torch.full((state.n_experts,), -1, dtype=torch.long)
-        slot_of[list(self.experts)] = torch.arange(n_slots)
-        self.register_buffer("slot_of", slot_of.to(w.device), persistent=False)  # [N]: expert -> slot, -1 none
+        self.slot_of = torch.full((state.n_experts,), -1, dtype=torch.long)  # [N] on the host: slot, -1 none
+        self.slot_of[list(self.experts)] = torch.arange(n_slots)
         self.dense = {e: d.to(w) for e, d in (dense or {}).items()}  # expert -> [out, in]
         self.dense_bias = {e: d.to(w) for e, d in (dense_bias or {}).items()}  # expert -> [out]
         self._subsets: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, tuple, tuple]] = OrderedDict()

@@ -31,20 +31,27 @@ class TwinModel(Runner):
     >>> tm.forward(input_ids, mix=[{"static:ties": 1.0}])             # a static merge stored in the artifact
     """
 
-    def __init__(self, artifact: Artifact, model: nn.Module, tokenizer: Any, device: torch.device,
-                 dtype: torch.dtype, materialize_budget_bytes: int, policy: MixPolicy | None = None) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, device: torch.device, dtype: torch.dtype, *,
+                 experts: Sequence[str], statics: Sequence[str] = (),
+                 factors: Mapping[str, Mapping[str, tuple[torch.Tensor, torch.Tensor]]],
+                 dense: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+                 materialize_budget_bytes: int = 2**30, policy: MixPolicy | None = None,
+                 artifact: Artifact | None = None) -> None:
+        """`model` (an HF causal LM on `device`, in `dtype`) with each column's factors ({weight name: (A [r, in],
+        B [out, r])}) and dense deltas ({weight name: D}) attached, the columns being `experts` then `statics`
+        ("static:<label>"). `from_artifact` is the usual way in; this one serves models built in memory."""
         self.artifact = artifact
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.dtype = dtype
-        self.experts: list[str] = list(artifact.experts)
-        self.statics: list[str] = list(artifact.statics)  # "static:<label>": static merges, one column each
+        self.experts: list[str] = list(experts)
+        self.statics: list[str] = list(statics)  # "static:<label>": static merges, one column each
         self.columns: list[str] = self.experts + self.statics  # a mix's columns: the experts, then the statics
-        self.state = MixState(len(self.columns))
+        self.state = MixState(len(self.columns), device=device)
         self.policy = policy or MixPolicy()  # which mixing kernels the planner may pick, at what cost
         self.mix_linears: list[MixLinear] = []
-        self._attach()
+        self._attach(factors, dense or {})
         self.config = model.config
         self.costs = ExpertCosts.of(model, self.mix_linears, len(self.columns), dtype)
         self.materialized = MaterializedWeights(self.mix_linears, dtype, device, materialize_budget_bytes)
@@ -66,18 +73,26 @@ class TwinModel(Runner):
         tok.padding_side = "left"
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        return cls(art, model, tok, dev, dt, materialize_budget_mib * 2**20, policy)
+        columns = [*art.experts, *art.statics]
+        factors = {c: {w: (a.to(dev), b.to(dev)) for w, (a, b) in art.load_factors(c, dtype=dt).items()}
+                   for c in columns}
+        dense = {c: {w: d.to(dev) for w, d in art.load_dense(c, dtype=dt).items()} for c in columns}
+        return cls(model, tok, dev, dt, experts=art.experts, statics=art.statics, factors=factors, dense=dense,
+                   materialize_budget_bytes=materialize_budget_mib * 2**20, policy=policy, artifact=art)
 
-    def _attach(self) -> None:
-        art, m = self.artifact, self.model
-        dt, dev = self.dtype, self.device
+    def _attach(self, by_column_factors: Mapping[str, Mapping[str, tuple[torch.Tensor, torch.Tensor]]],
+                by_column_dense: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        m = self.model
+        unknown = (set(by_column_factors) | set(by_column_dense)) - set(self.columns)
+        if unknown:
+            raise TwinError(f"factors or deltas for {sorted(unknown)}, which are not columns {self.columns}")
         factors: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         dense: dict[str, dict[int, torch.Tensor]] = {}
         for i, name in enumerate(self.columns):
-            for w, (a, b) in art.load_factors(name, dtype=dt).items():
-                factors.setdefault(w, {})[i] = (a.to(dev), b.to(dev))
-            for w, d in art.load_dense(name, dtype=dt).items():
-                dense.setdefault(w, {})[i] = d.to(dev)
+            for w, ab in by_column_factors.get(name, {}).items():
+                factors.setdefault(w, {})[i] = ab
+            for w, d in by_column_dense.get(name, {}).items():
+                dense.setdefault(w, {})[i] = d
         modules = dict(m.named_modules())
         tied_head = None
         if getattr(m.config, "tie_word_embeddings", False):
@@ -189,7 +204,7 @@ class TwinModel(Runner):
         if plan.path == "core":
             self.clear_mix()
         else:
-            self.state.set(mix.to(self.device), key, kernel=plan.kernel)
+            self.state.set(mix, key, kernel=plan.kernel)
         return plan
 
     def clear_mix(self) -> None:

@@ -31,10 +31,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from twinrt.runtime.transfer import to_device
+
 
 @dataclass(frozen=True)
 class Pairs:
-    """The (row, expert) pairs of a mix [B, N] that have weight, by row then expert (the mix's row-major order)."""
+    """The (row, expert) pairs of a mix [B, N] that have weight, by row then expert (the mix's row-major order),
+    on the mix's device (the host, as MixState keeps it)."""
 
     batch: int
     rows: torch.Tensor  # [P] long
@@ -51,7 +54,8 @@ class Pairs:
 class LayerRoutes:
     """The pairs one layout of layers has factors for, in its slots; what both kernels index with.
 
-    `rows`, `slots`, `weights` by row; row b's pairs are `row_starts[b]:row_starts[b + 1]`.
+    `rows`, `slots`, `weights` by row, on the device the kernels run on; row b's pairs are
+    `row_starts[b]:row_starts[b + 1]`. `triples()` are the same pairs as Python numbers, found on the host.
     """
 
     batch: int
@@ -59,23 +63,24 @@ class LayerRoutes:
     slots: torch.Tensor  # [P] long
     weights: torch.Tensor  # [P] float32
     row_starts: torch.Tensor  # [B + 1] long
+    _triples: list  # (row, slot, weight) per pair
     _bags: dict = field(default_factory=dict)  # (in, rank) -> the gathered kernel's bag indices
-    _triples: list | None = None
 
     @classmethod
-    def of(cls, pairs: Pairs, slot_of: torch.Tensor) -> LayerRoutes:
-        """`slot_of: [N] long`, each expert's slot in the layout, -1 where it has no factors."""
+    def of(cls, pairs: Pairs, slot_of: torch.Tensor, device: torch.device | None = None) -> LayerRoutes:
+        """`pairs` and `slot_of: [N] long` (each expert's slot in the layout, -1 where it has no factors) on the
+        host; the routes on `device` (default: the host), sent without blocking."""
         slots = slot_of.to(pairs.experts.device)[pairs.experts]  # [P]
         keep = slots >= 0
         rows, slots, weights = pairs.rows[keep], slots[keep], pairs.weights[keep]
         counts = torch.bincount(rows, minlength=pairs.batch)  # [B]
         row_starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        return cls(pairs.batch, rows, slots, weights, row_starts)
+        triples = list(zip(rows.tolist(), slots.tolist(), weights.tolist()))
+        dev = device or rows.device
+        return cls(pairs.batch, *(to_device(t, dev) for t in (rows, slots, weights, row_starts)), triples)
 
     def triples(self) -> list[tuple[int, int, float]]:
         """(row, slot, weight) of every pair, as Python numbers (the rowwise kernel's loop)."""
-        if self._triples is None:
-            self._triples = list(zip(self.rows.tolist(), self.slots.tolist(), self.weights.tolist()))
         return self._triples
 
     def bags(self, in_features: int, rank: int) -> tuple[torch.Tensor, ...]:

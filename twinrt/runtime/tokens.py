@@ -25,6 +25,7 @@ from twinrt.runtime import logits as processing
 from twinrt.runtime.constraint import fit
 from twinrt.runtime.request import Request, RowFailure, TokenLogprob
 from twinrt.runtime.sampling import is_greedy, sample_row
+from twinrt.runtime.transfer import to_host
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +93,14 @@ def _constrained(call: Callable[..., Any], *args: object) -> Any:
         raise _ConstraintFailed(type(e).__name__) from e
 
 
-def _pick(r: Request, greedy: int, raw: torch.Tensor, processed: torch.Tensor | None) -> int:
-    """The row's token: the batched argmax `greedy` of its raw logits, or from its processed logits."""
+def _pick(r: Request, greedy: int, raw: Callable[[], torch.Tensor], processed: torch.Tensor | None) -> int:
+    """The row's token: the batched argmax `greedy` of its raw logits (`raw()`, read only to sample from), or
+    from its processed logits."""
     p = r.params
     if processed is None:
         if is_greedy(p.temperature):
             return greedy
-        return sample_row(raw, p.temperature, p.top_p, r.generator, p.top_k, p.min_p)
+        return sample_row(raw(), p.temperature, p.top_p, r.generator, p.top_k, p.min_p)
     if not bool(processed.max() > float("-inf")):
         raise _NoTokenAllowed("no token may come next: the constraint (and min_tokens) exclude every token")
     return sample_row(processed, p.temperature, p.top_p, r.generator, p.top_k, p.min_p)
@@ -113,6 +115,37 @@ def _fail_row(r: Request, e: Exception, what: str) -> None:
     else:
         message = f"generation failed: {type(e).__name__}"
     fail(r, RowFailure(message, client=False))
+
+
+def _reads_logits(r: Request) -> bool:
+    """Whether a row's token is picked from its logits on the host (sampled, processed, or with logprobs),
+    rather than from the batch's argmax alone."""
+    p = r.params
+    return not is_greedy(p.temperature) or p.logprobs is not None or processing.needs_processing(r)
+
+
+class _HostLogits:
+    """A step's logits [B, V] as the host needs them, read back from the device in one synchronisation: each
+    row's argmax and finiteness, and the whole logits of the rows that read them (`_reads_logits`) only.
+    Index it with a row or a list of rows, as the tensor."""
+
+    def __init__(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        greedy, finite = logits.argmax(dim=-1), torch.isfinite(logits).all(dim=-1)  # [B], [B]
+        if logits.device.type == "cpu":
+            self._rows, self._at = logits, None
+        else:
+            need = [i for i, r in enumerate(reqs) if _reads_logits(r)]
+            greedy, finite, self._rows = to_host(greedy, finite, logits[need])
+            self._at = {i: k for k, i in enumerate(need)}
+        self.greedy: list[int] = greedy.tolist()
+        self.finite: list[bool] = finite.tolist()
+
+    def __getitem__(self, rows: int | list[int]) -> torch.Tensor:
+        if self._at is None:
+            return self._rows[rows]
+        if isinstance(rows, int):
+            return self._rows[self._at[rows]]
+        return self._rows[[self._at[i] for i in rows]]
 
 
 class Tokens:
@@ -133,8 +166,8 @@ class Tokens:
         logits: [B, V] float32, raw. Rows whose parameters leave them as they are take the batched argmax (or
         sample from them); the rest are processed together first (`_process`). Each row on its own: non-finite
         logits, or a raise in its constraint, sampling, decoding or callback, fail it alone."""
-        finite = torch.isfinite(logits).all(dim=-1).tolist()  # [B]
-        greedy = logits.argmax(dim=-1).tolist()  # [B]
+        logits = _HostLogits(reqs, logits)  # the one read-back of the step
+        finite, greedy = logits.finite, logits.greedy
         live = []
         for i, r in enumerate(reqs):
             if r.done:  # failed before its first token (its prompt's scores)
@@ -156,7 +189,7 @@ class Tokens:
             if r.done:
                 continue
             try:
-                picked[i] = _pick(r, greedy[i], logits[i], processed.get(i))
+                picked[i] = _pick(r, greedy[i], lambda i=i: logits[i], processed.get(i))
             except Exception as e:
                 _fail_row(r, e, "picking its next token")
         scored = [i for i in picked if reqs[i].params.logprobs is not None]
@@ -172,7 +205,7 @@ class Tokens:
                 _fail_row(reqs[i], e, "taking its next token")
         return torch.tensor(nxt, dtype=torch.long)
 
-    def _process(self, reqs: list[Request], logits: torch.Tensor, rows: list[int]) -> dict[int, torch.Tensor]:
+    def _process(self, reqs: list[Request], logits: _HostLogits, rows: list[int]) -> dict[int, torch.Tensor]:
         """The processed logits ([V] float32, `logits.process`) of the rows that need processing, by row. A row
         whose constraint is finished ends here ("stop"); one whose constraint raises fails."""
         need, allowed = [], []
