@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
 import torch
 import yaml
 
@@ -22,6 +24,53 @@ if TYPE_CHECKING:
 
 EXPERTS = ("math", "code", "chat")  # the session artifacts' experts, the synthetic prompts' classes too
 KEY = "sk-test-serving"  # the API key of the tests' live servers
+
+
+# ---- devices -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceCase:
+    """Where and in what dtype a runtime equivalence test runs, and how close its two sides must be: `tol`
+    times the reference's largest magnitude (at least 1). Exact-path tests compare at float32 only (`exact`)."""
+
+    device: str
+    dtype: torch.dtype
+    tol: float
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def exact(self) -> bool:
+        return self.dtype == torch.float32
+
+    def atol(self, want: torch.Tensor) -> float:
+        return self.tol * max(1.0, float(want.detach().float().abs().max()))
+
+    def assert_close(self, got: torch.Tensor, want: torch.Tensor) -> None:
+        got, want = got.detach().float().cpu(), want.detach().float().cpu()
+        torch.testing.assert_close(got, want, rtol=0, atol=self.atol(want))
+
+    def differs(self, a: torch.Tensor, b: torch.Tensor) -> bool:
+        """Whether a and b differ by far more than the tolerance (a check's teeth)."""
+        return float((a.detach().float() - b.detach().float()).abs().max()) > max(1e-3, 5 * self.atol(b))
+
+
+_NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+
+def _case(device: str, dtype: torch.dtype, tol: float) -> object:
+    marks = [pytest.mark.device] + ([_NO_CUDA] if device == "cuda" else [])
+    return pytest.param(DeviceCase(device, dtype, tol), marks=marks, id=f"{device}-{str(dtype)[6:]}")
+
+
+# every device the runtime claims, in the dtypes served there: `pytest -m device` runs only these cases
+DEVICE_CASES = [_case("cpu", torch.float32, 1e-5), _case("cpu", torch.bfloat16, 0.03),
+                _case("cuda", torch.float32, 1e-4), _case("cuda", torch.bfloat16, 0.03),
+                _case("cuda", torch.float16, 0.01)]
+FLOAT32_CASES = [p for p in DEVICE_CASES if p.values[0].exact]  # greedy decoding compared token for token
 
 
 # ---- split configs and artifacts -----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from helpers import EXTREME, Poison
+from helpers import EXTREME, FLOAT32_CASES, Poison
 from twinrt.runtime import Engine, SamplingParams, TwinModel
 from twinrt.runtime.token_cost import chunk_tokens, prefill_cost
 
@@ -62,6 +62,33 @@ def whole(tm: TwinModel, prompt, mix, params: SamplingParams = GREEDY) -> list[i
     assert engine.prefilling is None and req in engine.running  # prefilled whole in one step
     engine.run_until_done()
     return req.output_ids
+
+
+@pytest.mark.parametrize("case", FLOAT32_CASES)
+def test_chunked_packed_and_sampled_rows_equal_their_solo_runs_on_each_device(tiny_artifact, long_ids, case):
+    # the engine's whole step on the device: chunks of a long prompt packed into the rows' decode passes, rows
+    # joining and leaving, a seeded sampled row and one with logprobs (the logits the host reads back)
+    dtm = TwinModel.from_artifact(tiny_artifact, device=case.device)
+    sampled = SamplingParams(max_new_tokens=8, ignore_eos=True, temperature=0.1, seed=3)  # its logits decide
+    scored = SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=2)
+    work = [(SHORT[0], None, GREEDY), (long_ids, MIX, GREEDY), (SHORT[1], torch.tensor([1.0, 0.0, 0.0]), sampled),
+            (SHORT[2], torch.tensor([0.0, 0.7, 0.3]), scored), (SHORT[3], MIX, GREEDY)]
+    engine = Engine(dtm, materialize=False, max_step_tokens=16, idle_growth=1, packed=True)
+    packs = []
+    inner = engine._packed_decode
+
+    def spy(*a, **kw):
+        packs.append(1)
+        return inner(*a, **kw)
+
+    engine._packed_decode = spy
+    reqs = [engine.add(*work[0])]
+    engine.step()
+    reqs += [engine.add(*w) for w in work[1:]]
+    engine.run_until_done()
+    assert packs  # the long prompt's chunks rode in decode passes
+    assert [r.output_ids for r in reqs] == [whole(dtm, *w) for w in work]
+    assert [e.token for e in reqs[3].logprobs] == reqs[3].output_ids and len(reqs[3].logprobs[0].top) == 2
 
 
 def test_cost_rule_and_chunk_size(tm):

@@ -9,14 +9,15 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache
 
+from helpers import FLOAT32_CASES
 from twinrt.runtime import TwinModel, packed
 
 MIXES = [torch.tensor([1.0, 0.0, 0.0]), None, torch.tensor([0.2, 0.5, 0.3])]
 
 
-@pytest.fixture(scope="module")
-def tm(tiny_artifact) -> TwinModel:
-    tm = TwinModel.from_artifact(tiny_artifact)
+@pytest.fixture(scope="module", params=FLOAT32_CASES)
+def tm(request, tiny_artifact) -> TwinModel:
+    tm = TwinModel.from_artifact(tiny_artifact, device=request.param.device)
     packed.enable(tm.model)
     return tm
 
@@ -24,10 +25,11 @@ def tm(tiny_artifact) -> TwinModel:
 def _forward(tm, ids, mask, cache, positions, mix, keep=1):
     """-> the logits after the last `keep` positions, [B, keep, V] float32 ([B, V] for keep=1)."""
     tm.set_mix(mix, tokens=ids.numel(), allow_materialize=False)
+    dev = tm.device
     try:
         with torch.no_grad():
-            out = tm.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                           use_cache=True, logits_to_keep=keep)
+            out = tm.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
+                           past_key_values=cache, use_cache=True, logits_to_keep=keep)
     finally:
         tm.clear_mix()
     return out.logits[:, -1].float() if keep == 1 else out.logits.float()
@@ -72,7 +74,8 @@ def test_a_packed_pass_equals_the_two_passes_it_replaces(tm, done, n, chunk_mix)
     # one packed pass: one mix per token, the chunk's tokens after the rows
     tm.set_mix(_stack(MIXES + [chunk_mix] * n), tokens=3 + n, allow_materialize=False)
     try:
-        got = packed.packed_forward(tm.model, nxt, rows, mask, prompt[done:], chunk, done)
+        dev = tm.device
+        got = packed.packed_forward(tm.model, nxt.to(dev), rows, mask.to(dev), prompt[done:].to(dev), chunk, done)
     finally:
         tm.clear_mix()
 

@@ -10,13 +10,13 @@ import dataclasses
 import pytest
 import torch
 
-from twinrt.runtime import TwinModel
+from helpers import DEVICE_CASES, FLOAT32_CASES
+from twinrt.runtime import SamplingParams, TwinModel
 from twinrt.runtime.mixing import MixLinear, MixState, reference_forward_linear
 from twinrt.runtime.planning import ExpertCosts, KernelCosts, MixPolicy, plan_batch
 from twinrt.runtime.sparse import LayerRoutes, Pairs, gathered_delta, reference_sparse_delta, rowwise_delta_
 
 SPARSE = ("rowwise", "gathered")
-TOL = {torch.float32: 1e-5, torch.bfloat16: 0.06}
 
 # 5 rows over 4 experts; expert 1 has no factors in the layer below, so row 3 mixes it with an expert that has
 MIXES = {
@@ -36,52 +36,56 @@ def _factors(dtype=torch.float32, in_f: int = 24, out_f: int = 40) -> dict[int, 
                 .to(dtype)) for e, r in ((0, 3), (2, 5), (3, 2))}
 
 
-def _layer(dtype) -> tuple[MixLinear, MixState, dict]:
+def _layer(dtype, device: str = "cpu") -> tuple[MixLinear, MixState, dict]:
     base = torch.nn.Linear(24, 40, bias=True)
     with torch.no_grad():
         base.weight.mul_(0.3)
     factors = _factors()
-    state = MixState(4)
-    layer = MixLinear(base.to(dtype), state, {e: (a.to(dtype), b.to(dtype)) for e, (a, b) in factors.items()})
+    state = MixState(4, device=torch.device(device))
+    layer = MixLinear(base.to(device, dtype), state,
+                      {e: (a.to(device, dtype), b.to(device, dtype)) for e, (a, b) in factors.items()})
     return layer, state, factors
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", DEVICE_CASES)
 @pytest.mark.parametrize("kernel", SPARSE)
 @pytest.mark.parametrize("kind", sorted(MIXES))
 @pytest.mark.parametrize("shape", [(5, 7, 24), (5, 24), (5, 1, 24)])
-def test_mix_linear_kernels_equal_the_reference(dtype, kernel, kind, shape):
-    layer, state, factors = _layer(dtype)
+def test_mix_linear_kernels_equal_the_reference(case, kernel, kind, shape):
+    dtype = case.dtype
+    layer, state, factors = _layer(dtype, case.device)
     mix = MIXES[kind]
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
-    w, bias = layer.base.weight.detach().float(), layer.base.bias.detach().float()
+    w, bias = layer.base.weight.detach().float().cpu(), layer.base.bias.detach().float().cpu()
     ref = reference_forward_linear(x, w, bias, {e: (a.to(dtype).float(), b.to(dtype).float())
                                                 for e, (a, b) in factors.items()}, mix)
     state.set(mix, kernel=kernel)
     with torch.no_grad():
-        got = layer(x.to(dtype)).float()
+        got = layer(x.to(case.device, dtype)).float().cpu()
     assert got.shape == ref.shape
-    torch.testing.assert_close(got, ref, rtol=0, atol=TOL[dtype])
+    case.assert_close(got, ref)
     core = torch.nn.functional.linear(x, w, bias)
-    torch.testing.assert_close(got[0], core[0], rtol=0, atol=TOL[dtype])  # the row with no expert is the core
+    case.assert_close(got[0], core[0])  # the row with no expert is the core
     assert (got[1:] - core[1:]).abs().amax() > 0.3  # and the experts move the others (5× the bf16 tolerance)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", DEVICE_CASES)
 @pytest.mark.parametrize("shape", [(5, 6, 24), (5, 24)])
-def test_sparse_deltas_equal_the_per_pair_loop(dtype, shape):
+def test_sparse_deltas_equal_the_per_pair_loop(case, shape):
     # the kernels alone, on a layer's stacks (ranks 3, 5, 2 zero-padded to 5), against sparse.py's reference
-    layer, _, factors = _layer(dtype)
+    dtype, dev = case.dtype, torch.device(case.device)
+    layer, _, factors = _layer(dtype, case.device)
     slot_of = torch.tensor([0, -1, 1, 2])
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(2)).to(dtype)
     for mix in MIXES.values():
-        routes = LayerRoutes.of(Pairs.of(mix), slot_of)
+        routes = LayerRoutes.of(Pairs.of(mix), slot_of, dev)
         ref = reference_sparse_delta(x, {e: (a.to(dtype), b.to(dtype)) for e, (a, b) in factors.items()}, mix)
-        got = gathered_delta(x, layer.a_s, layer.b_s, routes).float()
-        torch.testing.assert_close(got, ref, rtol=0, atol=TOL[dtype])
-        y = torch.zeros(*shape[:-1], 40, dtype=dtype)
-        rowwise_delta_(y, x, layer.a_s, layer.b_s, layer.ranks, routes)
-        torch.testing.assert_close(y.float(), ref, rtol=0, atol=TOL[dtype])
+        got = gathered_delta(x.to(dev), layer.a_s, layer.b_s, routes)
+        case.assert_close(got, ref)
+        y = torch.zeros(*shape[:-1], 40, dtype=dtype, device=dev)
+        rowwise_delta_(y, x.to(dev), layer.a_s, layer.b_s, layer.ranks, routes)
+        case.assert_close(y, ref)
+        assert case.differs(ref, torch.zeros_like(ref))
     assert layer.a_s.shape == (3, 24, 5) and layer.b_s.shape == (3, 5, 40)
     assert layer.a_s[2, :, 2:].abs().sum() == 0 and layer.b_s[0, 3:].abs().sum() == 0  # padding is zeros
 
@@ -162,11 +166,12 @@ def test_sparse_kernels_cost_is_flat_in_the_number_of_experts():
 
 # ---- end to end ------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def strong(tiny_artifact) -> TwinModel:
-    """The session's tiny artifact with every expert's factors scaled up 30×, so that each expert decodes its
-    own tokens (at 5% perturbations all arms decode alike and a mix test would pass vacuously)."""
-    tm = TwinModel.from_artifact(tiny_artifact)
+@pytest.fixture(scope="module", params=FLOAT32_CASES)
+def strong(request, tiny_artifact) -> TwinModel:
+    """The session's tiny artifact (in float32 on each device) with every expert's factors scaled up 30×, so
+    that each expert decodes its own tokens (at 5% perturbations all arms decode alike and a mix test would pass
+    vacuously)."""
+    tm = TwinModel.from_artifact(tiny_artifact, device=request.param.device)
     with torch.no_grad():
         for layer in tm.mix_linears:
             layer.b_s.mul_(30.0)
@@ -220,3 +225,44 @@ def test_router_default_keeps_a_few_experts_per_row_when_there_are_many():
     few = torch.randn(6, AUTO_DENSE_MAX, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(apply_options(few, RoutingOptions(), names[:AUTO_DENSE_MAX]).weights,
                                torch.softmax(few, -1))  # a handful of experts: the full softmax, as before
+
+
+# ---- what a device waits for -----------------------------------------------------------------------------------
+
+CUDA_CASES = [p for p in DEVICE_CASES if p.values[0].device == "cuda"]
+
+
+@pytest.mark.parametrize("case", CUDA_CASES)
+@pytest.mark.parametrize("kernel", ("factored", *SPARSE))
+def test_a_mixing_layer_never_waits_for_the_device(case, kernel):
+    # what a layer indexes with is found on the host when the mix is set; the forward itself launches kernels
+    # and nothing else (CUDA's sync debug mode raises on any synchronisation)
+    layer, state, _ = _layer(case.dtype, case.device)
+    x = torch.randn(5, 3, 24, device=case.device, dtype=case.dtype)
+    state.set(MIXES["top2"], kernel=kernel)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            layer(x)
+            layer(x[:, -1])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("case", DEVICE_CASES)
+def test_a_step_reads_back_each_rows_token_and_only_the_logits_it_samples_from(case):
+    from twinrt.runtime.request import Request
+    from twinrt.runtime.tokens import _HostLogits
+
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    logits[2, 7] = float("nan")
+    greedy, sampled = SamplingParams(max_new_tokens=4), SamplingParams(max_new_tokens=4, temperature=0.7)
+    reqs = [Request(i, [1, 2], None, p) for i, p in enumerate([greedy, sampled, greedy, sampled])]
+    got = _HostLogits(reqs, logits.to(case.device, case.dtype))
+    want = logits.to(case.dtype).float()
+    assert got.finite == [True, True, False, True]
+    assert [g for i, g in enumerate(got.greedy) if i != 2] == [int(want[i].argmax()) for i in (0, 1, 3)]
+    case.assert_close(got[1], want[1])
+    case.assert_close(got[[3, 1]], want[[3, 1]])
+    assert got[3].device.type == "cpu"
