@@ -200,7 +200,7 @@ def bench_cell(tm: TwinModel, static, mix: torch.Tensor, phase: str, ids: torch.
         for name, kernel in arms.items():
             model = static
             if kernel is not None:
-                tm.state.set(mix.to(tm.device), kernel=kernel)
+                tm.state.set(mix, kernel=kernel)
                 model = tm.model
             times[name].append(time_prefill(model, ids) if phase == "prefill" else time_decode(model, prefilled))
         tm.clear_mix()

@@ -16,6 +16,7 @@ Synthetic experts change only the decoder's linear weights (as LoRA experts do),
 its factors alone; see bench_split.py for experts that also move embeddings and norms.
 
     python benchmarks/bench_fusion.py [--ns 2 4 8] [--ranks 16 64] [--batches 1 8 32] [--dtypes float32 bfloat16]
+    python benchmarks/bench_fusion.py --random-weights --device cuda --shape llama-8b [--e2e]   # no model files
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 import yaml
 
+import fusion_random
 from common import ROOT, machine, run_child, smollm2_base, synthetic_expert, write_json
 from twinrt.runtime import TwinModel
 from twinrt.split.run import decoder_linear_weights
@@ -257,14 +259,39 @@ def bench_end_to_end(art: Path, n_requests: int = 32, new_tokens: int = 16, repe
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/twinrt-bench"))
-    ap.add_argument("--ns", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--ns", type=int, nargs="+", help="experts (default 2 4 8; with --random-weights 4 16 64)")
     ap.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--batches", type=int, nargs="+", help="default 1 8 32; with --random-weights 1 8 64 256")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-kernels", action="store_true")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fusion.json")
+    ap.add_argument("--out", type=Path, default=None, help="JSON (default benchmarks/results/fusion.json; with "
+                    "--random-weights benchmarks/results/fusion-<shape>-<device>.json)")
+    rw = ap.add_argument_group("random weights (no model files: fusion_random.py)")
+    rw.add_argument("--random-weights", action="store_true", help="a random Llama of --shape built on --device")
+    rw.add_argument("--shape", default="smollm2-135m", choices=sorted(fusion_random.SHAPES))
+    rw.add_argument("--layers", type=int, default=None, help="fewer decoder layers than the shape's")
+    rw.add_argument("--device", default="cpu")
+    rw.add_argument("--dtype", default="bfloat16", help="the random model's dtype")
+    rw.add_argument("--routings", nargs="+", default=["dense", "top1", "top2"], choices=sorted(fusion_random.ROUTINGS))
+    rw.add_argument("--phases", nargs="+", default=["prefill", "decode"], choices=["prefill", "decode"])
+    rw.add_argument("--max-launches", type=int, default=20_000, help="leave rowwise out above this many GEMMs")
+    rw.add_argument("--reference-batches", type=int, nargs="*", default=[64],
+                    help="batches whose dense cells also time the reference way")
+    rw.add_argument("--e2e", action="store_true", help="also the engine end to end")
+    rw.add_argument("--e2e-requests", type=int, default=64)
+    rw.add_argument("--e2e-tokens", type=int, default=128)
+    rw.add_argument("--e2e-repeats", type=int, default=2)
     args = ap.parse_args()
+    if args.random_weights:
+        args.ns = args.ns or [4, 16, 64]
+        args.batches = args.batches or [1, 8, 64, 256]
+        args.out = args.out or ROOT / "benchmarks" / "results" / f"fusion-{args.shape}-{args.device}.json"
+        fusion_random.main(args)
+        return
+    args.ns = args.ns or [2, 4, 8]
+    args.batches = args.batches or [1, 8, 32]
+    args.out = args.out or ROOT / "benchmarks" / "results" / "fusion.json"
     torch.manual_seed(0)
     arts = build_artifacts(args.workdir, sorted(set(args.ns) | {4}), sorted(set(args.ranks) | {16}))
     kernel_arts = {k: v for k, v in arts.items() if k[0] in args.ns and k[1] in args.ranks}
