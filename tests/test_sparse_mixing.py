@@ -266,3 +266,49 @@ def test_a_step_reads_back_each_rows_token_and_only_the_logits_it_samples_from(c
     case.assert_close(got[1], want[1])
     case.assert_close(got[[3, 1]], want[[3, 1]])
     assert got[3].device.type == "cpu"
+
+
+_TRITON_CHECK = """
+import json, sys, torch
+from twinrt.runtime import triton_lora
+from twinrt.runtime.mixing import MixLinear, MixState
+from twinrt.runtime.sparse import LayerRoutes, Pairs, reference_sparse_delta
+assert triton_lora.available(torch.zeros(1))
+mixes = json.loads(sys.argv[1])
+g = torch.Generator().manual_seed(0)
+out = []
+for dt in (torch.float32, torch.float16):
+    factors = {e: ((torch.randn(r, 24, generator=g) * 0.3).to(dt), (torch.randn(40, r, generator=g) * 0.3).to(dt))
+               for e, r in ((0, 3), (2, 5), (3, 2))}
+    layer = MixLinear(torch.nn.Linear(24, 40).to(dt), MixState(4), factors)
+    for kind, rows in mixes.items():
+        mix = torch.tensor(rows)
+        routes = LayerRoutes.of(Pairs.of(mix), layer.slot_of)
+        for shape in ((5, 24), (5, 1, 24), (5, 19, 24)):
+            x = torch.randn(*shape, generator=g).to(dt)
+            y = torch.randn(*shape[:-1], 40, generator=g).to(dt)
+            want = y.float() + reference_sparse_delta(x, factors, mix)
+            triton_lora.gathered_add_(y, x, layer.a_s, layer.b_s, routes)
+            out.append([str(dt), kind, list(shape), float((y.float() - want).abs().max()), float(want.abs().max())])
+print(json.dumps(out))
+"""
+
+
+def test_the_triton_gathered_kernel_equals_the_reference_under_the_interpreter():
+    # the CUDA gathered kernel (two Triton launches) run by Triton's interpreter on the CPU: every mix kind, a token
+    # per row and several (more than one tile of rows), ranks 3/5/2 padded to 16, float32 and float16
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    mixes = {k: v.tolist() for k, v in MIXES.items()}
+    run = subprocess.run([sys.executable, "-c", _TRITON_CHECK, json.dumps(mixes)], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(rows) == 2 * len(MIXES) * 3
+    for dt, kind, shape, err, scale in rows:
+        assert err <= (1e-5 if dt == "torch.float32" else 5e-3) * max(1.0, scale), (dt, kind, shape, err)

@@ -13,7 +13,8 @@ A linear layer keeps its experts' factors stacked by slot, zero-padded to its la
                with a per-row rank scale `s[b, k] = mix[b, expert(k)]`: y = x Wᵀ + ((x A_catᵀ) ⊙ s) B_catᵀ.
                Every row pays for every expert active in the batch (experts no row uses are left out): the
                path for dense mixes.
-    rowwise, gathered:  a row pays only for its own experts (top-k routing over many experts; sparse.py).
+    rowwise, gathered:  a row pays only for its own experts (top-k routing over many experts; sparse.py; on
+               CUDA the gathered kernel is two Triton launches, triton_lora.py).
     materialized:  a cached `W' = W + B_cat diag(s) A_cat` when every row shares one mix.
 """
 
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from twinrt.runtime import triton_lora
 from twinrt.runtime.sparse import LayerRoutes, Pairs, gathered_delta, rowwise_delta_
 from twinrt.runtime.transfer import to_device
 
@@ -210,7 +212,9 @@ class MixLinear(nn.Module):
                 self._concatenated(x, y, st)
             else:
                 routes = st.routes(self.experts, self.slot_of)
-                if st.kernel == "gathered":
+                if st.kernel == "gathered" and x.is_cuda and triton_lora.ENABLED and triton_lora.available(x):
+                    triton_lora.gathered_add_(y, x, self.a_s, self.b_s, routes)
+                elif st.kernel == "gathered":
                     y.add_(gathered_delta(x, self.a_s, self.b_s, routes))
                 else:
                     rowwise_delta_(y, x, self.a_s, self.b_s, self.ranks, routes)

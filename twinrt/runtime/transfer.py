@@ -25,8 +25,10 @@ def to_host(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The tensors on the host, after one synchronisation of the stream that computes them (none on the CPU)."""
     if all(t.device.type == "cpu" for t in tensors):
         return tensors
-    if any(t.device.type == "cuda" for t in tensors):
+    cuda = {t.device for t in tensors if t.device.type == "cuda"}
+    if cuda:
         out = tuple(t.to("cpu", non_blocking=True) if t.device.type == "cuda" else t for t in tensors)
-        torch.cuda.current_stream().synchronize()
+        for dev in cuda:
+            torch.cuda.current_stream(dev).synchronize()
         return out
     return tuple(t.cpu() for t in tensors)
