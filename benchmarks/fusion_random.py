@@ -8,7 +8,8 @@ llama-8b (Llama-3.1-8B: hidden 4096, 32 layers, GQA 32/8). N random experts of r
 Kernels (one row per shape, N, rank, batch, routing, phase): the static model (a plain transformers model
 sharing the core's weights) against the twin's kernels on the same inputs, round-robin: `factored` (every row
 runs every active expert), `rowwise` and `gathered` (each row its own experts; rowwise is left out where it
-would launch more than --max-launches GEMMs per forward), `materialized` (one W' for a mix all rows share), and
+would launch more than --max-launches GEMMs per forward; on CUDA gathered is the Triton kernel and
+`gathered_bags` the embedding-bag one), `materialized` (one W' for a mix all rows share), and
 the reference way (rebuild dense weights per sample, run it at batch 1; timed on 2 samples, scaled to the batch).
 Routings: dense (Dirichlet(1) over all N, per row), top1 (row b to expert b mod N), top2 (b mod N and b + 1 mod
 N at 0.7 / 0.3). Prefill: 64 prompt tokens per row; decode: 16 steps on a 64-token cache. Each ratio to the
@@ -33,7 +34,7 @@ import torch
 
 from bench_experts import limits, routing_mix
 from common import machine, write_json
-from twinrt.runtime import Engine, SamplingParams, TwinModel
+from twinrt.runtime import Engine, SamplingParams, TwinModel, triton_lora
 
 PROMPT_LEN, DECODE_STEPS = 64, 16
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -187,6 +188,8 @@ def bench_cell(tm: TwinModel, static, mix: torch.Tensor, phase: str, ids, prefil
     skipped = {}
     if not bool(nz.all()) or len(tm.experts) <= 8:
         arms["gathered"] = lambda: tm.state.set(mix, kernel="gathered")
+        if ids.is_cuda and triton_lora.available(ids):  # on CUDA gathered is Triton's; the embedding bags beside it
+            arms["gathered_bags"] = lambda: tm.state.set(mix, kernel="gathered")
         launches = 2 * pairs * len(tm.mix_linears)
         if launches <= max_launches:
             arms["rowwise"] = lambda: tm.state.set(mix, kernel="rowwise")
@@ -197,6 +200,7 @@ def bench_cell(tm: TwinModel, static, mix: torch.Tensor, phase: str, ids, prefil
         key = tm.materialize(shared[0])
         arms["materialized"] = lambda: tm.state.set(shared, key)
     def timed(name: str) -> float:
+        triton_lora.ENABLED = name != "gathered_bags"
         arms[name]()
         model = static if name == "static" else tm.model
         if phase == "prefill":
@@ -212,6 +216,7 @@ def bench_cell(tm: TwinModel, static, mix: torch.Tensor, phase: str, ids, prefil
             times[name].append(timed(name))
     tm.clear_mix()
     tm.materialized.clear()
+    triton_lora.ENABLED = True
     tokens = b * (PROMPT_LEN if phase == "prefill" else DECODE_STEPS)
     tps = {k: tokens / statistics.median(v) for k, v in times.items()}
     lim = limits(tm, mix)
@@ -342,12 +347,13 @@ def print_table(out: dict) -> None:
     rows = out["kernels"]
     if rows:
         print(f"\n{out['shape']} {out['dtype']} on {out['device_name']}: ratio to static (FLOP limit, byte limit)")
-        print("| N | rank | batch | routing | phase | static tok/s | factored | gathered | rowwise | materialized "
-              "| FLOP limit | byte limit | twin / reference |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("| N | rank | batch | routing | phase | static tok/s | factored | gathered | gathered (bags) | rowwise "
+              "| materialized | FLOP limit | byte limit | twin / reference |")
+        print("|" + "---|" * 14)
         for r in rows:
             q = r["ratio_to_static"]
-            cell = [f"{q[k]:.2f}x" if k in q else "–" for k in ("factored", "gathered", "rowwise", "materialized")]
+            cell = [f"{q[k]:.2f}x" if k in q else "–"
+                    for k in ("factored", "gathered", "gathered_bags", "rowwise", "materialized")]
             print(f"| {r['n']} | {r['rank']} | {r['batch']} | {r['routing']} | {r['phase']} | {r['tok_s']['static']} "
                   f"| {' | '.join(cell)} | {r['flop_limit']:.2f}x | {r['byte_limit']:.2f}x "
                   f"| {r.get('twin_over_reference', '–')} |")
