@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,19 @@ from twinrt.runtime.request import SamplingParams
 from twinrt.runtime.runner import Runner
 
 MixLike = torch.Tensor | Sequence[Mapping[str, float]] | None
+
+
+def _columns(art: Artifact, dev: torch.device, dt: torch.dtype) -> tuple[dict, dict]:
+    """Every column's (experts', then static merges') factors and dense deltas, on the device."""
+    columns = [*art.experts, *art.statics]
+    factors = {c: {w: (a.to(dev), b.to(dev)) for w, (a, b) in art.load_factors(c, dtype=dt).items()}
+               for c in columns}
+    dense = {c: {w: d.to(dev) for w, d in art.load_dense(c, dtype=dt).items()} for c in columns}
+    return factors, dense
+
+
+def _core_files(art: Artifact) -> dict[str, str]:
+    return {rel: digest for rel, digest in art.manifest.files.items() if rel.startswith("core/")}
 
 
 class TwinModel(Runner):
@@ -73,12 +87,39 @@ class TwinModel(Runner):
         tok.padding_side = "left"
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        columns = [*art.experts, *art.statics]
-        factors = {c: {w: (a.to(dev), b.to(dev)) for w, (a, b) in art.load_factors(c, dtype=dt).items()}
-                   for c in columns}
-        dense = {c: {w: d.to(dev) for w, d in art.load_dense(c, dtype=dt).items()} for c in columns}
+        factors, dense = _columns(art, dev, dt)
         return cls(model, tok, dev, dt, experts=art.experts, statics=art.statics, factors=factors, dense=dense,
                    materialize_budget_bytes=materialize_budget_mib * 2**20, policy=policy, artifact=art)
+
+    def reloaded(self, path: str | Path | None = None, *, verify: bool = True) -> TwinModel:
+        """A TwinModel of the artifact at `path` (default: this one's, read again, e.g. after `twinrt add`) on
+        this one's core: its weights are shared, not loaded or copied, and only the experts' factors are read.
+        This model is left as it is (a server finishes its running requests on it). Raises TwinError when the
+        artifact's core is not this one's (`add` and `remove` never change it; a new split does)."""
+        if path is None and self.artifact is None:
+            raise TwinError("this TwinModel was not loaded from an artifact: name the artifact to reload")
+        art = Artifact.open(path if path is not None else self.artifact.path, verify=verify)
+        if self.artifact is not None and _core_files(art) != _core_files(self.artifact):
+            raise TwinError(f"{art.path}: its core is not the one this model serves (a new split?): load it anew")
+        factors, dense = _columns(art, self.device, self.dtype)
+        return TwinModel(self.core_copy(), self.tokenizer, self.device, self.dtype, experts=art.experts,
+                         statics=art.statics, factors=factors, dense=dense,
+                         materialize_budget_bytes=self.materialized.budget_bytes, policy=self.policy, artifact=art)
+
+    def core_copy(self) -> nn.Module:
+        """The core model without the mixing layers, sharing every tensor with this one (nothing is copied)."""
+        memo: dict[int, Any] = {}
+        for mod in self.model.modules():  # parameters, buffers, and the tensors the mixing layers hold
+            for value in vars(mod).values():
+                for t in value.values() if isinstance(value, dict) else (value,):
+                    if isinstance(t, torch.Tensor):
+                        memo[id(t)] = t
+        copy_ = deepcopy(self.model, memo)
+        for name, mod in list(copy_.named_modules()):
+            if isinstance(mod, (MixLinear, MixEmbedding, MixScaleNorm)):
+                parent, _, child = name.rpartition(".")
+                setattr(copy_.get_submodule(parent) if parent else copy_, child, mod.base)
+        return copy_
 
     def _attach(self, by_column_factors: Mapping[str, Mapping[str, tuple[torch.Tensor, torch.Tensor]]],
                 by_column_dense: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
