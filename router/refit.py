@@ -131,34 +131,49 @@ def _build_dir(art: Artifact, where: Path | None) -> Path:
 
 # ---- the hooks `twinrt add` and `twinrt remove` call (registered by router.cli) ----------------------------------
 
-def cli_refitter(args: argparse.Namespace) -> Callable[[Artifact, list[str]], Path] | None:
-    """For `twinrt add`/`remove`: the callable that builds the refitted router for the new expert set, or None
-    where there is nothing to refit (no router, --drop-router, or an add without --router-data, which the
-    update then refuses with its own message)."""
-    from router.cli import _read, console, print_evaluation
-
-    data_file = getattr(args, "router_data", None)
-    has_router = (Path(args.artifact) / "router").is_dir()
-    if data_file and (getattr(args, "drop_router", False) or not has_router):
-        raise TwinError("--router-data and --drop-router exclude each other" if has_router else
-                        f"--router-data: {args.artifact} has no router to refit (train one with `twinrt router "
-                        "train`)")
-    if getattr(args, "drop_router", False) or not has_router or (args.command == "add" and not data_file):
+def refitter(artifact: str | Path, *, adding: bool, data_file: str | Path | None = None, label_key: str = "expert",
+             drop_router: bool = False, report: Callable[[Refit], None] | None = None,
+             flags: tuple[str, str] = ("--router-data", "--drop-router")
+             ) -> Callable[[Artifact, list[str]], Path] | None:
+    """The callable an `add` (`adding`) or `remove` passes as `router=`: it builds the refitted router for the new
+    expert set (from `data_file`'s examples and the stored features), or None where there is nothing to refit
+    (no router, `drop_router`, or an add without data, which the update then refuses with its own message).
+    `report(refit)` runs after each refit; `flags` name the data and drop options in the messages."""
+    has_router = (Path(artifact) / "router").is_dir()
+    if data_file and (drop_router or not has_router):
+        raise TwinError(f"{flags[0]} and {flags[1]} exclude each other" if has_router else
+                        f"{flags[0]}: {artifact} has no router to refit (train one with `twinrt router train`)")
+    if drop_router or not has_router or (adding and not data_file):
         return None
-    examples = _read(data_file, args.router_label_key) if data_file else ()
+    from router.cli import _read
+
+    examples = _read(str(data_file), label_key) if data_file else ()
 
     def build(art: Artifact, experts: list[str]) -> Path:
         try:
             refit = refit_router(art, experts, examples, source=str(data_file or "the stored router features"))
         except TwinError as e:
             if "--drop-router" in str(e):
-                raise
-            raise TwinError(f"refitting the router: {e}; or pass --drop-router (and train one again)") from None
-        if not getattr(args, "quiet", False):
-            console.print(f"router refitted for {len(experts)} experts on {refit.examples} examples "
-                          f"({refit.new_examples} new)")
-            if refit.evaluation is not None:
-                print_evaluation(refit.evaluation, experts, "held out, after the refit")
+                raise TwinError(str(e).replace("--drop-router", flags[1])) from None
+            raise TwinError(f"refitting the router: {e}; or pass {flags[1]} (and train one again)") from None
+        if report is not None:
+            report(refit)
         return refit.path
 
     return build
+
+
+def cli_refitter(args: argparse.Namespace) -> Callable[[Artifact, list[str]], Path] | None:
+    """For `twinrt add`/`remove` (see `refitter`), printing each refit's held-out accuracy and confusion matrix."""
+    from router.cli import console, print_evaluation
+
+    def report(refit: Refit) -> None:
+        if not getattr(args, "quiet", False):
+            console.print(f"router refitted for {len(refit.experts)} experts on {refit.examples} examples "
+                          f"({refit.new_examples} new)")
+            if refit.evaluation is not None:
+                print_evaluation(refit.evaluation, list(refit.experts), "held out, after the refit")
+
+    return refitter(args.artifact, adding=args.command == "add", data_file=getattr(args, "router_data", None),
+                    label_key=getattr(args, "router_label_key", "expert"),
+                    drop_router=getattr(args, "drop_router", False), report=report)

@@ -4,6 +4,8 @@
     POST /v1/feedback           (an answered request's outcome; serving.feedback)
     GET  /v1/models             GET  /v1/models/{model}
     POST /tokenize              POST /detokenize       (vLLM's; serving.tokenize)
+    GET  /v1/experts            POST /v1/experts   DELETE /v1/experts/{name}   POST /v1/experts/reload
+                                (expert updates, off unless --allow-expert-updates; serving.experts)
     GET  /health                GET  /metrics (Prometheus text format)
 
 /health answers 200 {"status": "ok"} while requests can be served, and 503 {"status": "draining" |
@@ -32,6 +34,7 @@ from serving.arms import ArmTable, parse_arm
 from serving.backends.base import Backend
 from serving.completions import complete
 from serving.errors import APIError, CatchAll
+from serving.experts import AddExpertBody, ExpertUpdates
 from serving.feedback import FeedbackBody, FeedbackStore, post_feedback
 from serving.metrics import Metrics
 from serving.middleware import ApiKeyAuth, BodyLimit, StatusCounter
@@ -62,6 +65,7 @@ class Server:
     request_timeout: float | None = None      # seconds from arrival; None = no deadline
     on_fatal: Callable[[], None] | None = None  # the backend stopped for good (e.g. exit for a restart)
     static_info: dict[str, dict[str, Any]] = field(default_factory=dict)  # static:<label> -> method, params
+    updates: ExpertUpdates | None = None  # expert updates of the running server (None: refused)
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: Metrics = field(init=False)
     draining: bool = field(init=False, default=False)
@@ -74,7 +78,8 @@ class Server:
 
     @property
     def experts(self) -> list[str]:
-        return list(self.backend.experts)
+        """The experts requests are routed over now (the routing service's: an expert update swaps it)."""
+        return list(self.routing.experts)
 
     def record(self, rec: dict[str, Any]) -> None:
         if self.log is not None:
@@ -110,6 +115,14 @@ def model_card(server: Server, model_id: str) -> dict[str, Any]:
             info |= {"method": st.get("method"), "params": st.get("params")}
     return {"id": model_id, "object": "model", "created": server.created, "owned_by": "twinrt", "root": server.name,
             "parent": None, "twinrt": info}
+
+
+def _no_query(request: Request, known: tuple[str, ...]) -> None:
+    """A query parameter the endpoint does not take is refused, not ignored."""
+    unknown = sorted(set(request.query_params) - set(known))
+    if unknown:
+        raise APIError(400, f"unknown query parameter {unknown[0]!r}" + (f"; this endpoint takes {', '.join(known)}"
+                                                                        if known else ""), param=unknown[0])
 
 
 def create_app(server: Server) -> FastAPI:
@@ -165,6 +178,33 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/detokenize")
     async def detokenize_(body: DetokenizeRequest) -> dict[str, Any]:
         return await detokenize(server, body)
+
+    def updates() -> ExpertUpdates:
+        if server.updates is None:
+            raise APIError(403, "expert updates are off: start the server with --allow-expert-updates",
+                           code="expert_updates_off")
+        return server.updates
+
+    @app.get("/v1/experts")
+    async def experts_list() -> dict[str, Any]:
+        if server.updates is None:
+            return {"object": "list", "experts": server.experts, "statics": list(server.arms.statics),
+                    "router": server.routing.kind, "allowed": False}
+        return server.updates.listing(server)
+
+    @app.post("/v1/experts")
+    async def experts_add(body: AddExpertBody) -> dict[str, Any]:
+        return await updates().add(server, body)
+
+    @app.post("/v1/experts/reload")
+    async def experts_reload(request: Request) -> dict[str, Any]:
+        _no_query(request, ())
+        return await updates().reload(server)
+
+    @app.delete("/v1/experts/{name}")
+    async def experts_remove(name: str, request: Request, drop_router: bool = False) -> dict[str, Any]:
+        _no_query(request, ("drop_router",))
+        return await updates().remove(server, name, drop_router)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -133,6 +133,10 @@ class ArmTable:
     def model_ids(self) -> list[str]:
         return arm_names(self.experts, self.statics) + list(self.splits)
 
+    def adopt_rng(self, other: ArmTable) -> None:
+        """Continue `other`'s A/B picks (a table rebuilt for a new expert set keeps the seeded sequence)."""
+        self._rng = other._rng
+
     def resolve(self, model: str, user: str | None = None) -> tuple[Arm, ABSplit | None]:
         """(the arm that serves this request, the A/B split that chose it or None)."""
         split = self.splits.get(model)

@@ -40,6 +40,7 @@ from serving.backends.base import (
     BackendError,
     Delta,
     EngineUnavailable,
+    ExpertGone,
     Finished,
     Generation,
     GenerationRequest,
@@ -106,6 +107,8 @@ def timed_out(timeout: float) -> APIError:
 
 
 def _backend_error(err: BackendError, chat: bool) -> APIError:
+    if isinstance(err, ExpertGone):
+        return APIError(404, str(err), param="model", code="model_not_found")
     if isinstance(err, QueueFull):
         return APIError(429, str(err), code="queue_full", headers={"Retry-After": RETRY_AFTER_S})
     if isinstance(err, PromptError):
@@ -189,7 +192,8 @@ def plan(body: Body, tokenizer: Any) -> Plan:
                 template_tools=template_tools)
 
 
-def _rows(body: Body, pl: Plan, decisions: Sequence[Decision], deadline: float | None) -> list[GenerationRequest]:
+def _rows(body: Body, pl: Plan, decisions: Sequence[Decision], deadline: float | None,
+          experts: Sequence[str]) -> list[GenerationRequest]:
     common: dict[str, Any] = dict(
         max_tokens=body.max_completion(), temperature=_temperature(body),
         top_p=1.0 if body.top_p is None else body.top_p, stop=body.stops(), ignore_eos=body.ignore_eos,
@@ -199,7 +203,7 @@ def _rows(body: Body, pl: Plan, decisions: Sequence[Decision], deadline: float |
         stop_token_ids=tuple(body.stop_token_ids or ()), include_stop_str_in_output=body.include_stop_str_in_output,
         logprobs=pl.top, prompt_logprobs=pl.prompt_top, structured=pl.structured, tools=pl.template_tools)
     return [GenerationRequest(prompt=p, mix=d.mix, static=d.static, seed=None if body.seed is None else body.seed + i,
-                              **common)
+                              experts=tuple(experts), **common)
             for p, d in zip(pl.prompts, decisions) for i in range(pl.rows)]
 
 
@@ -246,9 +250,9 @@ def _router_input(server: Any, prompt: Any) -> Any:
     return list(prompt) if isinstance(prompt, tuple) else prompt
 
 
-def _mean_weights(server: Any, decisions: Sequence[Decision]) -> dict[str, float]:
-    rows = [d.weights(server.experts) for d in decisions]
-    return {e: round(sum(r[e] for r in rows) / len(rows), 6) for e in server.experts}
+def _mean_weights(experts: Sequence[str], decisions: Sequence[Decision]) -> dict[str, float]:
+    rows = [d.weights(experts) for d in decisions]
+    return {e: round(sum(r[e] for r in rows) / len(rows), 6) for e in experts}
 
 
 async def complete(server: Any, shape: Shape, body: Body, request: Request) -> JSONResponse | StreamingResponse:
@@ -257,12 +261,14 @@ async def complete(server: Any, shape: Shape, body: Body, request: Request) -> J
     pl = plan(body, server.backend.encoder.tokenizer)
     if server.draining:
         raise shutting_down()
+    routing = server.routing  # one expert set for the whole request, whatever an expert update swaps meanwhile
+    experts = routing.experts
     try:
         arm, split = server.arms.resolve(body.model, body.user)
     except UnknownModel as e:
         raise APIError(404, str(e), param="model", code="model_not_found") from None
     try:
-        decisions = await asyncio.gather(*(server.routing.decide(arm, _router_input(server, p), body.routing, split)
+        decisions = await asyncio.gather(*(routing.decide(arm, _router_input(server, p), body.routing, split)
                                            for p in pl.prompts))
     except OverrideError as e:
         raise APIError(400, str(e), param=e.param, code="unknown_expert") from None
@@ -273,15 +279,16 @@ async def complete(server: Any, shape: Shape, body: Body, request: Request) -> J
     record = {"ts": round(track.ts, 3), "id": rid, "endpoint": shape.endpoint, "model": body.model,
               "arm": first.arm, "ab": first.ab, "user": user_hash(body.user), "router": first.router,
               "rule": first.rule, "confidence": None if first.confidence is None else round(first.confidence, 6),
-              "overridden": first.overridden, "weights": _mean_weights(server, decisions),
+              "overridden": first.overridden, "weights": _mean_weights(experts, decisions),
               "n": body.n, "stream": body.stream}
     if len(pl.prompts) > 1:
         record["prompts"] = len(pl.prompts)
-    rows = _rows(body, pl, decisions, None if server.request_timeout is None else track.t0 + server.request_timeout)
+    rows = _rows(body, pl, decisions, None if server.request_timeout is None else track.t0 + server.request_timeout,
+                 experts)
     gens, admissions = await _submit(server, rows, pl.chat, track)
     record["prompt_tokens"] = sum(admissions[pl.row(p, 0)].prompt_tokens for p in range(len(pl.prompts)))
     headers = {"x-request-id": rid}
-    view = View(server, body, pl, decisions, admissions)
+    view = View(server, body, pl, decisions, admissions, experts)
     if body.stream:
         events = _stream(server, shape, body, view, gens, rid, track, record)
         return StreamingResponse(events, media_type="text/event-stream",
@@ -297,9 +304,9 @@ class View:
     """How a request's results read in its response: texts, logprobs, echo, vLLM's token-id extensions."""
 
     def __init__(self, server: Any, body: Body, pl: Plan, decisions: Sequence[Decision],
-                 admissions: Sequence[Any]) -> None:
+                 admissions: Sequence[Any], experts: Sequence[str]) -> None:
         self.body, self.pl, self.decisions = body, pl, decisions
-        self.experts = server.experts
+        self.experts = list(experts)
         self.tt = TokenText(server.backend.encoder.tokenizer, as_ids=bool(body.return_tokens_as_token_ids))
         self.prompt_ids = [admissions[pl.row(p, 0)].prompt_ids for p in range(len(pl.prompts))]
         self.prompt_tokens = sum(len(ids) for ids in self.prompt_ids)

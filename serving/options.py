@@ -88,6 +88,8 @@ class ServeOptions(VLLMOptions):
     feedback: Path | None = option(None, "feedback store of POST /v1/feedback (SQLite); default feedback.sqlite beside "
                                    "the routing log")
     router: bool = option(True, "ignore ARTIFACT/router/: `twin` then uses the uniform mix")
+    allow_expert_updates: bool = option(False, "take POST /v1/experts, DELETE /v1/experts/NAME and POST "
+                                        "/v1/experts/reload (add or remove experts while serving; behind the API key)")
     materialize: bool = option(True, "never build merged weights W' (always the factored path)")
     max_body_bytes: int = option(MAX_BODY_BYTES, "larger request bodies get 413", ge=1024)
     request_timeout: float | None = option(

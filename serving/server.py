@@ -32,6 +32,7 @@ from typing import Any
 from serving.app import Server, create_app
 from serving.arms import ArmTable, parse_ab
 from serving.backends.local import LocalBackend
+from serving.experts import ExpertUpdates
 from serving.feedback import DEFAULT_STORE, FeedbackStore
 from serving.options import ServeOptions
 from serving.routelog import RouteLog
@@ -115,9 +116,11 @@ def build_server(opts: ServeOptions) -> Server:
         for arm in split.arms:
             if arm.name in unservable:
                 raise TwinError(f"--ab: {unservable[arm.name]}")
+    updates = ExpertUpdates(art.path, enabled=True, router=opts.router, device=opts.device) \
+        if opts.allow_expert_updates else None
     return Server(backend=backend, arms=arms, routing=RoutingService(experts, router), log=route_log,
                   feedback=feedback, api_key=api_key, max_body_bytes=opts.max_body_bytes, name=art.path.name,
-                  request_timeout=opts.request_timeout,
+                  request_timeout=opts.request_timeout, updates=updates,
                   static_info={f"static:{st.label}": {"method": st.method, "params": st.params}
                                for st in art.manifest.statics})
 

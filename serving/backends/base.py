@@ -65,6 +65,11 @@ class BackendFailure(BackendError):
     the server's log; clients get an error id, not this text."""
 
 
+class ExpertGone(BackendError):
+    """The request gives weight to an expert (or asks for a static merge) the backend no longer serves: it was
+    removed while the request was on its way (HTTP 404, code model_not_found)."""
+
+
 class ShuttingDown(BackendError):
     """The server is draining or stopping: the generation could not finish (HTTP 503 with Retry-After)."""
 
@@ -76,7 +81,8 @@ class EngineUnavailable(BackendError):
 @dataclass(frozen=True)
 class GenerationRequest:
     """One completion to produce. `prompt`: text, chat messages, or token ids (taken as they are). `mix`: one
-    weight per expert in the backend's `experts` order, or None for the shared core alone. `max_tokens`: None =
+    weight per expert in the backend's `experts` order (or in `experts`' order, the names the request was routed
+    over, when the set may have changed since), or None for the shared core alone. `max_tokens`: None =
     up to the end of the context; 0 = no completion (the prompt is scored: `prompt_logprobs`).
 
     The sampling fields have vLLM's semantics (twinrt.runtime.request.SamplingParams states them); `logprobs`
@@ -108,6 +114,7 @@ class GenerationRequest:
     structured: StructuredSpec | None = None
     tools: tuple[dict[str, Any], ...] | None = None
     static: str | None = None  # "static:<label>": a static merge of the backend's `statics` serves it (mix None)
+    experts: tuple[str, ...] | None = None  # the experts `mix` is over (None: the backend's, as they are now)
 
 
 # the GenerationRequest fields every engine takes under the same name (engine_sampling passes them on)
@@ -247,12 +254,14 @@ def check_capacity(max_batch: int, max_queue: int) -> None:
 
 
 def check_submit(request: GenerationRequest, running: bool, inflight: int, max_batch: int, max_queue: int,
-                 n_experts: int) -> None:
-    """What every backend's `submit` checks first: it runs, it has room, the mix fits its experts."""
+                 experts: Sequence[str]) -> None:
+    """What every backend's `submit` checks first: it runs, it has room, the mix fits the experts it names (the
+    backend's, unless the request names them)."""
     if not running:
         raise ShuttingDown("the server is not accepting requests (stopping or stopped); retry later")
     if inflight >= max_batch + max_queue:
         raise QueueFull(f"the server is at capacity ({max_batch} running + {max_queue} queued requests); retry later")
+    n_experts = len(request.experts if request.experts is not None else experts)
     if request.mix is not None and len(request.mix) != n_experts:
         raise ValueError(f"mix has {len(request.mix)} weights for {n_experts} experts")
     if request.static is not None and request.mix is not None:

@@ -18,6 +18,13 @@ Faults stay with the request that caused them:
 - if steps keep failing (MAX_STEP_FAILURES within STEP_FAILURE_WINDOW_S) or the worker thread dies, the
   backend turns unhealthy for good: every waiting request fails with EngineUnavailable and `healthy()` is
   False, so /health answers 503 and `twinrt serve` exits non-zero for its supervisor to restart it.
+
+Expert updates (`reload`): the artifact's new expert set is loaded on the same core (`TwinModel.reloaded`:
+the core's weights are shared, only factors are read) beside the running one, with its own engine, and
+becomes current: requests admitted from then on run on it, each request's mix mapped onto its experts by
+name (one that gives weight to an expert it no longer has fails with ExpertGone). Requests already in the
+previous engine finish there, on the experts they started with; the worker steps both engines until the old
+one is empty, then lets it go.
 """
 
 from __future__ import annotations
@@ -30,8 +37,9 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +52,7 @@ from serving.backends.base import (
     BackendStats,
     Delta,
     EngineUnavailable,
+    ExpertGone,
     Finished,
     Generation,
     GenerationRequest,
@@ -69,6 +78,15 @@ def row_error(failure: Any) -> BackendError:
     return BackendFailure(failure.message)
 
 
+@dataclass
+class _Epoch:
+    """One expert set being served: its TwinModel, its engine, and the handles of the requests in that engine."""
+
+    tm: TwinModel
+    engine: Engine
+    gens: dict[int, Generation] = field(default_factory=dict)  # id(engine Request) -> handle
+
+
 class LocalBackend:
     """Backend over a TwinModel in this process (see the module docstring)."""
 
@@ -77,9 +95,6 @@ class LocalBackend:
     def __init__(self, tm: TwinModel, max_batch: int = 32, max_queue: int = 256, materialize: bool = True,
                  max_step_tokens: int | None = None, long_prefill_share: float | None = None) -> None:
         check_capacity(max_batch, max_queue)
-        self.tm = tm
-        self.experts = list(tm.experts)
-        self.statics = list(tm.statics)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.materialize = materialize
@@ -88,7 +103,8 @@ class LocalBackend:
             self._engine_kw["max_step_tokens"] = max_step_tokens
         if long_prefill_share is not None:
             self._engine_kw["chunk_share"] = long_prefill_share
-        self.engine = Engine(tm, **self._engine_kw)
+        self._current = _Epoch(tm, Engine(tm, **self._engine_kw))
+        self._epochs = [self._current]  # the current one last; earlier ones finish their requests
         self.context = self.engine.context
         try:  # the tokenizer thread's own copy: the engine thread decodes with the original meanwhile
             tokenizer = copy.deepcopy(tm.tokenizer)
@@ -106,7 +122,24 @@ class LocalBackend:
         self._failures: deque[float] = deque(maxlen=MAX_STEP_FAILURES)
         self.engine_rebuilds = 0
         self._inflight = 0  # loop thread only
-        self._gens: dict[int, Generation] = {}  # worker thread only: engine request id -> handle
+
+    @property
+    def tm(self) -> TwinModel:
+        """The TwinModel new requests run on."""
+        return self._current.tm
+
+    @property
+    def engine(self) -> Engine:
+        """The engine new requests join."""
+        return self._current.engine
+
+    @property
+    def experts(self) -> list[str]:
+        return list(self._current.tm.experts)
+
+    @property
+    def statics(self) -> list[str]:
+        return list(self._current.tm.statics)
 
     @classmethod
     def from_artifact(cls, path: str | Path, *, device: str = "cpu", dtype: str = "float32", max_batch: int = 32,
@@ -114,6 +147,24 @@ class LocalBackend:
                       max_step_tokens: int | None = None, long_prefill_share: float | None = None) -> LocalBackend:
         return cls(TwinModel.from_artifact(path, device=device, dtype=dtype), max_batch, max_queue, materialize,
                    max_step_tokens, long_prefill_share)
+
+    async def reload(self, path: str | Path | None = None) -> list[str]:
+        """Serve the artifact at `path` (default: the one served, read again) from now on, on the same core (see
+        the module docstring); -> its experts. Raises TwinError when its core is another."""
+        tm = await asyncio.to_thread(self.tm.reloaded, path)
+        epoch = _Epoch(tm, Engine(tm, **self._engine_kw))
+        if self._thread is None:
+            self._install(epoch)
+        else:
+            done = asyncio.get_running_loop().create_future()
+            self._inbox.put(("epoch", epoch, done))
+            self._wake.set()
+            await done
+        return list(tm.experts)
+
+    def _install(self, epoch: _Epoch) -> None:
+        self._epochs.append(epoch)
+        self._current = epoch
 
     # ---- loop side -------------------------------------------------------------------------------------------
 
@@ -144,14 +195,14 @@ class LocalBackend:
         if self._dead:
             raise EngineUnavailable("the generation engine has stopped; this server must be restarted")
         check_submit(request, self._thread is not None and self._loop is not None and not self._stopping,
-                     self._inflight, self.max_batch, self.max_queue, len(self.experts))
+                     self._inflight, self.max_batch, self.max_queue, self.experts)
         gen = Generation(self._loop, on_cancel=self._request_cancel, on_done=self._done)
         self._inflight += 1
         self._prep.submit(self._prepare, gen, request)  # type: ignore[union-attr]
         return gen
 
     def stats(self) -> BackendStats:
-        running = self.engine.counts().running
+        running = sum(ep.engine.counts().running for ep in list(self._epochs))
         return BackendStats(queued=max(0, self._inflight - running), running=running, inflight=self._inflight)
 
     def _request_cancel(self, gen: Generation) -> None:
@@ -179,16 +230,14 @@ class LocalBackend:
                 except ValueError as e:
                     raise PromptError(f"the structured output cannot be compiled: {e}",
                                       param="response_format", code="invalid_structured_output") from None
-            mix = None
+            weights = None  # column name -> weight; the worker lays it out over the engine's columns
             if r.static is not None:  # the static merge's own column at weight 1, nothing else
-                if r.static not in self.statics:
-                    raise PromptError(f"unknown static merge {r.static!r}", param="model")
-                mix = torch.zeros(len(self.tm.columns))
-                mix[self.tm.columns.index(r.static)] = 1.0
+                weights = {r.static: 1.0}
             elif r.mix is not None:
                 mix = torch.tensor(r.mix, dtype=torch.float32)  # [N]
                 if not bool(torch.isfinite(mix).all()) or not math.isfinite(float(mix.sum())):
                     raise PromptError("routing weights overflow float32", param="routing")
+                weights = {e: w for e, w in zip(r.experts or self.experts, mix.tolist()) if w != 0}
         except PromptError as e:
             self._post(gen.reject, e)
             return
@@ -199,7 +248,7 @@ class LocalBackend:
         if self._stopping or self._dead:
             self._post(gen.reject, ShuttingDown("the server is shutting down"))
             return
-        self._inbox.put(("add", gen, ids, params, mix, admission, r.deadline, constraint))
+        self._inbox.put(("add", gen, ids, params, weights, admission, r.deadline, constraint))
         self._wake.set()
 
     # ---- worker side -----------------------------------------------------------------------------------------
@@ -229,26 +278,29 @@ class LocalBackend:
             if self._stopping:
                 self._fail_all(ShuttingDown("the server is shutting down"))
                 return
-            if not self.engine.busy:
+            self._epochs = [ep for ep in self._epochs if ep is self._current or ep.engine.busy]  # drained: let go
+            busy = [ep for ep in self._epochs if ep.engine.busy]
+            if not busy:
                 self._wake.wait()
                 continue
-            try:
-                finished = self.engine.step()
-            except Exception as e:  # noqa: BLE001 - a failed step must not kill the server
-                self._step_failed(e)
-                continue
-            for req in finished:
-                self._finish(req)
+            for ep in busy:
+                try:
+                    finished = ep.engine.step()
+                except Exception as e:  # noqa: BLE001 - a failed step must not kill the server
+                    self._step_failed(ep, e)
+                    continue
+                for req in finished:
+                    self._finish(ep, req)
 
-    def _step_failed(self, e: Exception) -> None:
+    def _step_failed(self, ep: _Epoch, e: Exception) -> None:
         """A step raised and no row explains it: fail this engine's rows, rebuild it; give up if it keeps failing."""
         log.exception("engine step failed; failing its requests and rebuilding the engine")
-        self._fail_engine(BackendFailure(f"the generation step failed ({type(e).__name__})"))
+        self._fail_epoch(ep, BackendFailure(f"the generation step failed ({type(e).__name__})"))
         now = time.monotonic()
         self._failures.append(now)
         if len(self._failures) == MAX_STEP_FAILURES and now - self._failures[0] < STEP_FAILURE_WINDOW_S:
             raise RuntimeError(f"{MAX_STEP_FAILURES} engine steps failed within {STEP_FAILURE_WINDOW_S:.0f} s")
-        self.engine = Engine(self.tm, **self._engine_kw)
+        ep.engine = Engine(ep.tm, **self._engine_kw)
         self.engine_rebuilds += 1
 
     def _drain(self) -> None:
@@ -257,6 +309,10 @@ class LocalBackend:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
+            if item[0] == "epoch":
+                self._install(item[1])
+                self._post(item[2].set_result, None)
+                continue
             try:
                 if item[0] == "add":
                     self._admit(*item[1:])
@@ -267,13 +323,33 @@ class LocalBackend:
                 gen = item[1]
                 req = gen.handle
                 if isinstance(req, Request):
-                    self._gens.pop(req.id, None)
+                    for ep in self._epochs:
+                        ep.gens.pop(id(req), None)
                 self._post(gen.fail, BackendFailure("admitting the request failed"))
 
-    def _admit(self, gen: Generation, ids: list[int], params: SamplingParams, mix: torch.Tensor | None,
+    def _mix(self, tm: TwinModel, weights: Mapping[str, float] | None) -> torch.Tensor | None:
+        """The mix row [columns] of `weights` (column name -> weight) on `tm`; ExpertGone for a column it lacks."""
+        if weights is None:
+            return None
+        mix = torch.zeros(len(tm.columns))
+        for name, w in weights.items():
+            if name not in tm.columns:
+                kind = "static merge" if name.startswith("static:") else "expert"
+                raise ExpertGone(f"the {kind} {name!r} is no longer served (removed from the artifact); served: "
+                                 f"{', '.join(tm.columns)}")
+            mix[tm.columns.index(name)] = w
+        return mix
+
+    def _admit(self, gen: Generation, ids: list[int], params: SamplingParams, weights: Mapping[str, float] | None,
                admission: Admission, deadline: float | None, constraint: Any) -> None:
         if gen.cancelled:
             self._post(gen.finish, Finished("", "cancelled", 0, 0))
+            return
+        ep = self._current
+        try:
+            mix = self._mix(ep.tm, weights)
+        except ExpertGone as e:
+            self._post(gen.reject, e)
             return
         opened = [False]
 
@@ -287,23 +363,24 @@ class LocalBackend:
             self._post(gen.push, Delta(text, lps, prompt, req.completion_tokens))
 
         try:
-            req = self.engine.add(ids, mix, params, on_token=on_token, deadline=deadline, constraint=constraint)
+            req = ep.engine.add(ids, mix, params, on_token=on_token, deadline=deadline, constraint=constraint)
         except ValueError as e:  # what the model cannot take (token ids, logit_bias ids beyond its vocabulary)
             self._post(gen.reject, PromptError(str(e)))
             return
         gen.handle = req
-        self._gens[req.id] = gen
+        ep.gens[id(req)] = gen
         self._post(gen.admit, admission)
 
     def _cancel(self, gen: Generation) -> None:
         req = gen.handle
-        if not isinstance(req, Request) or req.id not in self._gens:
+        ep = next((ep for ep in self._epochs if isinstance(req, Request) and id(req) in ep.gens), None)
+        if ep is None:
             return  # rejected, or already finished
-        if self.engine.cancel(req):  # it was still waiting: it left the queue now, no step will return it
-            self._finish(req)
+        if ep.engine.cancel(req):  # it was still waiting: it left the queue now, no step will return it
+            self._finish(ep, req)
 
-    def _finish(self, req: Request) -> None:
-        gen = self._gens.pop(req.id, None)
+    def _finish(self, ep: _Epoch, req: Request) -> None:
+        gen = ep.gens.pop(id(req), None)
         if gen is None:
             return
         if req.error is not None:
@@ -313,14 +390,19 @@ class LocalBackend:
                                         req.completion_tokens, tuple(req.output_ids), tuple(req.logprobs),
                                         tuple(req.prompt_logprobs), tuple(req.prompt_ids)))
 
-    def _fail_engine(self, error: BackendError) -> None:
-        """Fail every request the engine holds (running or waiting); the inbox is left for the next engine.
+    def _fail_epoch(self, ep: _Epoch, error: BackendError) -> None:
+        """Fail every request one engine holds (running or waiting); the inbox is left for the next engine.
 
         Every admitted handle fails, even one a failed step left outside the engine's queue and batch."""
-        for gen in self._gens.values():
+        for gen in ep.gens.values():
             self._post(gen.fail, error)
-        self._gens.clear()
-        self.engine.abort(str(error))
+        ep.gens.clear()
+        ep.engine.abort(str(error))
+
+    def _fail_engine(self, error: BackendError) -> None:
+        """Fail every request of every engine."""
+        for ep in self._epochs:
+            self._fail_epoch(ep, error)
 
     def _reject_inbox(self, error: BackendError) -> None:
         while True:

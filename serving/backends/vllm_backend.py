@@ -348,7 +348,7 @@ class VLLMBackend:
         if self.engine is not None and not self.healthy():
             raise EngineUnavailable("vLLM's engine has stopped; this server must be restarted")
         check_submit(request, self.engine is not None and not self._stopping, self._inflight, self.max_batch,
-                     self.max_queue, len(self.experts))
+                     self.max_queue, self.experts)
         loop = asyncio.get_running_loop()
         gen = Generation(loop, on_cancel=self._cancel, on_done=self._done)
         self._inflight += 1
