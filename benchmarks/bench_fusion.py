@@ -276,6 +276,8 @@ def main() -> None:
     rw.add_argument("--routings", nargs="+", default=["dense", "top1", "top2"], choices=sorted(fusion_random.ROUTINGS))
     rw.add_argument("--phases", nargs="+", default=["prefill", "decode"], choices=["prefill", "decode"])
     rw.add_argument("--max-launches", type=int, default=20_000, help="leave rowwise out above this many GEMMs")
+    rw.add_argument("--max-bag-elements", type=int, default=1 << 27,
+                    help="leave the embedding-bag kernel out above this many index elements per layer")
     rw.add_argument("--reference-batches", type=int, nargs="*", default=[64],
                     help="batches whose dense cells also time the reference way")
     rw.add_argument("--e2e", action="store_true", help="also the engine end to end")

@@ -87,5 +87,8 @@ def machine() -> dict:
 
 
 def write_json(path: Path, data: dict) -> None:
+    """Write atomically: a run stopped mid-write leaves the previous file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)

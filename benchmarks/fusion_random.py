@@ -160,36 +160,50 @@ def decode(model, prefilled):
 def reference_sample_s(tm: TwinModel, ref, mix: torch.Tensor, phase: str, ids, clock: Clock, samples: int = 2
                        ) -> float:
     """Seconds per sample of the reference way: W = W_core + Σ w_n B_n A_n written into `ref` (a plain copy of
-    the core with its own linear weights), then the sample alone."""
+    the core with its own linear weights), then the sample alone: its prefill, or (decode) its DECODE_STEPS
+    steps, the prefill between the two left off the clock as it is for the other arms."""
     names = {id(m): name for name, m in tm.model.named_modules()}
     targets = [ref.get_submodule(names[id(layer)]) for layer in tm.mix_linears]
     total = 0.0
     for s in range(samples):
-        def run(s=s):
+        row, one = mix[s % len(mix)], ids[s % len(ids)][None]
+
+        def rebuild(row=row):
             with torch.no_grad():
                 for layer, target in zip(tm.mix_linears, targets):
-                    target.weight.copy_(layer.base.weight + layer.delta_weight(mix[s % len(mix)]).to(target.weight))
-            one = ids[s % len(ids)][None]
-            if phase == "prefill":
-                prefill(ref, one)
-            else:
-                out = prefill(ref, one)
-                decode(ref, (out.past_key_values, torch.ones_like(one), out.logits[:, -1].argmax(-1, keepdim=True)))
-        total += clock(run)
+                    target.weight.copy_(layer.base.weight + layer.delta_weight(row).to(target.weight))
+
+        if phase == "prefill":
+            total += clock(lambda one=one: (rebuild(), prefill(ref, one)))
+        else:
+            total += clock(rebuild)
+            out = prefill(ref, one)
+            state = (out.past_key_values, torch.ones_like(one), out.logits[:, -1].argmax(-1, keepdim=True))
+            total += clock(lambda state=state: decode(ref, state))
     return total / samples
 
 
 def bench_cell(tm: TwinModel, static, mix: torch.Tensor, phase: str, ids, prefilled, clock: Clock, repeats: int,
-               max_launches: int, materialize: bool) -> dict:
+               max_launches: int, materialize: bool, max_bag_elements: int = 1 << 27) -> dict:
+    """One cell: every arm round-robin. An arm that raises (out of memory, a kernel that does not build) is left
+    out of the cell with its error recorded; the others still run."""
     b = ids.shape[0]
     nz = mix != 0
     pairs = int(nz.sum())
     arms = {"static": lambda: None, "factored": lambda: tm.state.set(mix, kernel="factored")}
     skipped = {}
+    triton = ids.is_cuda and triton_lora.available(ids)
+    # the embedding-bag kernel indexes every (pair, token, input) element: past a size its index alone is GBs
+    bag_elements = pairs * (PROMPT_LEN if phase == "prefill" else 1) * max(m.in_features for m in tm.mix_linears)
+    bags_fit = bag_elements <= max_bag_elements
     if not bool(nz.all()) or len(tm.experts) <= 8:
-        arms["gathered"] = lambda: tm.state.set(mix, kernel="gathered")
-        if ids.is_cuda and triton_lora.available(ids):  # on CUDA gathered is Triton's; the embedding bags beside it
+        if triton or bags_fit:
+            arms["gathered"] = lambda: tm.state.set(mix, kernel="gathered")
+        if triton and bags_fit:  # on CUDA gathered is Triton's; the embedding bags beside it
             arms["gathered_bags"] = lambda: tm.state.set(mix, kernel="gathered")
+        if not bags_fit:
+            skipped["gathered_bags" if triton else "gathered"] = (f"{bag_elements} bag index elements > "
+                                                                  f"{max_bag_elements}")
         launches = 2 * pairs * len(tm.mix_linears)
         if launches <= max_launches:
             arms["rowwise"] = lambda: tm.state.set(mix, kernel="rowwise")
@@ -208,12 +222,31 @@ def bench_cell(tm: TwinModel, static, mix: torch.Tensor, phase: str, ids, prefil
         state = copy.deepcopy(prefilled)  # every arm decodes from the same cache, copied outside the clock
         return clock(lambda: decode(model, state))
 
-    for name in arms:  # warm-up: first-call allocations and kernel selection
-        timed(name)
+    errors: dict[str, str] = {}
+
+    def attempt(name: str) -> float | None:
+        try:
+            return timed(name)
+        except Exception as e:  # noqa: BLE001 - recorded in the row; the cell goes on without this arm
+            if name == "static":
+                raise
+            errors[name] = f"{type(e).__name__}: {e}"[:300]
+            if ids.is_cuda:
+                torch.cuda.empty_cache()
+            return None
+
+    for name in list(arms):  # warm-up: first-call allocations, kernel compilation and selection
+        if attempt(name) is None and name in errors:
+            del arms[name]
     times: dict[str, list[float]] = {k: [] for k in arms}
     for _ in range(repeats):  # round-robin: every arm sees the same device state
-        for name in arms:
-            times[name].append(timed(name))
+        for name in list(arms):
+            t = attempt(name)
+            if t is None:
+                del arms[name]
+                times.pop(name)
+            else:
+                times[name].append(t)
     tm.clear_mix()
     tm.materialized.clear()
     triton_lora.ENABLED = True
@@ -224,7 +257,7 @@ def bench_cell(tm: TwinModel, static, mix: torch.Tensor, phase: str, ids, prefil
                    else b)
     return {"phase": phase, "tok_s": {k: round(v, 1) for k, v in tps.items()},
             "ratio_to_static": {k: round(v / tps["static"], 3) for k, v in tps.items()}, **lim,
-            "pairs": pairs, "skipped": skipped, "cpu_cost_model_plan": plan.path}
+            "pairs": pairs, "skipped": skipped, "errors": errors, "cpu_cost_model_plan": plan.path}
 
 
 def bench_kernels(args, device: torch.device, dtype: torch.dtype, out: dict, save) -> None:
@@ -250,7 +283,8 @@ def bench_kernels(args, device: torch.device, dtype: torch.dtype, out: dict, sav
                                "dtype": str(dtype)[6:], "n": n, "rank": rank, "batch": b, "routing": routing,
                                "build_s": built,
                                **bench_cell(tm, static, mix, phase, ids, prefilled, clock, args.repeats,
-                                            args.max_launches, materialize=routing == args.routings[0])}
+                                            args.max_launches, materialize=routing == args.routings[0],
+                                            max_bag_elements=args.max_bag_elements)}
                         if b in args.reference_batches and routing == "dense":
                             sample_s = reference_sample_s(tm, ref, mix, phase, ids, clock)
                             per_sample = PROMPT_LEN if phase == "prefill" else DECODE_STEPS

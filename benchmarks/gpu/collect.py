@@ -34,7 +34,12 @@ def best(row: dict, kernels: tuple[str, ...]) -> tuple[str, float] | None:
 
 
 def main(out: Path) -> None:
-    parts = {p.stem: json.loads(p.read_text()) for p in sorted((out / "parts").glob("*.json"))}
+    parts = {}
+    for p in sorted((out / "parts").glob("*.json")):
+        try:
+            parts[p.stem] = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            print(f"collect: skipping {p.name}: {e}", file=sys.stderr)
     doc = {"device_tests": tests_line(out), "stages": parts}
     lines = ["# twinrt on the GPU", "", f"device tests: {doc['device_tests']}", ""]
     kernels = [r for p in parts.values() for r in p.get("kernels", [])]

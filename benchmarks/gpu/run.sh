@@ -4,6 +4,7 @@
 # in .whl/, where the machine lacks them), the runtime's device tests, then the fused-runtime benchmark on random
 # Llamas of three shapes and the engine end to end. Writes OUT/run.log, OUT/device-tests.txt, OUT/gpu.json (every
 # stage's rows) and OUT/summary.md; each stage has a time limit, so the whole run ends within about 8 minutes.
+# With the device tool: carry .whl (git-ignored), e.g. `bash benchmarks/gpu/run.sh $OUT` with carry [".whl"].
 #
 #     bash benchmarks/gpu/run.sh OUT                         # on the GPU machine
 #     bash benchmarks/gpu/run.sh OUT --device cpu --quick    # the same steps here, small
@@ -58,7 +59,8 @@ EOF
 
 # ---- 2. the device tests (every device present; CUDA cases skip without one) ------------------------------------
 say "device tests"
-timeout 150 "$PY" -m pytest -q -m device -p no:cacheprovider -o addopts="" tests/test_runtime.py \
+"$PY" -c "import pytest, peft" 2>/dev/null || say "pytest or peft is missing: the device tests need both"
+timeout 120 "$PY" -m pytest -q -m device -p no:cacheprovider -o addopts="" tests/test_runtime.py \
     tests/test_sparse_mixing.py tests/test_packed.py tests/test_engine_chunked.py -rfs 2>&1 | tee "$OUT/device-tests.txt"
 say "device tests: exit ${PIPESTATUS[0]}"
 
@@ -76,15 +78,17 @@ if ((QUICK)); then
         --repeats 1 --reference-batches 8
     bench 200 engine-quick --shape smollm2-135m --layers 2 --dtype float32 --skip-kernels --e2e --ns 16 --ranks 16 \
         --e2e-requests 8 --e2e-tokens 16 --e2e-repeats 1
-else
-    bench 80 kernels-smollm2-135m --shape smollm2-135m --ns 4 64 --ranks 16 --batches 1 64 256 --repeats 2 \
-        --reference-batches 64
-    bench 70 kernels-llama-1b --shape llama-1b --ns 4 16 64 --ranks 16 64 --batches 64 --routings dense top1 \
-        --phases decode --repeats 2 --reference-batches
-    bench 150 kernels-llama-8b --shape llama-8b --ns 4 64 --ranks 16 --batches 64 256 --routings dense top1 \
-        --phases decode prefill --repeats 2 --reference-batches 64
-    bench 100 engine-llama-8b --shape llama-8b --skip-kernels --e2e --ns 64 --ranks 16 --e2e-requests 64 \
+else  # the README's cells first (8B decode), then the engine, then the smaller shapes; about 7 minutes in all
+    bench 120 kernels-llama-8b --shape llama-8b --ns 4 64 --ranks 16 --batches 64 256 --routings top1 dense \
+        --phases decode --repeats 2 --reference-batches 64 --max-launches 5000
+    bench 90 engine-llama-8b --shape llama-8b --skip-kernels --e2e --ns 64 --ranks 16 --e2e-requests 64 \
         --e2e-tokens 128 --e2e-repeats 1
+    bench 50 kernels-smollm2-135m --shape smollm2-135m --ns 4 64 --ranks 16 --batches 1 64 256 \
+        --routings top1 dense --phases decode --repeats 2 --reference-batches 64 --max-launches 5000
+    bench 40 kernels-llama-1b --shape llama-1b --ns 4 64 --ranks 16 64 --batches 64 --routings top1 dense \
+        --phases decode --repeats 2 --reference-batches --max-launches 5000
+    bench 45 kernels-llama-8b-prefill --shape llama-8b --ns 4 64 --ranks 16 --batches 64 --routings top1 dense \
+        --phases prefill --repeats 2 --reference-batches --max-launches 5000
 fi
 
 # ---- 4. one JSON and a summary --------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from twinrt.runtime import logits as processing
 from twinrt.runtime.constraint import fit
 from twinrt.runtime.request import Request, RowFailure, TokenLogprob
 from twinrt.runtime.sampling import is_greedy, sample_row
-from twinrt.runtime.transfer import to_host
+from twinrt.runtime.transfer import to_device, to_host
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,8 @@ class _HostLogits:
             self._rows, self._at = logits, None
         else:
             need = [i for i, r in enumerate(reqs) if _reads_logits(r)]
-            greedy, finite, self._rows = to_host(greedy, finite, logits[need])
+            rows = logits.index_select(0, to_device(torch.tensor(need, dtype=torch.long), logits.device))
+            greedy, finite, self._rows = to_host(greedy, finite, rows)
             self._at = {i: k for k, i in enumerate(need)}
         self.greedy: list[int] = greedy.tolist()
         self.finite: list[bool] = finite.tolist()

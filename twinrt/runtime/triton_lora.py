@@ -54,7 +54,7 @@ def _kernels(interpret: bool):  # the flag keys the cache: kernels built under t
     def shrink(x_ptr, a_ptr, u_ptr, rows_ptr, slots_ptr, w_ptr, T, IN, RS,
                sxb, sxt, sas, sak, sup, sut,
                R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-        p = tl.program_id(0)
+        p = tl.program_id(0).to(tl.int64)  # 64-bit offsets: p * sup (and b * sxb) pass 2^31 on large layers
         mb = tl.program_id(1)
         b = tl.load(rows_ptr + p)
         s = tl.load(slots_ptr + p)
@@ -75,7 +75,7 @@ def _kernels(interpret: bool):  # the flag keys the cache: kernels built under t
     def expand(u_ptr, b_ptr, y_ptr, slots_ptr, starts_ptr, T, OUT, RS,
                sup, sut, sbs, sbr, syb, syt,
                R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)
         mb = tl.program_id(1)
         nb = tl.program_id(2)
         om = mb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -110,6 +110,8 @@ def gathered_add_(y: torch.Tensor, x: torch.Tensor, a_s: torch.Tensor, b_s: torc
     yv = y.view(batch, -1, out_f)  # [B, T, out], y contiguous
     t = xv.shape[1]
     pairs = routes.rows.numel()
+    if batch != routes.batch:
+        raise ValueError(f"the input has {batch} rows, the routes {routes.batch}")
     if pairs == 0:
         return
     rank = a_s.shape[-1]
