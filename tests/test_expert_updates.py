@@ -5,7 +5,9 @@ it does in a freshly started server; bad updates are refused with the artifact a
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import shutil
 import threading
 import time
@@ -221,3 +223,82 @@ def test_bad_updates_are_refused_and_change_nothing(artifact, source, tmp_path):
             assert first[0].status_code == 200 and first[0].json()["experts"] == ["math", "code", "chat"]
     finally:
         live.stop()
+
+
+# ---- the vLLM backend ------------------------------------------------------------------------------------------
+
+
+def _hammer(url: str, arms: list[str], results: list, stop: threading.Event, k: int) -> None:
+    with _client(url) as c:
+        i = k
+        while not stop.is_set():
+            model, prompt = arms[i % len(arms)], PROMPTS[(i // len(arms)) % len(PROMPTS)]
+            r = _ask(c, model, prompt)
+            results.append((model, prompt, r.status_code, r.json()))
+            i += 1
+
+
+@pytest.mark.vllm
+def test_the_vllm_backend_takes_an_added_and_a_removed_expert_under_16_clients(tmp_path):
+    if os.environ.get("TWINRT_REQUIRE_VLLM") != "1":
+        pytest.importorskip("vllm")
+    from serving.backends.base import GenerationRequest
+    from serving.server import ThreadedServer, build_server
+    from tiny import make_lora_artifact, make_lora_expert
+
+    artifact = make_lora_artifact(tmp_path, ("math", "code"))
+    make_lora_expert(tmp_path / "base", tmp_path / "chat-lora", tmp_path / "chat-merged", seed=42)
+    live = ThreadedServer(build_server(ServeOptions(artifact=artifact, api_key=KEY, backend="vllm", no_log=True,
+                                                    max_batch=8, allow_expert_updates=True)))
+    live.start(timeout=600)
+    try:
+        url = live.url
+        before = _answers(url, ["core", "expert:math", "expert:code"])
+        assert any(before[("expert:math", p)] != before[("expert:code", p)] for p in PROMPTS)
+        results: list = []
+        stop = threading.Event()
+        threads = [threading.Thread(target=_hammer, args=(url, ["core", "expert:math", "expert:code"], results,
+                                                          stop, k)) for k in range(16)]
+        for t in threads:
+            t.start()
+        with _client(url) as admin:
+            time.sleep(1.0)
+            added = admin.post("/v1/experts", json={"name": "chat", "path": str(tmp_path / "chat-lora")})
+            assert added.status_code == 200, added.text
+            removed = admin.delete("/v1/experts/code")
+            assert removed.status_code == 200, removed.text
+            time.sleep(1.5)
+            stop.set()
+            for t in threads:
+                t.join(120)
+            assert {m["id"] for m in admin.get("/v1/models").json()["data"]} >= {"expert:chat"}
+            assert "expert:code" not in {m["id"] for m in admin.get("/v1/models").json()["data"]}
+            after = {(m, p): _text(_ask(admin, m, p)) for m in ("core", "expert:math") for p in PROMPTS}
+        assert len(results) > 30
+        for model, prompt, status, body in results:
+            assert status in (200, 404), (model, status, body)
+            if status == 404:
+                assert model == "expert:code" and body["error"]["code"] == "model_not_found", body
+            else:
+                assert body["choices"][0]["message"]["content"] == before[(model, prompt)], (model, prompt)
+        assert any(s == 404 for *_, s, _ in results) and all(after[k] == before[k] for k in after)
+        # the new expert as vLLM serves it now equals it in a fresh server (twinrt's engine: the backends agree)
+        reqs = [GenerationRequest(p, (0.0, 1.0), 12, temperature=0.0) for p in PROMPTS]
+        backend = live.server.backend
+        got = asyncio.run_coroutine_threadsafe(_generate(backend, reqs), backend.loop).result(300)
+    finally:
+        live.stop(timeout=60)
+    fresh = ThreadedServer(build_server(ServeOptions(artifact=artifact, no_log=True, max_batch=8)))
+    fresh.start(timeout=120)
+    try:
+        want = asyncio.run_coroutine_threadsafe(_generate(fresh.server.backend, reqs),
+                                                fresh.server.backend._loop).result(300)
+    finally:
+        fresh.stop()
+    assert fresh.server.experts == ["math", "chat"]
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+
+
+async def _generate(backend, requests):
+    gens = [backend.submit(r) for r in requests]
+    return [await g.wait() for g in gens]

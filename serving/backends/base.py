@@ -268,6 +268,20 @@ def check_submit(request: GenerationRequest, running: bool, inflight: int, max_b
         raise ValueError("a static merge serves a request without a mix")
 
 
+def mix_over(request: GenerationRequest, experts: Sequence[str]) -> tuple[float, ...] | None:
+    """The request's mix laid out over `experts` (the backend's now), by name: the request was routed over
+    `request.experts`, which an expert update may have changed since. ExpertGone if it gives weight to an
+    expert `experts` lacks."""
+    if request.mix is None or request.experts is None or tuple(request.experts) == tuple(experts):
+        return request.mix
+    weights = {e: w for e, w in zip(request.experts, request.mix) if w != 0}
+    gone = [e for e in weights if e not in experts]
+    if gone:
+        raise ExpertGone(f"the expert {gone[0]!r} is no longer served (removed from the artifact); served: "
+                         f"{', '.join(experts)}")
+    return tuple(weights.get(e, 0.0) for e in experts)
+
+
 def engine_sampling(make: Callable[..., T], request: GenerationRequest, **engine_fields: Any) -> T:
     """An engine's sampling parameters for a request, every backend the same way:
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import shutil
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -156,7 +157,11 @@ class AdapterCache:
     `capacity` (deleting their files and removing them from the engine); experts' own adapters stay."""
 
     def __init__(self, builder: MixAdapterBuilder, quantizer: MixQuantizer, workdir: Path, capacity: int,
-                 engine: Any = None, zero_core: bool = False, statics: dict[str, Path] | None = None) -> None:
+                 engine: Any = None, zero_core: bool = False, statics: dict[str, Path] | None = None,
+                 previous: AdapterCache | None = None) -> None:
+        """`previous`: the cache of the expert set served before this one (an expert update): its adapter ids
+        continue, and its experts', static merges' and core's adapters are reused (the same files, already
+        loaded in vLLM); its mix adapters are over the old expert order and are not."""
         from vllm.lora.request import LoRARequest
 
         self._lora_request = LoRARequest
@@ -166,22 +171,62 @@ class AdapterCache:
         self.capacity = capacity
         self.engine = engine  # AsyncLLM: remove_lora on eviction
         self.entries: OrderedDict[MixKey, _Adapter] = OrderedDict()
-        self._ids = itertools.count(1)  # a rebuilt adapter gets a new id: vLLM caches adapters by id
+        # a rebuilt adapter gets a new id: vLLM caches adapters by id
+        self._ids = previous._ids if previous is not None else itertools.count(1)
         self._building: dict[MixKey, asyncio.Future] = {}
         self.built = 0
         self.evicted = 0
+        old = {e.request.lora_name: e.request for e in previous.entries.values() if not e.owned} if previous else {}
         n = len(builder.experts)
-        for i, name in enumerate(builder.experts):  # one expert at weight 1 uses the expert's own adapter
-            path = builder.art.expert_dir(name)
-            request = LoRARequest(f"expert:{name}", next(self._ids), str(path))
-            self.entries[quantizer.one(i)] = _Adapter(request, path, owned=False)
+        # one expert at weight 1 uses the expert's own adapter, staged in the workdir: vLLM reads an adapter's
+        # files whenever it loads it again, and an expert update may delete the artifact's copy while a request
+        # still holds it (a missing adapter kills vLLM's engine core)
+        for i, name in enumerate(builder.experts):
+            request = old.get(f"expert:{name}")
+            if request is None:
+                lora_id = next(self._ids)
+                path = _stage(builder.art.expert_dir(name), workdir / f"expert-{lora_id}")
+                request = LoRARequest(f"expert:{name}", lora_id, str(path))
+            self.entries[quantizer.one(i)] = _Adapter(request, Path(request.lora_path), owned=False)
         self._n = n
         # static merges stored as exact factors: each its own adapter, fixed like the experts'
-        self.statics = {name: LoRARequest(name, next(self._ids), str(path)) for name, path in (statics or {}).items()}
+        kept = previous.statics if previous is not None else {}
+        self.statics = {}
+        for name, src in (statics or {}).items():
+            request = kept.get(name)
+            if request is None:
+                lora_id = next(self._ids)
+                request = LoRARequest(name, lora_id, str(_stage(src, workdir / f"static-{lora_id}")))
+            self.statics[name] = request
         self.core: Any = None
-        if zero_core:  # the core as an all-zero adapter (see VLLMBackend.zero_core)
+        if previous is not None and previous.core is not None:
+            self.core = previous.core
+        elif zero_core:  # the core as an all-zero adapter (see VLLMBackend.zero_core)
             path = builder.write_zero(workdir / "core-zero")
             self.core = LoRARequest("core", next(self._ids), str(path))
+
+    def lora_ids(self) -> set[int]:
+        """The adapter ids this cache hands out."""
+        ids = {e.request.lora_int_id for e in self.entries.values()} | {r.lora_int_id for r in self.statics.values()}
+        return ids | ({self.core.lora_int_id} if self.core is not None else set())
+
+    def in_use(self) -> bool:
+        return any(e.users for e in self.entries.values()) or bool(self._building)
+
+    async def drop(self, ids: set[int]) -> None:
+        """Remove this cache's adapters with these ids from vLLM and delete their files in the workdir (mix
+        adapters and staged copies); for a cache replaced by an expert update, once no request uses them."""
+        for r in [e.request for e in self.entries.values()] + list(self.statics.values()):
+            if r.lora_int_id not in ids:
+                continue
+            if self.engine is not None:
+                try:
+                    await self.engine.remove_lora(r.lora_int_id)
+                except Exception:  # noqa: BLE001 - not loaded (never used, or already dropped by vLLM's LRU)
+                    log.debug("remove_lora(%s) failed", r.lora_int_id, exc_info=True)
+            path = Path(r.lora_path)
+            if path.parent == self.workdir:
+                shutil.rmtree(path, ignore_errors=True)
 
     async def acquire(self, key: MixKey) -> Any:
         """The LoRARequest of a key (None or the zero adapter for the core), in use until `release(key)`."""
@@ -245,6 +290,18 @@ class AdapterCache:
 
     def owned_count(self) -> int:
         return sum(1 for e in self.entries.values() if e.owned)
+
+def _stage(src: Path, out: Path) -> Path:
+    """A copy of the adapter directory `src` at `out`: hard links where the filesystem allows, else copies."""
+    out.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file():
+            try:
+                os.link(f, out / f.name)
+            except OSError:
+                shutil.copy2(f, out / f.name)
+    return out
+
 
 def _write(out: Path, tensors: dict[str, torch.Tensor], ranks: dict[str, int]) -> Path:
     """The new adapter directory `out`: adapter_model.safetensors and adapter_config.json."""

