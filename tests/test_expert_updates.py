@@ -73,6 +73,16 @@ def _answers(url: str, models: list[str]) -> dict[tuple[str, str], str]:
         return {(m, p): _text(_ask(c, m, p)) for m in models for p in PROMPTS}
 
 
+def _hammer(url: str, arms: list[str], results: list, stop: threading.Event, k: int) -> None:
+    with _client(url) as c:
+        i = k
+        while not stop.is_set():
+            model, prompt = arms[i % len(arms)], PROMPTS[(i // len(arms)) % len(PROMPTS)]
+            r = _ask(c, model, prompt)
+            results.append((model, prompt, r.status_code, r.json()))
+            i += 1
+
+
 def test_a_running_server_takes_an_added_and_a_removed_expert_under_16_clients(artifact, source):
     live = start(ServeOptions(artifact=artifact, api_key=KEY, allow_expert_updates=True, max_batch=8, no_log=True))
     try:
@@ -84,21 +94,12 @@ def test_a_running_server_takes_an_added_and_a_removed_expert_under_16_clients(a
         results: list[tuple[str, str, int, dict]] = []
         stop = threading.Event()
 
-        def client_loop(k: int) -> None:
-            with _client(url) as c:
-                i = k
-                while not stop.is_set():
-                    model, prompt = ARMS[i % len(ARMS)], PROMPTS[(i // len(ARMS)) % len(PROMPTS)]
-                    r = _ask(c, model, prompt)
-                    results.append((model, prompt, r.status_code, r.json()))
-                    i += 1
-
         # a long request on the expert about to go: it must finish on that expert, token for token
         with _client(url) as admin:
             long_body = {"model": "expert:code", "messages": chat(PROMPTS[0]), "max_tokens": LONG, "temperature": 0,
                          "ignore_eos": True, "stream": True}
             want_long = _text(admin.post("/v1/chat/completions", json={**long_body, "stream": False}))
-            threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(16)]
+            threads = [threading.Thread(target=_hammer, args=(url, ARMS, results, stop, k)) for k in range(16)]
             for t in threads:
                 t.start()
             time.sleep(1.0)
@@ -226,16 +227,6 @@ def test_bad_updates_are_refused_and_change_nothing(artifact, source, tmp_path):
 
 
 # ---- the vLLM backend ------------------------------------------------------------------------------------------
-
-
-def _hammer(url: str, arms: list[str], results: list, stop: threading.Event, k: int) -> None:
-    with _client(url) as c:
-        i = k
-        while not stop.is_set():
-            model, prompt = arms[i % len(arms)], PROMPTS[(i // len(arms)) % len(PROMPTS)]
-            r = _ask(c, model, prompt)
-            results.append((model, prompt, r.status_code, r.json()))
-            i += 1
 
 
 @pytest.mark.vllm
