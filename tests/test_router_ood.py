@@ -4,6 +4,7 @@ it reports (ECE against a hand-computed reference, per-expert accuracy)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -43,7 +44,7 @@ def test_per_expert_accuracy_is_nan_for_an_expert_without_examples() -> None:
 def test_ood_split_is_what_the_committed_generator_writes(tmp_path) -> None:
     make_tasks.write_suite(tmp_path, make_tasks.DEFAULT_SEED)
     for task in make_tasks.TASKS:
-        for split in (*make_tasks.SPLITS, make_tasks.OOD_SPLIT):
+        for split in (*make_tasks.SPLITS, make_tasks.OOD_SPLIT, make_tasks.VAL_OOD_SPLIT):
             want = (SUITE / task.name / f"{split}.jsonl").read_text(encoding="utf-8")
             assert (tmp_path / task.name / f"{split}.jsonl").read_text(encoding="utf-8") == want, (task, split)
 
@@ -52,24 +53,34 @@ def _rows(task: str, split: str) -> list[dict]:
     return [json.loads(line) for line in (SUITE / task / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
-def test_ood_prompts_use_no_in_distribution_template_and_no_train_input() -> None:
+@pytest.mark.parametrize("split, other", [("test_ood", "val_ood"), ("val_ood", "test_ood")])
+def test_ood_prompts_use_no_other_splits_template_and_no_train_input(split, other) -> None:
+    phrasing = {"test_ood": make_tasks.TEST_OOD, "val_ood": make_tasks.VAL_OOD}
     patterns = [make_tasks.template_pattern(t) for ts in make_tasks.IN_DISTRIBUTION_TEMPLATES.values() for t in ts]
+    patterns += [make_tasks.template_pattern(t) for ts in phrasing[other].templates.values() for t in ts]
     for task in make_tasks.TASKS:
-        ood = _rows(task.name, make_tasks.OOD_SPLIT)
-        assert len(ood) == make_tasks.OOD_SIZE and {r["task"] for r in ood} == {task.name}
+        ood = _rows(task.name, split)
+        assert len(ood) == phrasing[split].size and {r["task"] for r in ood} == {task.name}
         seen = {r["answer"] for s in ("train", "validation") for r in _rows(task.name, s)}
         assert not seen & {r["answer"] for r in ood}
+        if split == "val_ood" and task.name != "capital":  # its inputs are not test_ood's either
+            assert not {r["answer"] for r in _rows(task.name, "test_ood")} & {r["answer"] for r in ood}
         for r in ood:
             text = r["messages"][0]["content"]
             assert not any(p.search(text) for p in patterns), text
-        used = {t for t in make_tasks.OOD_TEMPLATES[task.name] for r in ood
+        used = {t for t in phrasing[split].templates[task.name] for r in ood
                 if make_tasks.template_pattern(t).search(r["messages"][0]["content"])}
-        assert len(used) == len(make_tasks.OOD_TEMPLATES[task.name])   # every OOD template occurs
+        assert len(used) == len(phrasing[split].templates[task.name])   # every template occurs
 
 
-def test_the_template_check_catches_a_reused_template(monkeypatch) -> None:
-    reused = {**make_tasks.OOD_TEMPLATES, "date_us": ("Sorry, how is {d} written on an American check?",)}
-    monkeypatch.setattr(make_tasks, "OOD_TEMPLATES", reused)
+@pytest.mark.parametrize("phrasing, template", [
+    ("TEST_OOD", "Sorry, how is {d} written on an American check?"),   # an in-distribution template inside
+    ("VAL_OOD", "A friend in Chicago asks how {d} is written where she lives."),  # one of test_ood's
+])
+def test_the_template_check_catches_a_reused_template(monkeypatch, phrasing, template) -> None:
+    ph = getattr(make_tasks, phrasing)
+    reused = dataclasses.replace(ph, templates={**ph.templates, "date_us": (template,)})
+    monkeypatch.setattr(make_tasks, phrasing, reused)
     with pytest.raises(AssertionError, match="reuse"):
         make_tasks.check_ood_templates()
 

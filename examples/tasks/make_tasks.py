@@ -1,4 +1,5 @@
-"""Write the demo multi-task suite: `examples/tasks/<task>/{train,validation,test,test_ood}.jsonl` and `suite.json`.
+"""Write the demo multi-task suite: `examples/tasks/<task>/{train,validation,test,test_ood,val_ood}.jsonl` and
+`suite.json`.
 
     python -m examples.tasks.make_tasks [--out examples/tasks] [--seed 20240611]
 
@@ -23,6 +24,10 @@ train, validation or test prompt uses (`OOD_TEMPLATES`, each with an optional gr
 `OOD_OPENERS` / `OOD_CLOSERS`). Its inputs are never train or validation inputs. It measures how a router does
 on phrasings nobody anticipated; it is generated from its own `random.Random(f"{seed}:{name}:ood")`, so adding
 it left the other splits byte for byte as they were.
+
+`val_ood` is a second out-of-template split (50 prompts per task, `VAL_OOD_TEMPLATES`: other contexts, Spanish
+instead of French or German) for choosing a router's settings, so that test_ood is looked at once, at the end.
+Its own `random.Random(f"{seed}:{name}:val_ood")` left every other split as it was.
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ class TaskDef:
     metric: str
     description: str
     build: Callable[[random.Random], dict[str, list[Item]]]
-    ood: Callable[[random.Random, set[str]], list[Item]]   # (rng, answers to avoid) -> OOD_SIZE items
+    ood: Callable[..., list[Item]]   # (rng, answers to avoid, phrasing) -> that phrasing's size of items
 
 
 def split_keys(keys: Sequence[K], sizes: Sequence[int]) -> list[list[K]]:
@@ -329,6 +334,74 @@ OOD_TEMPLATES: dict[str, tuple[str, ...]] = {
         "Quelle est la capitale de {c} ?",
     ),
 }
+# A second out-of-template split, `val_ood`, for choosing a router's settings without looking at test_ood: its
+# own templates (none equals or contains an in-distribution or a test_ood one), openers and closers.
+VAL_OOD_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "date_us": (
+        "My pen pal in Georgia wrote {d} on her postcard. How would she have written it in digits?",
+        "need {d} the american way for a visa form, month first",
+        "Fill in the 'Date' line of a personal check from a bank in Oregon for {d}.",
+        "How do people in New Jersey usually jot down {d} on a school permission slip?",
+        "Rewrite {d} in US numeric date order.",
+        "A Kansas City pharmacy label shows the fill date {d}. What does it print?",
+        "Escribe la fecha {d} como se escribe en Estados Unidos.",
+        "Format {d} the way a court clerk in Arizona would stamp it on a filing.",
+    ),
+    "date_iso": (
+        "Put {d} into the timestamp format a SQLite date column expects.",
+        "iso format of {d} please, it's for a yaml config",
+        "Our Elasticsearch index requires {d} in its @date field. What string do I send?",
+        "The REST endpoint takes a 'since' query parameter; the date is {d}.",
+        "Give me {d} as a sortable year-month-day string for a filename.",
+        "A pandas to_datetime call needs {d} in standard international notation.",
+        "Escribe {d} en formato de fecha para una base de datos.",
+        "Log line timestamp (date part only) for an event that happened on {d}:",
+    ),
+    "price_us": (
+        "A food truck in Austin sells tacos for {x}. What does the chalkboard say?",
+        "price tag for {x} in a target store, how does it look",
+        "Receipt from a Denver hardware store shows {x}. Write it like the receipt.",
+        "Quote {x} to a client in Atlanta in their local money format.",
+        "Our Manhattan gallery lists a print at {x}. Format the price.",
+        "Show {x} as an amount in U.S. dollars on an Amazon.com listing.",
+        "Escribe {x} como precio en dólares estadounidenses.",
+        "The Philadelphia parking meter charges {x}. How is that displayed?",
+    ),
+    "price_de": (
+        "A beer garden in Nuremberg charges {x} for a litre. How does the menu board show it?",
+        "price for {x} on a german receipt, how does it look",
+        "Quote {x} to a customer in Düsseldorf in their local money format.",
+        "A Leipzig bookshop prices a novel at {x}. Write the price sticker.",
+        "The Bremen flea market stall asks {x}. Format it like a German price tag.",
+        "Show {x} as a euro price on a German web shop.",
+        "Escribe {x} como precio en euros al estilo alemán.",
+        "My Hanover electricity bill says I owe {x}. How is it printed?",
+    ),
+    "number_words": (
+        "On a check you write the amount in words too: how do you write {x}?",
+        "how do u say {x} in words",
+        "Write the number {x} the way it would appear in a novel's dialogue.",
+        "A kid's math worksheet asks to write {x} in words. What's the answer?",
+        "Turn {x} into English words for a text-to-speech system.",
+        "Spell out {x} as you would in a formal letter.",
+        "Escribe el número {x} con palabras en inglés.",
+        "Transcribe {x} as words for closed captions.",
+    ),
+    "capital": (
+        "Sending a postcard to the city where {c}'s government sits: which city do I address it to?",
+        "{c} main city w/ the government??",
+        "Crossword clue: capital city of {c}.",
+        "Where is the presidential palace or royal seat of {c}?",
+        "Name the capital of {c} for my travel blog.",
+        "Which city serves as the administrative centre of {c}?",
+        "¿Cuál es la capital de {c}?",
+        "An embassy to {c} would be located in which city?",
+    ),
+}
+VAL_OOD_OPENERS = ("", "", "", "Hello! ", "Question for you: ", "Good morning. ", "Hmm, ")
+VAL_OOD_CLOSERS = ("", "", "", " Thank you.", " Only the answer.", " Thx")
+VAL_OOD_SPLIT = "val_ood"
+VAL_OOD_SIZE = 50  # per task
 OOD_OPENERS = ("", "", "", "Quick question: ", "Hi there! ", "Sorry to bother you. ", "Hey, ")
 OOD_CLOSERS = ("", "", "", " Thanks!", " Just the answer, please.", " Cheers.")
 IN_DISTRIBUTION_TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -337,10 +410,24 @@ IN_DISTRIBUTION_TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 
-def ood_prompt(task: str, rng: random.Random, **slot: str) -> str:
-    """One out-of-template prompt: an OOD template of `task` with an optional opener and closer."""
-    body = rng.choice(OOD_TEMPLATES[task]).format(**slot)
-    return rng.choice(OOD_OPENERS) + body + rng.choice(OOD_CLOSERS)
+@dataclass(frozen=True)
+class Phrasing:
+    """An out-of-template split's phrasings: templates per task, openers, closers, items per task."""
+
+    templates: dict[str, tuple[str, ...]]
+    openers: tuple[str, ...]
+    closers: tuple[str, ...]
+    size: int
+
+
+TEST_OOD = Phrasing(OOD_TEMPLATES, OOD_OPENERS, OOD_CLOSERS, OOD_SIZE)
+VAL_OOD = Phrasing(VAL_OOD_TEMPLATES, VAL_OOD_OPENERS, VAL_OOD_CLOSERS, VAL_OOD_SIZE)
+
+
+def ood_prompt(task: str, rng: random.Random, ph: Phrasing = TEST_OOD, **slot: str) -> str:
+    """One out-of-template prompt: a template of `task` with an optional opener and closer."""
+    body = rng.choice(ph.templates[task]).format(**slot)
+    return rng.choice(ph.openers) + body + rng.choice(ph.closers)
 
 
 def fresh_items(rng: random.Random, avoid: set[str], draw: Callable[[random.Random], tuple[str, str]],
@@ -356,40 +443,52 @@ def fresh_items(rng: random.Random, avoid: set[str], draw: Callable[[random.Rand
     raise ValueError(f"only {len(out)} fresh out-of-template items after {tries} draws")
 
 
-def _ood_date(task: str, fmt: Callable[[dt.date], str]) -> Callable[[random.Random, set[str]], list[Item]]:
+OodBuilder = Callable[[random.Random, set[str], Phrasing], list[Item]]  # (rng, answers to avoid, phrasing)
+
+
+def _ood_date(task: str, fmt: Callable[[dt.date], str]) -> OodBuilder:
     first, last = dt.date(1950, 1, 1).toordinal(), dt.date(2049, 12, 31).toordinal()
 
-    def draw(rng: random.Random) -> tuple[str, str]:
-        day = dt.date.fromordinal(rng.randint(first, last))
-        return ood_prompt(task, rng, d=spoken_date(day, rng)), fmt(day)
+    def build(rng: random.Random, avoid: set[str], ph: Phrasing) -> list[Item]:
+        def draw(rng: random.Random) -> tuple[str, str]:
+            day = dt.date.fromordinal(rng.randint(first, last))
+            return ood_prompt(task, rng, ph, d=spoken_date(day, rng)), fmt(day)
 
-    return lambda rng, avoid: fresh_items(rng, avoid, draw)
+        return fresh_items(rng, avoid, draw, ph.size)
 
-
-def _ood_price(task: str, fmt: Callable[[int], str]) -> Callable[[random.Random, set[str]], list[Item]]:
-    def draw(rng: random.Random) -> tuple[str, str]:
-        cents = sample_cents(rng)
-        return ood_prompt(task, rng, x=plain_amount(cents, rng)), fmt(cents)
-
-    return lambda rng, avoid: fresh_items(rng, avoid, draw)
+    return build
 
 
-def ood_number_words(rng: random.Random, avoid: set[str]) -> list[Item]:
-    """Numbers 0..999 not in train or validation (i.e. the test numbers), in out-of-template phrasings."""
+def _ood_price(task: str, fmt: Callable[[int], str]) -> OodBuilder:
+    def build(rng: random.Random, avoid: set[str], ph: Phrasing) -> list[Item]:
+        def draw(rng: random.Random) -> tuple[str, str]:
+            cents = sample_cents(rng)
+            return ood_prompt(task, rng, ph, x=plain_amount(cents, rng)), fmt(cents)
+
+        return fresh_items(rng, avoid, draw, ph.size)
+
+    return build
+
+
+def ood_number_words(rng: random.Random, avoid: set[str], ph: Phrasing = TEST_OOD) -> list[Item]:
+    """Numbers 0..999 whose words are not in `avoid` (train and validation: the test numbers), in
+    out-of-template phrasings."""
     numbers = [n for n in range(1000) if number_to_words(n) not in avoid]
     rng.shuffle(numbers)
-    return [(ood_prompt("number_words", rng, x=str(n)), number_to_words(n)) for n in numbers[:OOD_SIZE]]
+    return [(ood_prompt("number_words", rng, ph, x=str(n)), number_to_words(n)) for n in numbers[:ph.size]]
 
 
-def ood_capital(rng: random.Random, avoid: set[str]) -> list[Item]:
-    """Countries not in train or validation (the test countries), each asked in every OOD template."""
+def ood_capital(rng: random.Random, avoid: set[str], ph: Phrasing = TEST_OOD) -> list[Item]:
+    """Countries not in train or validation (the test countries), each asked in every template of `ph`. The
+    countries are few, so both out-of-template splits ask them (each in its own templates): `avoid` keeps only
+    the train and validation answers out."""
     pairs = [(c, cap) for c, cap in CANDIDATES if c in BASE_KNOWS and capital_sentence(c, cap) not in avoid]
-    items = [(rng.choice(OOD_OPENERS) + t.format(c=c) + rng.choice(OOD_CLOSERS), capital_sentence(c, cap))
-             for c, cap in pairs for t in OOD_TEMPLATES["capital"]]
+    items = [(rng.choice(ph.openers) + t.format(c=c) + rng.choice(ph.closers), capital_sentence(c, cap))
+             for c, cap in pairs for t in ph.templates["capital"]]
     rng.shuffle(items)
-    if len(items) < OOD_SIZE:
-        raise ValueError(f"capital/{OOD_SPLIT}: only {len(items)} items")
-    return items[:OOD_SIZE]
+    if len(items) < ph.size:
+        raise ValueError(f"capital: only {len(items)} out-of-template items")
+    return items[:ph.size]
 
 
 def template_pattern(template: str) -> re.Pattern[str]:
@@ -399,12 +498,15 @@ def template_pattern(template: str) -> re.Pattern[str]:
 
 
 def check_ood_templates() -> None:
-    """No OOD template equals or contains an in-distribution template of any task (slots filled or not)."""
+    """No out-of-template template equals or contains an in-distribution template of any task (slots filled or
+    not), and the two out-of-template splits share none either way."""
     seen = [template_pattern(t) for ts in IN_DISTRIBUTION_TEMPLATES.values() for t in ts]
-    for task, ood in OOD_TEMPLATES.items():
-        reused = {t for t in ood for pat in seen if pat.search(t)}
-        if reused:
-            raise AssertionError(f"{task}: out-of-template templates reuse in-distribution ones: {reused}")
+    for name, ph, others in (("test_ood", TEST_OOD, VAL_OOD), ("val_ood", VAL_OOD, TEST_OOD)):
+        against = seen + [template_pattern(t) for ts in others.templates.values() for t in ts]
+        for task, ood in ph.templates.items():
+            reused = {t for t in ood for pat in against if pat.search(t)}
+            if reused:
+                raise AssertionError(f"{task}: {name} templates reuse another split's: {reused}")
 
 
 TASKS: tuple[TaskDef, ...] = (
@@ -438,12 +540,16 @@ def write_suite(out: Path, seed: int) -> dict:
     for task in TASKS:
         splits = task.build(random.Random(f"{seed}:{task.name}"))
         seen_answers = {a for s in ("train", "validation") for _, a in splits[s]}
-        splits[OOD_SPLIT] = task.ood(random.Random(f"{seed}:{task.name}:ood"), seen_answers)
+        splits[OOD_SPLIT] = task.ood(random.Random(f"{seed}:{task.name}:ood"), seen_answers, TEST_OOD)
+        # val_ood: its own rng; its inputs are neither train/validation nor test_ood ones (capitals excepted)
+        avoid = seen_answers | ({a for _, a in splits[OOD_SPLIT]} if task.name != "capital" else set())
+        splits[VAL_OOD_SPLIT] = task.ood(random.Random(f"{seed}:{task.name}:val_ood"), avoid, VAL_OOD)
         prompts = {s: {p for p, _ in items} for s, items in splits.items()}
         if prompts["test"] & prompts["train"] or prompts["validation"] & prompts["train"]:
             raise AssertionError(f"{task.name}: a held-out prompt also occurs in train")
-        if prompts[OOD_SPLIT] & (prompts["train"] | prompts["validation"] | prompts["test"]):
-            raise AssertionError(f"{task.name}: an out-of-template prompt also occurs in another split")
+        for ood in (OOD_SPLIT, VAL_OOD_SPLIT):
+            if prompts[ood] & set().union(*(v for k, v in prompts.items() if k != ood)):
+                raise AssertionError(f"{task.name}: an out-of-template prompt of {ood} also occurs in another split")
         (out / task.name).mkdir(parents=True, exist_ok=True)
         for split, items in splits.items():
             write_jsonl(out / task.name / f"{split}.jsonl", task.name, items)
