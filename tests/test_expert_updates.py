@@ -106,22 +106,40 @@ def test_a_running_server_takes_an_added_and_a_removed_expert_under_16_clients(a
             with admin.stream("POST", "/v1/chat/completions", json=long_body) as stream:
                 lines = stream.iter_lines()
                 first = next(line for line in lines if line.startswith("data: "))  # it runs now
-                added = admin.post("/v1/experts", json={"name": "chat", "path": str(source["chat"]),
-                                                        "router_data": str(source["chat_data"])})
-                assert added.status_code == 200, added.text
-                assert added.json()["experts"] == ["math", "code", "chat"]
-                removed = admin.delete("/v1/experts/code")
-                assert removed.status_code == 200, removed.text
-                assert removed.json()["experts"] == ["math", "chat"]
-                backend = live.server.backend  # the long request is still running, in an engine of the old set
-                assert any(r.params.max_new_tokens == LONG and not r.done
-                           for ep in backend._epochs[:-1] for r in ep.engine.running)
+                # hold the engine it runs in (and the clients' requests there) until the removal is done, so the
+                # removal lands while it runs, however slow this machine is; the new sets run meanwhile
+                old = live.server.backend._current
+                real_step, gate = old.engine.step, threading.Event()
+
+                def held_step():
+                    if gate.is_set():
+                        return real_step()
+                    time.sleep(0.01)
+                    return []
+
+                old.engine.step = held_step
+                try:
+                    added = admin.post("/v1/experts", json={"name": "chat", "path": str(source["chat"]),
+                                                            "router_data": str(source["chat_data"])})
+                    assert added.status_code == 200, added.text
+                    assert added.json()["experts"] == ["math", "code", "chat"]
+                    removed = admin.delete("/v1/experts/code")
+                    assert removed.status_code == 200, removed.text
+                    assert removed.json()["experts"] == ["math", "chat"]
+                    assert any(r.params.max_new_tokens == LONG and not r.done for r in old.engine.running)
+                    gone = _ask(admin, "expert:code", PROMPTS[0])
+                    assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+                finally:
+                    gate.set()
                 rest = [first, *lines]
             got_long = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
                                for line in rest if line.startswith("data: ") and line != "data: [DONE]"
                                and json.loads(line[6:]).get("choices"))
             assert got_long == want_long  # finished on the expert it started with
-            time.sleep(1.5)  # the new set under load
+            done_at = len(results)
+            deadline = time.monotonic() + 120
+            while len(results) < done_at + 48 and time.monotonic() < deadline:  # the new set under load
+                time.sleep(0.1)
             stop.set()
             for t in threads:
                 t.join(60)
@@ -258,7 +276,9 @@ def test_the_vllm_backend_takes_an_added_and_a_removed_expert_under_16_clients(t
             assert added.status_code == 200, added.text
             removed = admin.delete("/v1/experts/code")
             assert removed.status_code == 200, removed.text
-            time.sleep(1.5)
+            done_at, deadline = len(results), time.monotonic() + 120
+            while len(results) < done_at + 24 and time.monotonic() < deadline:  # the new set under load
+                time.sleep(0.1)
             stop.set()
             for t in threads:
                 t.join(120)
