@@ -208,8 +208,9 @@ def _rows(body: Body, pl: Plan, decisions: Sequence[Decision], deadline: float |
 
 
 async def _submit(server: Any, rows: Sequence[GenerationRequest], chat: bool,
-                  track: Tracker) -> tuple[list[Generation], list[Any]]:
-    """(the admitted generations, their admissions)."""
+                  track: Tracker, reroute: bool = False) -> tuple[list[Generation], list[Any]]:
+    """(the admitted generations, their admissions). `reroute`: ExpertGone is raised as it is (the caller routes
+    the request again), not turned into its 404."""
     backend = server.backend
     if len(rows) > backend.max_batch + backend.max_queue:
         raise APIError(400, f"this request needs {len(rows)} rows (prompts x sampled choices), more than this "
@@ -225,6 +226,8 @@ async def _submit(server: Any, rows: Sequence[GenerationRequest], chat: bool,
             g.cancel()
         if isinstance(e, Deadline):
             raise timed_out(server.request_timeout) from None
+        if reroute and isinstance(e, ExpertGone):
+            raise
         raise _backend_error(e, chat) from None
     return gens, list(admissions)
 
@@ -261,19 +264,29 @@ async def complete(server: Any, shape: Shape, body: Body, request: Request) -> J
     pl = plan(body, server.backend.encoder.tokenizer)
     if server.draining:
         raise shutting_down()
-    routing = server.routing  # one expert set for the whole request, whatever an expert update swaps meanwhile
-    experts = routing.experts
-    try:
-        arm, split = server.arms.resolve(body.model, body.user)
-    except UnknownModel as e:
-        raise APIError(404, str(e), param="model", code="model_not_found") from None
-    try:
-        decisions = await asyncio.gather(*(routing.decide(arm, _router_input(server, p), body.routing, split)
-                                           for p in pl.prompts))
-    except OverrideError as e:
-        raise APIError(400, str(e), param=e.param, code="unknown_expert") from None
-    except Exception as e:  # noqa: BLE001 - the router failed on this input (its batch-mates are routed alone)
-        raise internal_error("routing", e) from None
+    for attempt in range(2):
+        routing = server.routing  # one expert set for the request, whatever an expert update swaps meanwhile
+        experts = routing.experts
+        try:
+            arm, split = server.arms.resolve(body.model, body.user)
+        except UnknownModel as e:
+            raise APIError(404, str(e), param="model", code="model_not_found") from None
+        try:
+            decisions = await asyncio.gather(*(routing.decide(arm, _router_input(server, p), body.routing, split)
+                                               for p in pl.prompts))
+        except OverrideError as e:
+            raise APIError(400, str(e), param=e.param, code="unknown_expert") from None
+        except Exception as e:  # noqa: BLE001 - the router failed on this input (its batch-mates are routed alone)
+            raise internal_error("routing", e) from None
+        rows = _rows(body, pl, decisions, None if server.request_timeout is None else track.t0 + server.request_timeout,
+                     experts)
+        # the router's mix gave weight to an expert removed meanwhile: the twin is routed again, over the new set
+        reroute = attempt == 0 and arm.kind == "twin" and body.routing is None
+        try:
+            gens, admissions = await _submit(server, rows, pl.chat, track, reroute=reroute)
+            break
+        except ExpertGone:
+            continue
     rid = shape.id_prefix + body.request_id if body.request_id else new_id(shape)
     first = decisions[0]
     record = {"ts": round(track.ts, 3), "id": rid, "endpoint": shape.endpoint, "model": body.model,
@@ -283,9 +296,6 @@ async def complete(server: Any, shape: Shape, body: Body, request: Request) -> J
               "n": body.n, "stream": body.stream}
     if len(pl.prompts) > 1:
         record["prompts"] = len(pl.prompts)
-    rows = _rows(body, pl, decisions, None if server.request_timeout is None else track.t0 + server.request_timeout,
-                 experts)
-    gens, admissions = await _submit(server, rows, pl.chat, track)
     record["prompt_tokens"] = sum(admissions[pl.row(p, 0)].prompt_tokens for p in range(len(pl.prompts)))
     headers = {"x-request-id": rid}
     view = View(server, body, pl, decisions, admissions, experts)

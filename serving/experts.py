@@ -13,7 +13,7 @@ again (refitted by the update: `router_data` are the new expert's examples, a JS
 `twinrt router train --data` takes), and `/v1/models`, the arms and the routing extension switch to the new
 set in one step. Requests already running finish on the experts they started with; a request that names a
 removed expert (`expert:<name>`, a routing override) gets 404 model_not_found (400 for an override), as an
-unknown one does.
+unknown one does; a `twin` request routed over the old set and admitted after the removal is routed again.
 
 Refused, with the artifact and the served set unchanged: updates when the server was started without the flag
 (403), a second update while one runs (409), a change an A/B alias of `--ab` depends on (409: removing an

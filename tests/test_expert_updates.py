@@ -313,3 +313,46 @@ def test_the_vllm_backend_takes_an_added_and_a_removed_expert_under_16_clients(t
 async def _generate(backend, requests):
     gens = [backend.submit(r) for r in requests]
     return [await g.wait() for g in gens]
+
+
+def test_a_request_routed_just_before_a_removal(artifact):
+    # both requests are routed over {math, code}, then held until `code` is removed: the twin is routed again
+    # over the new set and answers; the request pinned to expert:code gets the documented 404
+    live = start(ServeOptions(artifact=artifact, api_key=KEY, allow_expert_updates=True, no_log=True))
+    try:
+        routing = live.server.routing
+        real, gate, routed = routing.decide, threading.Event(), []
+
+        async def held(*a, **kw):
+            decision = await real(*a, **kw)
+            routed.append(decision)
+            while not gate.is_set():
+                await asyncio.sleep(0.01)
+            return decision
+
+        routing.decide = held
+        answers: dict[str, httpx.Response] = {}
+        prompt = "def add(a, b): return a + b"
+
+        def ask(model: str) -> None:
+            with _client(live.url) as c:
+                answers[model] = _ask(c, model, prompt)
+
+        threads = [threading.Thread(target=ask, args=(m,)) for m in ("twin", "expert:code")]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(routed) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(routed) == 2 and all(d.mix[1] > 0 for d in routed)  # both give `code` weight
+        with _client(live.url) as c:
+            assert c.delete("/v1/experts/code").status_code == 200
+        gate.set()
+        for t in threads:
+            t.join(60)
+        twin, pinned = answers["twin"], answers["expert:code"]
+        assert twin.status_code == 200, twin.text
+        assert list(twin.json()["routing"]["weights"]) == ["math"]
+        assert pinned.status_code == 404 and pinned.json()["error"]["code"] == "model_not_found", pinned.text
+    finally:
+        live.stop()
