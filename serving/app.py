@@ -125,6 +125,12 @@ def _no_query(request: Request, known: tuple[str, ...]) -> None:
                                                                         if known else ""), param=unknown[0])
 
 
+async def _no_body(request: Request) -> None:
+    """An endpoint that takes no body refuses one, rather than ignoring what it says."""
+    if (await request.body()).strip():
+        raise APIError(400, "this endpoint takes no request body", param="body")
+
+
 def create_app(server: Server) -> FastAPI:
     """The app; its lifespan starts the backend and closes everything on shutdown."""
 
@@ -186,24 +192,28 @@ def create_app(server: Server) -> FastAPI:
         return server.updates
 
     @app.get("/v1/experts")
-    async def experts_list() -> dict[str, Any]:
+    async def experts_list(request: Request) -> dict[str, Any]:
+        _no_query(request, ())
         if server.updates is None:
             return {"object": "list", "experts": server.experts, "statics": list(server.arms.statics),
                     "router": server.routing.kind, "allowed": False}
         return server.updates.listing(server)
 
     @app.post("/v1/experts")
-    async def experts_add(body: AddExpertBody) -> dict[str, Any]:
+    async def experts_add(body: AddExpertBody, request: Request) -> dict[str, Any]:
+        _no_query(request, ())
         return await updates().add(server, body)
 
     @app.post("/v1/experts/reload")
     async def experts_reload(request: Request) -> dict[str, Any]:
         _no_query(request, ())
+        await _no_body(request)
         return await updates().reload(server)
 
     @app.delete("/v1/experts/{name}")
     async def experts_remove(name: str, request: Request, drop_router: bool = False) -> dict[str, Any]:
         _no_query(request, ("drop_router",))
+        await _no_body(request)
         return await updates().remove(server, name, drop_router)
 
     @app.get("/v1/models")

@@ -264,13 +264,13 @@ async def complete(server: Any, shape: Shape, body: Body, request: Request) -> J
     pl = plan(body, server.backend.encoder.tokenizer)
     if server.draining:
         raise shutting_down()
+    try:
+        arm, split = server.arms.resolve(body.model, body.user)  # once: a retry below keeps the A/B pick
+    except UnknownModel as e:
+        raise APIError(404, str(e), param="model", code="model_not_found") from None
     for attempt in range(2):
         routing = server.routing  # one expert set for the request, whatever an expert update swaps meanwhile
         experts = routing.experts
-        try:
-            arm, split = server.arms.resolve(body.model, body.user)
-        except UnknownModel as e:
-            raise APIError(404, str(e), param="model", code="model_not_found") from None
         try:
             decisions = await asyncio.gather(*(routing.decide(arm, _router_input(server, p), body.routing, split)
                                                for p in pl.prompts))

@@ -70,14 +70,17 @@ class ExpertUpdates:
 
         art = Artifact.open(self.artifact, verify=False)
         return {"object": "list", "experts": list(server.routing.experts), "statics": list(server.arms.statics),
-                "router": server.routing.kind, "updates": self.updates, "allowed": self.enabled,
-                "history": [h.model_dump() for h in art.manifest.history]}
+                "artifact_experts": list(art.experts), "router": server.routing.kind, "updates": self.updates,
+                "allowed": self.enabled, "history": [h.model_dump() for h in art.manifest.history]}
 
     async def add(self, server: Any, body: AddExpertBody) -> dict[str, Any]:
         from router.refit import refitter
         from twinrt.split.add import add_expert
 
         async with self._exclusive():
+            if body.router_data is None and "router_label_key" in body.model_fields_set:
+                raise APIError(400, "router_label_key names the label field of router_data; give router_data too",
+                               param="router_label_key")
             refit = _user_error(lambda: refitter(self.artifact, adding=True, data_file=body.router_data,
                                                  label_key=body.router_label_key, drop_router=body.drop_router,
                                                  flags=("router_data", "drop_router")))
@@ -123,6 +126,14 @@ class ExpertUpdates:
             raise APIError(409, "another expert update is running; retry when it is done", code="update_in_progress")
         return self._lock
 
+    @staticmethod
+    def _not_served(server: Any, art: Any, what: str, why: str) -> APIError:
+        """The artifact changed (`what`) but the server could not switch to it: a 500 that names both sets."""
+        msg = (f"{what} in the artifact, but this server cannot serve its new expert set ({why}): it still serves "
+               f"{', '.join(server.routing.experts)}; the artifact has {', '.join(art.experts)}. Restart the server "
+               "to serve the artifact, or undo the change and POST /v1/experts/reload")
+        return APIError(500, msg, code="update_not_served")
+
     async def _serve(self, server: Any, what: str, notes: list[str] | None = None) -> dict[str, Any]:
         """Serve the artifact as it is on disk now: backend, router, arms, in that order (see the module docstring)."""
         from router import load_router
@@ -142,13 +153,14 @@ class ExpertUpdates:
         reload = getattr(server.backend, "reload", None)
         if reload is None:
             routing.close()
-            raise APIError(501, f"the {server.backend.name} backend cannot take expert updates; restart the server",
-                           code="not_supported")
+            raise self._not_served(server, art, what, f"the {server.backend.name} backend cannot take expert updates")
         try:
             await reload(art.path)
-        except TwinError as e:
+        except Exception as e:  # noqa: BLE001 - the artifact has changed; say so, and that the old set is served
             routing.close()
-            raise APIError(400, str(e), code="invalid_artifact") from None
+            log.error("expert update (%s) written to %s but not served", what, self.artifact, exc_info=True)
+            raise self._not_served(server, art, what, str(e) if isinstance(e, TwinError) else type(e).__name__) \
+                from None
         arms = ArmTable(art.experts, list(server.arms.splits.values()), statics=art.statics)
         arms.adopt_rng(server.arms)
         server.arms, server.routing = arms, routing  # one step of the loop: a request sees the old set or the new

@@ -356,3 +356,48 @@ def test_a_request_routed_just_before_a_removal(artifact):
         assert pinned.status_code == 404 and pinned.json()["error"]["code"] == "model_not_found", pinned.text
     finally:
         live.stop()
+
+
+def test_an_update_written_but_not_served_says_so_and_a_reload_serves_it(artifact, source):
+    live = start(ServeOptions(artifact=artifact, api_key=KEY, allow_expert_updates=True, no_log=True))
+    try:
+        backend = live.server.backend
+        real = backend.reload
+
+        async def broken(path=None):
+            raise RuntimeError("out of memory")
+
+        backend.reload = broken
+        with _client(live.url) as c:
+            r = c.post("/v1/experts", json={"name": "chat", "path": str(source["chat"]),
+                                            "router_data": str(source["chat_data"])})
+            assert r.status_code == 500 and r.json()["error"]["code"] == "update_not_served", r.text
+            assert "still serves math, code" in r.json()["error"]["message"]
+            listing = c.get("/v1/experts").json()
+            assert listing["experts"] == ["math", "code"] and listing["artifact_experts"] == ["math", "code", "chat"]
+            assert _ask(c, "expert:code", PROMPTS[0]).status_code == 200  # the old set still serves
+            backend.reload = real
+            assert c.post("/v1/experts/reload", content=b'{"x": 1}').status_code == 400  # no body taken
+            assert c.post("/v1/experts", json={"name": "x", "path": "y", "router_label_key": "task"}).status_code == 400
+            r = c.post("/v1/experts/reload")
+            assert r.status_code == 200 and r.json()["experts"] == ["math", "code", "chat"], r.text
+            assert _ask(c, "expert:chat", PROMPTS[0]).status_code == 200
+    finally:
+        live.stop()
+
+
+def test_an_update_waits_for_no_dead_engine(artifact):
+    from serving.backends.base import EngineUnavailable
+    from serving.backends.local import LocalBackend
+
+    backend = LocalBackend.from_artifact(artifact)
+
+    async def main() -> None:
+        await backend.start()
+        backend._dead = True  # what the worker's death sets
+        with pytest.raises(EngineUnavailable):
+            await asyncio.wait_for(backend.reload(), 30)
+        backend._dead = False
+        await backend.stop()
+
+    asyncio.run(main())

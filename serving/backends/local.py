@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import logging
 import math
 import queue
@@ -69,6 +70,15 @@ from twinrt.runtime.structured import StructuredCompiler
 log = logging.getLogger(__name__)
 MAX_STEP_FAILURES = 3          # unexplained step failures within the window before the engine is given up
 STEP_FAILURE_WINDOW_S = 60.0
+
+
+def _settle(fut: asyncio.Future, error: BaseException | None) -> None:
+    """Resolve an expert update's future on the loop (unless its waiter is gone)."""
+    if not fut.done():
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)
 
 
 def row_error(failure: Any) -> BackendError:
@@ -151,6 +161,8 @@ class LocalBackend:
     async def reload(self, path: str | Path | None = None) -> list[str]:
         """Serve the artifact at `path` (default: the one served, read again) from now on, on the same core (see
         the module docstring); -> its experts. Raises TwinError when its core is another."""
+        if self._dead or self._stopping:
+            raise EngineUnavailable("the generation engine has stopped; this server must be restarted")
         tm = await asyncio.to_thread(self.tm.reloaded, path)
         epoch = _Epoch(tm, Engine(tm, **self._engine_kw))
         if self._thread is None:
@@ -159,7 +171,7 @@ class LocalBackend:
             done = asyncio.get_running_loop().create_future()
             self._inbox.put(("epoch", epoch, done))
             self._wake.set()
-            await done
+            await done  # the worker installs it, or fails it when it stops (_reject_inbox)
         return list(tm.experts)
 
     def _install(self, epoch: _Epoch) -> None:
@@ -194,6 +206,8 @@ class LocalBackend:
     def submit(self, request: GenerationRequest) -> Generation:
         if self._dead:
             raise EngineUnavailable("the generation engine has stopped; this server must be restarted")
+        if request.mix is not None and request.experts is None:  # the set it is over is the one served now
+            request = dataclasses.replace(request, experts=tuple(self.experts))
         check_submit(request, self._thread is not None and self._loop is not None and not self._stopping,
                      self._inflight, self.max_batch, self.max_queue, self.experts)
         gen = Generation(self._loop, on_cancel=self._request_cancel, on_done=self._done)
@@ -237,7 +251,7 @@ class LocalBackend:
                 mix = torch.tensor(r.mix, dtype=torch.float32)  # [N]
                 if not bool(torch.isfinite(mix).all()) or not math.isfinite(float(mix.sum())):
                     raise PromptError("routing weights overflow float32", param="routing")
-                weights = {e: w for e, w in zip(r.experts or self.experts, mix.tolist()) if w != 0}
+                weights = {e: w for e, w in zip(r.experts, mix.tolist(), strict=True) if w != 0}
         except PromptError as e:
             self._post(gen.reject, e)
             return
@@ -293,9 +307,12 @@ class LocalBackend:
                     self._finish(ep, req)
 
     def _step_failed(self, ep: _Epoch, e: Exception) -> None:
-        """A step raised and no row explains it: fail this engine's rows, rebuild it; give up if it keeps failing."""
+        """A step raised and no row explains it: fail this engine's rows, rebuild it (an engine of an earlier
+        expert set is let go instead); give up if steps keep failing."""
         log.exception("engine step failed; failing its requests and rebuilding the engine")
         self._fail_epoch(ep, BackendFailure(f"the generation step failed ({type(e).__name__})"))
+        if ep is not self._current:
+            return  # empty now: the loop lets it go
         now = time.monotonic()
         self._failures.append(now)
         if len(self._failures) == MAX_STEP_FAILURES and now - self._failures[0] < STEP_FAILURE_WINDOW_S:
@@ -311,7 +328,7 @@ class LocalBackend:
                 return
             if item[0] == "epoch":
                 self._install(item[1])
-                self._post(item[2].set_result, None)
+                self._post(_settle, item[2], None)
                 continue
             try:
                 if item[0] == "add":
@@ -412,6 +429,8 @@ class LocalBackend:
                 return
             if item[0] == "add":
                 self._post(item[1].reject, error)
+            elif item[0] == "epoch":  # an expert update the worker will not install
+                self._post(_settle, item[2], error)
 
     def _fail_all(self, error: BackendError) -> None:
         """Shutting down: fail the engine's requests and refuse those not yet admitted."""

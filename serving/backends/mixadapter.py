@@ -176,7 +176,10 @@ class AdapterCache:
         self._building: dict[MixKey, asyncio.Future] = {}
         self.built = 0
         self.evicted = 0
-        old = {e.request.lora_name: e.request for e in previous.entries.values() if not e.owned} if previous else {}
+        # a kept adapter is one whose files the artifact records unchanged (not a name removed and added again)
+        same = _same_files(previous.builder.art, builder.art) if previous is not None else set()
+        old = {e.request.lora_name: e.request for e in previous.entries.values() if not e.owned
+               and e.request.lora_name.removeprefix("expert:") in same} if previous else {}
         n = len(builder.experts)
         # one expert at weight 1 uses the expert's own adapter, staged in the workdir: vLLM reads an adapter's
         # files whenever it loads it again, and an expert update may delete the artifact's copy while a request
@@ -190,7 +193,8 @@ class AdapterCache:
             self.entries[quantizer.one(i)] = _Adapter(request, Path(request.lora_path), owned=False)
         self._n = n
         # static merges stored as exact factors: each its own adapter, fixed like the experts'
-        kept = previous.statics if previous is not None else {}
+        kept = {k: v for k, v in previous.statics.items() if k in same} if previous is not None else {}
+        self.static_users = 0  # requests on a static merge's adapter
         self.statics = {}
         for name, src in (statics or {}).items():
             request = kept.get(name)
@@ -211,7 +215,7 @@ class AdapterCache:
         return ids | ({self.core.lora_int_id} if self.core is not None else set())
 
     def in_use(self) -> bool:
-        return any(e.users for e in self.entries.values()) or bool(self._building)
+        return any(e.users for e in self.entries.values()) or bool(self._building) or self.static_users > 0
 
     async def drop(self, ids: set[int]) -> None:
         """Remove this cache's adapters with these ids from vLLM and delete their files in the workdir (mix
@@ -290,6 +294,16 @@ class AdapterCache:
 
     def owned_count(self) -> int:
         return sum(1 for e in self.entries.values() if e.owned)
+
+def _same_files(a: Artifact, b: Artifact) -> set[str]:
+    """The experts (names) and static arms ("static:<label>") whose files two manifests record alike."""
+    def files(art: Artifact, name: str) -> dict[str, str]:
+        prefix = f"{art.expert_dir(name).relative_to(art.path)}/"
+        return {k: v for k, v in art.manifest.files.items() if k.startswith(prefix)}
+
+    names = (set(a.experts) & set(b.experts)) | (set(a.statics) & set(b.statics))
+    return {n for n in names if files(a, n) == files(b, n)}
+
 
 def _stage(src: Path, out: Path) -> Path:
     """A copy of the adapter directory `src` at `out`: hard links where the filesystem allows, else copies."""

@@ -37,6 +37,7 @@ is refused with the tensors named (serve it with the local backend): LoRA-traine
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import shutil
@@ -365,6 +366,8 @@ class VLLMBackend:
     def submit(self, request: GenerationRequest) -> Generation:
         if self.engine is not None and not self.healthy():
             raise EngineUnavailable("vLLM's engine has stopped; this server must be restarted")
+        if request.mix is not None and request.experts is None:  # the set it is over is the one served now
+            request = dataclasses.replace(request, experts=tuple(self.experts))
         check_submit(request, self.engine is not None and not self._stopping, self._inflight, self.max_batch,
                      self.max_queue, self.experts)
         loop = asyncio.get_running_loop()
@@ -395,10 +398,11 @@ class VLLMBackend:
             raise TwinError(f"the new expert set adapts {', '.join(sorted(modules - set(self.lora_modules)))}, which "
                             "this engine was not started to adapt: restart the server")
         old = self.cache
-        if old is not None:
-            cache = AdapterCache(builder, self.quantizer, self._workdir, self.options.adapter_cache, self.engine,
-                                 zero_core=self.zero_core, previous=old,
-                                 statics={s: art.expert_dir(s) for s in statics if s not in unservable})
+        if old is not None:  # built in a thread: staging copies files where hard links fail
+            cache = await asyncio.to_thread(
+                AdapterCache, builder, self.quantizer, self._workdir, self.options.adapter_cache, self.engine,
+                zero_core=self.zero_core, previous=old, statics={s: art.expert_dir(s) for s in statics
+                                                                  if s not in unservable})
         self.art, self.builder, self.experts = art, builder, list(art.experts)
         self.statics, self.unservable = statics, unservable
         if old is not None:
@@ -486,6 +490,9 @@ class VLLMBackend:
         try:
             if r.static is not None:
                 lora = cache.statics.get(r.static)  # type: ignore[union-attr]
+                if lora is not None:
+                    cache.static_users += 1  # type: ignore[union-attr]
+                    key = ("static",)
                 if lora is None:
                     gen.reject(ExpertGone(f"the static merge {r.static!r} is no longer served") if r.static not in
                                self.statics else PromptError(self.unservable.get(r.static, f"unknown static merge "
@@ -513,7 +520,9 @@ class VLLMBackend:
             finally:
                 if running:
                     self._running -= 1
-                if key is not None:
+                if key == ("static",):
+                    cache.static_users -= 1  # type: ignore[union-attr]
+                elif key is not None:
                     cache.release(key)  # type: ignore[union-attr]
         except asyncio.CancelledError:
             if self._stopping:

@@ -107,19 +107,14 @@ class TwinModel(Runner):
                          materialize_budget_bytes=self.materialized.budget_bytes, policy=self.policy, artifact=art)
 
     def core_copy(self) -> nn.Module:
-        """The core model without the mixing layers, sharing every tensor with this one (nothing is copied)."""
-        memo: dict[int, Any] = {}
-        for mod in self.model.modules():  # parameters, buffers, and the tensors the mixing layers hold
-            for value in vars(mod).values():
-                for t in value.values() if isinstance(value, dict) else (value,):
-                    if isinstance(t, torch.Tensor):
-                        memo[id(t)] = t
-        copy_ = deepcopy(self.model, memo)
-        for name, mod in list(copy_.named_modules()):
+        """The core model without the mixing layers, sharing every parameter and buffer with this one (nothing of
+        them is copied): each mixing layer's place holds a copy of its base module, and nothing of the mixing
+        layers' own state (factors, caches, the mix) is visited, so a serving thread may run this model meanwhile."""
+        memo: dict[int, Any] = {id(t): t for t in [*self.model.parameters(), *self.model.buffers()]}
+        for mod in self.model.modules():
             if isinstance(mod, (MixLinear, MixEmbedding, MixScaleNorm)):
-                parent, _, child = name.rpartition(".")
-                setattr(copy_.get_submodule(parent) if parent else copy_, child, mod.base)
-        return copy_
+                memo[id(mod)] = deepcopy(mod.base, memo)
+        return deepcopy(self.model, memo)
 
     def _attach(self, by_column_factors: Mapping[str, Mapping[str, tuple[torch.Tensor, torch.Tensor]]],
                 by_column_dense: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
