@@ -70,6 +70,7 @@ from twinrt.artifact import Artifact
 from twinrt.dtypes import DtypeName
 from twinrt.errors import TwinError
 from twinrt.runtime.engine import end_ids
+from twinrt.runtime.model import core_files
 from twinrt.runtime.request import MAX_LOGPROBS, TokenLogprob
 from twinrt.runtime.structured import JSON_OPTIONS, StructuredSpec
 
@@ -220,10 +221,6 @@ def _statics(art: Artifact) -> tuple[list[str], dict[str, str], int, set[str]]:
     modules = {t.removesuffix(".weight") for st in art.manifest.statics if not st.size.dense
                for t, i in st.tensors.items() if getattr(i, "rank", 0)}
     return list(art.statics), unservable, rank, modules
-
-
-def _core_files(art: Artifact) -> dict[str, str]:
-    return {rel: digest for rel, digest in art.manifest.files.items() if rel.startswith("core/")}
 
 
 class VLLMBackend:
@@ -385,7 +382,7 @@ class VLLMBackend:
         --max-lora-rank, modules it was not started to adapt."""
         art = await asyncio.to_thread(Artifact.open, path if path is not None else self.art.path)
         check_servable(art)
-        if _core_files(art) != _core_files(self.art):
+        if core_files(art) != core_files(self.art):
             raise TwinError(f"{art.path}: its core is not the one this server serves (a new split?): restart it")
         builder = await asyncio.to_thread(MixAdapterBuilder, art)
         statics, unservable, static_rank, static_modules = _statics(art)

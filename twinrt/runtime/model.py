@@ -32,7 +32,8 @@ def _columns(art: Artifact, dev: torch.device, dt: torch.dtype) -> tuple[dict, d
     return factors, dense
 
 
-def _core_files(art: Artifact) -> dict[str, str]:
+def core_files(art: Artifact) -> dict[str, str]:
+    """The sha256 of every core file: two artifacts with equal ones share a core."""
     return {rel: digest for rel, digest in art.manifest.files.items() if rel.startswith("core/")}
 
 
@@ -99,7 +100,7 @@ class TwinModel(Runner):
         if path is None and self.artifact is None:
             raise TwinError("this TwinModel was not loaded from an artifact: name the artifact to reload")
         art = Artifact.open(path if path is not None else self.artifact.path, verify=verify)
-        if self.artifact is not None and _core_files(art) != _core_files(self.artifact):
+        if self.artifact is not None and core_files(art) != core_files(self.artifact):
             raise TwinError(f"{art.path}: its core is not the one this model serves (a new split?): load it anew")
         factors, dense = _columns(art, self.device, self.dtype)
         return TwinModel(self.core_copy(), self.tokenizer, self.device, self.dtype, experts=art.experts,
