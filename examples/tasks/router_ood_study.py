@@ -1,14 +1,17 @@
 """Router variants on both test splits of the demo suite: what docs/RESULTS.md's out-of-template table reports.
 
     python -m examples.tasks.router_ood_study [--artifact artifacts/demo] [--augment 2] [--arrow]
-        [--out benchmarks/results/router_ood.json] [--cache FEATURES.pt]
+        [--encoder DIR] [--out benchmarks/results/router_ood.json] [--cache FEATURES.pt] [--combine OTHER.pt]
 
 Routing data as the demo trains its router: the first 200 train lines per task, 20% held out per expert
 (seed 0) for calibration. Every variant is scored on `test` (in-distribution), `val_ood` and `test_ood` (the
 two out-of-template splits, each with its own templates): top-1, ECE and per-task accuracy. The anchor weight
 of "+ anchors" is chosen on val_ood (best top-1, then lowest ECE) from ANCHOR_WEIGHTS; test_ood is only scored.
-MiniLM features are computed once; `--arrow` also runs the training-free Arrow router over the artifact's core
-and factors (a core forward pass per prompt: minutes on a CPU).
+Features of the sentence encoder (MiniLM, or any sentence-transformers directory `--encoder` names) are
+computed once; `--arrow` also runs the training-free Arrow router over the artifact's core
+and factors (a core forward pass per prompt: minutes on a CPU). `--combine` reads another encoder's `--cache`
+file and adds rows that sum the calibrated log-probabilities of one head over each encoder (every pair of
+trained/prototype heads).
 """
 
 from __future__ import annotations
@@ -45,11 +48,15 @@ def main() -> None:
     p.add_argument("--augment", type=int, default=2, help="recombined copies per training prompt (0 = skip)")
     p.add_argument("--arrow", action="store_true")
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--cache", type=Path, default=None, help="MiniLM features: read if it exists, else written")
+    p.add_argument("--encoder", type=Path, default=None,
+                   help="sentence-transformers model directory (safetensors weights; default: the bundled MiniLM)")
+    p.add_argument("--cache", type=Path, default=None, help="encoder features: read if it exists, else written")
+    p.add_argument("--combine", type=Path, default=None,
+                   help="another encoder's --cache file: also score each head of this encoder summed with each of that")
     args = p.parse_args()
     experts = json.loads((args.artifact / "twin.json").read_text())["experts"]
     experts = [e["name"] for e in experts]
-    enc = SentenceEncoder(minilm_dir())
+    enc = SentenceEncoder(args.encoder or minilm_dir())
     feats = torch.load(args.cache) if args.cache and args.cache.is_file() else {}
     if not feats:
         desc = {t["name"]: t["description"] for t in json.loads((SUITE / "suite.json").read_text())["tasks"]}
@@ -68,12 +75,15 @@ def main() -> None:
         for s in SPLITS:
             ev = evaluate(logits_of(s), data[s][2])
             rows[name][s] = {"accuracy": ev.accuracy, "ece": ev.ece, "per_task": dict(zip(experts, ev.per_expert))}
-        print(f"{name:<34}" + "  ".join(f"{s} {rows[name][s]['accuracy']:.1%} ECE {rows[name][s]['ece']:.3f}"
+        print(f"{name:<42} " + "  ".join(f"{s} {rows[name][s]['accuracy']:.1%} ECE {rows[name][s]['ece']:.3f}"
                                         for s in SPLITS), flush=True)
 
-    def calibrated(head):
-        t = fit_temperature(head(x[ho]).detach(), y[ho])
+    def calibrated_on(head, feats_train):
+        t = fit_temperature(head(feats_train[ho]).detach(), y[ho])
         return lambda feats: head(feats).detach() / t
+
+    def calibrated(head):
+        return calibrated_on(head, x)
 
     zero_shot = lambda f: 20 * F.normalize(f, dim=-1) @ anchors.T                # noqa: E731
     lin = calibrated(train_mlp(x[tr], y[tr], len(experts), hidden=0)[0])
@@ -106,6 +116,18 @@ def main() -> None:
         proto_a = calibrated(fit_prototypes(xa, ya, len(experts)))
         report(f"trained + recombination x{args.augment}", lambda s: lin_a(data[s][1]))
         report(f"prototype + recombination x{args.augment}", lambda s: proto_a(data[s][1]))
+    if args.combine:
+        other = torch.load(args.combine)
+        if [len(other[s][0]) for s in SPLITS] != [len(data[s][0]) for s in SPLITS]:
+            raise SystemExit(f"{args.combine} holds other prompts than this run's (another suite or artifact)")
+        xo = other["train"][1]
+        heads = {"trained": lin, "prototype": proto}
+        others = {"trained": calibrated_on(train_mlp(xo[tr], y[tr], len(experts), hidden=0)[0], xo),
+                  "prototype": calibrated_on(fit_prototypes(xo[tr], y[tr], len(experts)), xo)}
+        for a, ha in heads.items():
+            for b, hb in others.items():
+                report(f"{a} + other encoder's {b}", lambda s, ha=ha, hb=hb: F.log_softmax(ha(data[s][1]), -1)
+                       + F.log_softmax(hb(other[s][1]), -1))
     if args.cache and not args.cache.is_file():
         torch.save(feats, args.cache)
     if args.arrow:
