@@ -133,3 +133,41 @@ def test_rank_search_stops_at_the_first_rank_that_reaches_the_target(tiny_artifa
     assert len(loaded) == 6 and all(n == len(core) for n in loaded)  # each expert's twin, whole, at each rank
     assert search_rank("core", core, src, lambda w: None, lambda tasks, label: {t: 0.1 for t in tasks}, [1, 2],
                        experts, {t: t for t in EXPERTS}, set()).rank is None
+
+
+def test_each_grid_point_is_merged_once_and_the_rank_search_reuses_the_chosen_merge(tiny_artifact, suite_dir,
+                                                                                     monkeypatch):
+    import twinrt.eval.run as run_mod
+
+    calls: list[tuple[str, dict]] = []
+    cores: dict[str, dict[str, torch.Tensor]] = {}
+    real_merge, real_search = run_mod.merge_weights, run_mod.search_rank
+
+    def counting_merge(src, method, params, stats=None):
+        calls.append((method.name, dict(params)))
+        return real_merge(src, method, params, stats)
+
+    def capturing_search(label, core, *args, **kw):
+        cores[label] = {n: t.clone() for n, t in core.items()}
+        return real_search(label, core, *args, **kw)
+
+    monkeypatch.setattr(run_mod, "merge_weights", counting_merge)
+    monkeypatch.setattr(run_mod, "search_rank", capturing_search)
+    tm = TwinModel.from_artifact(tiny_artifact)
+    res = run_eval(tm, open_suite(suite_dir), EvalOptions(limit=2, val_limit=2, max_new_tokens=2,
+                                                          methods=("ties", "pcb"), twin_ranks=(2,)))
+    for sel in res.selections:
+        # every point merged once for its validation run; the chosen one (here the first: the tiny experts
+        # score 0 everywhere, a tie) is loaded back, not merged again, for its test run and its rank search
+        assert [p for m, p in calls if m == sel.method] == sel.points and sel.chosen == 0 < len(sel.points) - 1
+        fresh = dict(real_merge(sources_of(Artifact.open(tiny_artifact).manifest), get_method(sel.method),
+                                sel.points[sel.chosen]))
+        got = cores[f"merge:{sel.method}"]
+        assert set(got) <= set(fresh) and len(got) >= len(fresh) - 1  # a tied weight once
+        for name, t in got.items():
+            assert torch.allclose(t.float(), fresh[name].float(), atol=1e-6), (sel.method, name)
+    last = dict(real_merge(sources_of(Artifact.open(tiny_artifact).manifest), get_method("ties"),
+                           res.selections[0].points[-1]))
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(cores["merge:ties"][q], last[q], atol=1e-4)  # the comparison can fail
+    assert [r.core for r in res.twin_ranks] == ["core", "merge:ties", "merge:pcb"]

@@ -68,6 +68,17 @@ class PlainModel(Runner):
         the names must cover every weight, so no earlier arm's weights are left behind)."""
         assign_weights(self.model, weights)
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        """A copy of every weight now loaded, by name (a tied weight once, under its first name): what
+        `assign` takes back. On the model's device, in its dtype."""
+        out: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for name, t in self.model.state_dict().items():
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                out[name] = t.detach().clone()
+        return out
+
 
 @dataclass(frozen=True)
 class Generated:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from twinrt.errors import TwinError
 from twinrt.eval.generation import Generated, PlainModel, Runner, generate
@@ -218,18 +219,18 @@ class _Evaluator:
         scores, preds = _score(tasks, data, out.texts)
         return scores, preds, out
 
-    def search_ranks(self, plain: PlainModel, src: Sources, cores: Sequence[tuple[str, Weights]],
-                     expert_scores: Mapping[str, Mapping[str, float]],
-                     expert_of_task: Mapping[str, str]) -> list[RankSearch]:
-        """The exclusive rank the twin on each (label, core weights) needs (twinrt.eval.twin_rank)."""
+    def search_rank(self, plain: PlainModel, src: Sources, label: str, core: Weights,
+                    expert_scores: Mapping[str, Mapping[str, float]],
+                    expert_of_task: Mapping[str, str]) -> RankSearch:
+        """The exclusive rank the twin on the core `core` (its weights) needs (twinrt.eval.twin_rank)."""
         factored = decoder_linear_weights(plain.config)
         by_name = {t.name: t for t in self.tasks}
 
         def score(tasks: Sequence[str], label: str) -> dict[str, float]:
             return self.run(plain, self.test, label, tasks=[by_name[t] for t in tasks])[0]
 
-        return [search_rank(label, dict(weights), src, plain.assign, score, self.opts.twin_ranks, expert_scores,
-                            expert_of_task, factored) for label, weights in cores]
+        return search_rank(label, dict(core), src, plain.assign, score, self.opts.twin_ranks, expert_scores,
+                           expert_of_task, factored)
 
     def arm(self, runner: Runner, name: str, kind: str, stored: int, mix: torch.Tensor | None = None,
             params: dict[str, Any] | None = None) -> ArmResult:
@@ -237,20 +238,33 @@ class _Evaluator:
         return ArmResult(name, kind, scores, preds, out.tokens, out.seconds, stored, params)
 
     def merge(self, plain: PlainModel, src: Sources, method: str, stored: int,
-              stats: Callable[[str], TensorStats] | None = None) -> tuple[ArmResult, Selection]:
+              stats: Callable[[str], TensorStats] | None = None,
+              workdir: Path | None = None) -> tuple[ArmResult, Selection]:
+        """The merge arm of `method`, its parameters chosen on validation. Each grid point is merged once (a
+        MaTS merge can take longer than every arm's decoding together): the best point so far, unless it is
+        the last, is kept in `workdir` (a temporary dir) and loaded back if it is chosen; the chosen merge is
+        still loaded in `plain` on return."""
         m = get_method(method)
         points = self.grids[method]
         val_scores: list[dict[str, float]] = []
-        if len(points) > 1:
-            for params in points:
-                plain.assign(merge_weights(src, m, params, stats))
-                label = f"merge:{method} " + " ".join(f"{k}={v}" for k, v in params.items() if k != "seed")
-                val_scores.append(self.run(plain, self.validation, f"{label} (validation)")[0])
+        kept = None if workdir is None else workdir / f"best-{method}.safetensors"
+        for i, params in enumerate(points if len(points) > 1 else ()):
+            plain.assign(merge_weights(src, m, params, stats))
+            label = f"merge:{method} " + " ".join(f"{k}={v}" for k, v in params.items() if k != "seed")
+            val_scores.append(self.run(plain, self.validation, f"{label} (validation)")[0])
+            means = Selection(method, points, val_scores, 0).val_means
+            if kept is not None and i < len(points) - 1 and best_point(means) == i:
+                save_file(plain.weights(), str(kept))
         sel = Selection(method, points, val_scores, 0)
         if val_scores:
             sel = Selection(method, points, val_scores, best_point(sel.val_means))
-        if sel.chosen != len(points) - 1 or len(points) == 1:  # the last point built is still loaded otherwise
-            plain.assign(merge_weights(src, m, points[sel.chosen], stats))
+        if len(points) == 1:
+            plain.assign(merge_weights(src, m, points[0], stats))
+        elif sel.chosen != len(points) - 1:  # the last point merged is still loaded otherwise
+            plain.assign(load_file(str(kept)).items() if kept is not None
+                         else merge_weights(src, m, points[sel.chosen], stats))
+        if kept is not None:
+            kept.unlink(missing_ok=True)
         return self.arm(plain, f"merge:{method}", "merge", stored, params=points[sel.chosen]), sel
 
 
@@ -281,17 +295,19 @@ def run_eval(tm: TwinModel, suite: TaskSuite, options: EvalOptions = EvalOptions
                                              getattr(plain.config, "max_position_embeddings", None))
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="twinrt-eval-statistics-")))
             statistics, costs = eval_statistics(plain, src, calibrations, kinds, work, progress)
-        for method in options.methods:
-            result, sel = ev.merge(plain, src, method, sizes.core, statistics)
-            arms.append(result)
-            selections.append(sel)
+        expert_scores = {a.name: a.scores for a in arms if a.kind == "expert"}
         if options.twin_ranks:
             core = SafetensorsDir(art.core_dir, what="the artifact's core")
-            cores: list[tuple[str, Weights]] = [("core", ((n, core.get(n)) for n in core.names()))]
-            cores += [(f"merge:{s.method}", merge_weights(src, get_method(s.method), s.points[s.chosen], statistics))
-                      for s in selections]
-            searches = ev.search_ranks(plain, src, cores, {a.name: a.scores for a in arms if a.kind == "expert"},
-                                       expert_of_task)
+            searches.append(ev.search_rank(plain, src, "core", ((n, core.get(n)) for n in core.names()),
+                                           expert_scores, expert_of_task))
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="twinrt-eval-merges-")))
+        for method in options.methods:
+            result, sel = ev.merge(plain, src, method, sizes.core, statistics, work)
+            arms.append(result)
+            selections.append(sel)
+            if options.twin_ranks:  # from the merge just scored, still loaded: no second merge of it
+                searches.append(ev.search_rank(plain, src, f"merge:{method}", plain.weights().items(),
+                                               expert_scores, expert_of_task))
         del statistics
     del plain
 
