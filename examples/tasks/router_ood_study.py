@@ -57,7 +57,7 @@ def main() -> None:
     experts = json.loads((args.artifact / "twin.json").read_text())["experts"]
     experts = [e["name"] for e in experts]
     enc = SentenceEncoder(args.encoder or minilm_dir())
-    feats = torch.load(args.cache) if args.cache and args.cache.is_file() else {}
+    feats = torch.load(args.cache, weights_only=True) if args.cache and args.cache.is_file() else {}
     if not feats:
         desc = {t["name"]: t["description"] for t in json.loads((SUITE / "suite.json").read_text())["tasks"]}
         for split, limit in (("train", PER_TASK), *((s, None) for s in SPLITS)):
@@ -117,7 +117,7 @@ def main() -> None:
         report(f"trained + recombination x{args.augment}", lambda s: lin_a(data[s][1]))
         report(f"prototype + recombination x{args.augment}", lambda s: proto_a(data[s][1]))
     if args.combine:
-        other = torch.load(args.combine)
+        other = torch.load(args.combine, weights_only=True)  # tensors and strings only: no code
         if [len(other[s][0]) for s in SPLITS] != [len(data[s][0]) for s in SPLITS]:
             raise SystemExit(f"{args.combine} holds other prompts than this run's (another suite or artifact)")
         xo = other["train"][1]
