@@ -295,6 +295,7 @@ class AdapterCache:
     def owned_count(self) -> int:
         return sum(1 for e in self.entries.values() if e.owned)
 
+
 def _same_files(a: Artifact, b: Artifact) -> set[str]:
     """The experts (names) and static arms ("static:<label>") whose files two manifests record alike."""
     def files(art: Artifact, name: str) -> dict[str, str]:
