@@ -142,6 +142,23 @@ def carries(token: int, phase: str):
 # ---- routing data ----------------------------------------------------------------------------------------------
 
 
+WORDS = ["cat", "dog", "paris", "hello", "world", "python", "sum", "fox", "lazy"]
+
+
+def write_word_suite(root: Path, n: int = 3) -> Path:
+    """A task suite with one task per session expert, `n` examples per split: prompts and answers made of
+    WORDS (the tiny models score 0 on it; what it checks is which arms run, not their quality)."""
+    for t, task in enumerate(EXPERTS):
+        (root / task).mkdir(parents=True)
+        for split_name in ("train", "validation", "test"):
+            rows = [{"task": task, "messages": [{"role": "user", "content": f"{task} {WORDS[(i + t) % 9]} " * (1 + i)}],
+                     "answer": WORDS[(2 * i + t) % 9]} for i in range(n)]
+            write_jsonl(root / task / f"{split_name}.jsonl", rows)
+    (root / "suite.json").write_text(json.dumps({"format": "twinrt-tasks/1", "tasks": [
+        {"name": t, "metric": "exact"} for t in EXPERTS]}))
+    return root
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path

@@ -4,14 +4,13 @@ core tensor for tensor."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import EXPERTS
+from helpers import EXPERTS, write_word_suite
 from twinrt.artifact import Artifact
 from twinrt.config import parse_config
 from twinrt.eval.generation import PlainModel
@@ -25,21 +24,10 @@ from twinrt.merge import get_method
 from twinrt.runtime import TwinModel
 from twinrt.split.run import decoder_linear_weights, split
 
-WORDS = ["cat", "dog", "paris", "hello", "world", "python", "sum", "fox", "lazy"]
-
 
 @pytest.fixture(scope="module")
 def suite_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("suite")
-    for t, task in enumerate(EXPERTS):
-        (root / task).mkdir()
-        for split_name in ("train", "validation", "test"):
-            rows = [{"task": task, "messages": [{"role": "user", "content": f"{task} {WORDS[(i + t) % 9]} " * (1 + i)}],
-                     "answer": WORDS[(2 * i + t) % 9]} for i in range(3)]
-            (root / task / f"{split_name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "suite.json").write_text(json.dumps({"format": "twinrt-tasks/1", "tasks": [
-        {"name": t, "metric": "exact"} for t in EXPERTS]}))
-    return root
+    return write_word_suite(tmp_path_factory.mktemp("suite"))
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,14 @@
 
     twinrt eval ARTIFACT --tasks DIR [--out DIR] [--limit N] [--val-limit N] [--batch-size 16]
                 [--max-new-tokens 24] [--methods average,task_arithmetic,ties,dare_ties,consensus | none]
-                [--grid quick|full] [--calibration-samples 64] [--twin-ranks 1,4,16] [--no-router]
+                [--grid quick|full] [--calibration-samples 64] [--twin-ranks 1,4,16] [--no-router] [--resume]
                 [--task-expert TASK=EXPERT ...]
                 [--base PATH] [--expert-path NAME=PATH ...] [--device cpu] [--dtype float32] [--no-verify] [-q]
 
 Prints the table (raw and normalized score per task, mean score, mean normalized score, stored MiB,
 tokens/s per arm), router accuracy and the merge parameters chosen on validation; `--out DIR` writes
-eval.json, eval.md and eval.png. User errors raise TwinError (one line, exit 2).
+eval.json, eval.md and eval.png, and while the run goes, DIR/eval.partial.json with every step finished so far:
+`--resume` continues a stopped run from it (twinrt.eval.journal). User errors raise TwinError (one line, exit 2).
 
 twinrt does not import the router package: whoever registers the command passes `load_routing`, which turns
 the artifact's trained router into the twin:router arm's Routing (router.twin_eval does).
@@ -97,6 +98,7 @@ def _cmd_eval(args: argparse.Namespace, load_routing: RoutingLoader) -> int:
 
     from twinrt.artifact import Artifact
     from twinrt.config import check_device
+    from twinrt.eval.journal import JOURNAL_NAME, Journal
     from twinrt.eval.report import notes, rich_table, write_outputs
     from twinrt.eval.run import run_eval
     from twinrt.eval.tasks import open_suite, task_experts
@@ -104,6 +106,8 @@ def _cmd_eval(args: argparse.Namespace, load_routing: RoutingLoader) -> int:
 
     check_device(args.device)
     opts = _options(args)  # every user input is checked before a model is loaded
+    if args.resume and not args.out:
+        raise TwinError("--resume continues the run recorded in --out DIR; give the same --out as the stopped run")
     suite = open_suite(args.tasks)
     suite.load("test", opts.limit)
     art = Artifact.open(args.artifact, verify=not args.no_verify)
@@ -117,13 +121,24 @@ def _cmd_eval(args: argparse.Namespace, load_routing: RoutingLoader) -> int:
     bar = Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("{task.description}"), console=console, transient=True,
                    disable=args.quiet or not console.is_terminal)
+    journal = None
+    if args.out:
+        journal = Journal(Path(args.out) / JOURNAL_NAME, resume=args.resume)
+        if journal.path.is_file() and not args.resume:
+            console.print(f"{journal.path}: an unfinished earlier run is recorded there; starting over (pass "
+                          "--resume to continue it instead)", highlight=False)
     with bar:
-        result = run_eval(tm, suite, opts, routing=routing, progress=None if args.quiet else _progress(bar))
+        result = run_eval(tm, suite, opts, routing=routing, progress=None if args.quiet else _progress(bar),
+                          journal=journal)
+    if journal is not None and journal.resumed:
+        console.print(f"resumed {len(journal.resumed)} finished steps from {journal.path}: "
+                      f"{', '.join(journal.resumed)}", highlight=False)
     console.print(rich_table(result))
     for line in notes(result):
         console.print(line, highlight=False)
     if args.out:
         paths = write_outputs(result, Path(args.out))
+        journal.remove()
         console.print(f"wrote {', '.join(str(p) for p in paths)}")
     console.print(f"eval took {time.perf_counter() - t0:.1f} s")
     return 0
@@ -156,6 +171,9 @@ def register(subparsers, load_routing: RoutingLoader) -> argparse.ArgumentParser
                         "in ascending order until it reaches 0.99 of the experts' score (each rank costs a run "
                         "over the test split)")
     e.add_argument("--no-router", action="store_true", help="leave out the twin:router arm")
+    e.add_argument("--resume", action="store_true",
+                   help="continue the stopped run recorded in --out DIR (DIR/eval.partial.json): only the steps it "
+                        "lacks are run; refused if the artifact, the examples or the scoring options differ")
     e.add_argument("--task-expert", action="append", metavar="TASK=EXPERT",
                    help="the own expert of a task whose name differs from the task's (repeatable)")
     e.add_argument("--base", metavar="PATH", help="where the artifact's base model is, if it moved")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from twinrt.errors import TwinError
+from twinrt.eval.journal import options_json
 from twinrt.eval.metrics import NormalizedTable, normalized_scores
 from twinrt.eval.run import EvalResult
 
@@ -41,10 +42,7 @@ def _num(v: float) -> float | None:
 def to_json(result: EvalResult) -> dict[str, Any]:
     """The JSON document of `eval.json` (see the module docstring for the arithmetic)."""
     table = table_of(result)
-    opts = asdict(result.options)
-    opts["base"] = None if opts["base"] is None else str(opts["base"])
-    opts["expert_paths"] = {k: str(v) for k, v in opts["expert_paths"].items()}
-    opts["methods"] = list(opts["methods"])
+    opts = options_json(result.options)
     return {
         "format": EVAL_FORMAT,
         "artifact": result.artifact,

@@ -14,6 +14,9 @@ With `twin_ranks`, the twin on each core (the artifact's and every merge arm's) 
 ranks until it reaches 0.99 of the experts' mean normalized score (twinrt.eval.twin_rank): the rank each core
 needs, which a better core lowers.
 
+Every finished step (an arm; a merge arm with its grid and its rank search; the statistics' cost) goes into a
+`Journal` (twinrt.eval.journal): on disk, a stopped run resumes from it and runs only the steps it lacks.
+
 All arms decode greedily through the same Engine (`twinrt.eval.generation`). Stored bytes per arm: an expert
 its own files (adapter, or full weights); a merge and the core one model (`sizes.core`); the twin its core
 plus every expert's factors and dense deltas, plus the router for twin:router.
@@ -25,11 +28,12 @@ direction of imports (the CLI binds `router` in).
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from twinrt.errors import TwinError
 from twinrt.eval.generation import Generated, PlainModel, Runner, generate
 from twinrt.eval.grid import DEFAULT_METHODS, best_point, grid_points
+from twinrt.eval.journal import Journal, examples_digest, options_json
 from twinrt.eval.metrics import task_score
 from twinrt.eval.statistics import eval_statistics, needed_statistics, suite_calibration
 from twinrt.eval.tasks import Example, Messages, Task, TaskSuite, task_experts
@@ -268,57 +273,124 @@ class _Evaluator:
         return self.arm(plain, f"merge:{method}", "merge", stored, params=points[sel.chosen]), sel
 
 
+_RESULT_OPTIONS_ONLY = ("base", "expert_paths", "check_fingerprints")  # where things are, not what is scored
+
+
+def run_key(tm: TwinModel, ev: _Evaluator) -> dict[str, Any]:
+    """What a resumed run must share with the journal's: the artifact, the examples, the scoring options."""
+    digest = tm.artifact.path / "twin.json.sha256"
+    opts = {k: v for k, v in options_json(ev.opts).items() if k not in _RESULT_OPTIONS_ONLY}
+    return {"artifact": str(Path(tm.artifact.path).resolve()), "options": opts,
+            "dtype": str(tm.dtype).removeprefix("torch."), "device": str(tm.device),
+            "manifest": digest.read_text(encoding="utf-8").split()[0] if digest.is_file() else None,
+            "examples": examples_digest([ev.test, ev.validation])}
+
+
+def _arm_json(a: ArmResult) -> dict[str, Any]:
+    return asdict(a)
+
+
+def _arm_of(d: dict[str, Any]) -> ArmResult:
+    return ArmResult(**d)
+
+
+def _search_json(r: RankSearch | None) -> dict[str, Any] | None:
+    return None if r is None else {"core": r.core, "means": {str(k): v for k, v in r.means.items()},
+                                   "target": r.target}
+
+
+def _search_of(d: dict[str, Any] | None) -> RankSearch | None:
+    return None if d is None else RankSearch(d["core"], {int(k): v for k, v in d["means"].items()}, d["target"])
+
+
+def _merge_json(v: tuple[ArmResult, Selection, RankSearch | None]) -> dict[str, Any]:
+    return {"arm": _arm_json(v[0]), "selection": asdict(v[1]), "rank": _search_json(v[2])}
+
+
+def _merge_of(d: dict[str, Any]) -> tuple[ArmResult, Selection, RankSearch | None]:
+    return _arm_of(d["arm"]), Selection(**d["selection"]), _search_of(d["rank"])
+
+
 def run_eval(tm: TwinModel, suite: TaskSuite, options: EvalOptions = EvalOptions(), *,
-             routing: Routing | None = None, progress: Progress | None = None) -> EvalResult:
-    """Evaluate every arm on the suite's test split (see the module docstring)."""
+             routing: Routing | None = None, progress: Progress | None = None,
+             journal: Journal | None = None) -> EvalResult:
+    """Evaluate every arm on the suite's test split (see the module docstring); `journal` records each finished
+    step and, when it resumes a run, gives back the steps that run finished."""
     art = tm.artifact
     sizes = art.manifest.sizes
     expert_of_task = task_experts(suite.names, tm.experts, options.task_expert)
     ev = _Evaluator(suite, options, len(tm.experts), progress)  # reads every split it needs first
     src = sources_of(art.manifest, base=options.base, experts=options.expert_paths,
                      check_fingerprints=options.check_fingerprints)
+    j = journal if journal is not None else Journal()
+    j.begin(run_key(tm, ev))
     arms: list[ArmResult] = []
     selections: list[Selection] = []
 
     plain = PlainModel.load(art.core_dir, tm.device, tm.dtype)
-    for e in tm.experts:
+
+    def expert_arm(e: str) -> ArmResult:
         plain.assign(expert_weights(src, e))
-        arms.append(ev.arm(plain, f"expert:{e}", "expert", src.stored_bytes(e)))
-    costs: list[ExpertCost] = []
+        return ev.arm(plain, f"expert:{e}", "expert", src.stored_bytes(e))
+
+    for e in tm.experts:
+        arms.append(j.step(f"expert:{e}", functools.partial(expert_arm, e), _arm_json, _arm_of))
     searches: list[RankSearch] = []
+    expert_scores = {a.name: a.scores for a in arms if a.kind == "expert"}
     with contextlib.ExitStack() as stack:
-        statistics = None
-        kinds = needed_statistics(options.methods, ev.grids)
-        if kinds:
+        statistics, fresh = None, []
+        kinds = needed_statistics([m for m in options.methods if not j.done(f"merge:{m}")], ev.grids)
+        if kinds:  # the merges left to run need them (a resumed run computes them again)
             calibrations = suite_calibration(suite, expert_of_task, tm.experts, plain.tokenizer,
                                              options.calibration_samples, options.batch_size,
                                              getattr(plain.config, "max_position_embeddings", None))
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="twinrt-eval-statistics-")))
-            statistics, costs = eval_statistics(plain, src, calibrations, kinds, work, progress)
-        expert_scores = {a.name: a.scores for a in arms if a.kind == "expert"}
+            statistics, fresh = eval_statistics(plain, src, calibrations, kinds, work, progress)
+            j.forget("statistics")  # the cost of this run's pass, not an earlier one's
+        costs = j.step("statistics", lambda: fresh, lambda cs: [asdict(c) for c in cs],
+                       lambda d: [ExpertCost(**c) for c in d])
         if options.twin_ranks:
-            core = SafetensorsDir(art.core_dir, what="the artifact's core")
-            searches.append(ev.search_rank(plain, src, "core", ((n, core.get(n)) for n in core.names()),
-                                           expert_scores, expert_of_task))
+            def core_search() -> RankSearch:
+                core = SafetensorsDir(art.core_dir, what="the artifact's core")
+                return ev.search_rank(plain, src, "core", ((n, core.get(n)) for n in core.names()),
+                                      expert_scores, expert_of_task)
+
+            searches.append(j.step("rank:core", core_search, _search_json, _search_of))
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="twinrt-eval-merges-")))
-        for method in options.methods:
+
+        def merge_arm(method: str) -> tuple[ArmResult, Selection, RankSearch | None]:
             result, sel = ev.merge(plain, src, method, sizes.core, statistics, work)
+            search = None
+            if options.twin_ranks:  # from the merge just scored, still loaded: no second merge of it
+                search = ev.search_rank(plain, src, f"merge:{method}", plain.weights().items(), expert_scores,
+                                        expert_of_task)
+            return result, sel, search
+
+        for method in options.methods:
+            result, sel, search = j.step(f"merge:{method}", functools.partial(merge_arm, method), _merge_json,
+                                         _merge_of)
             arms.append(result)
             selections.append(sel)
-            if options.twin_ranks:  # from the merge just scored, still loaded: no second merge of it
-                searches.append(ev.search_rank(plain, src, f"merge:{method}", plain.weights().items(),
-                                               expert_scores, expert_of_task))
-        del statistics
-    del plain
+            if search is not None:
+                searches.append(search)
+        statistics = None  # the steps above close over these: dropping them frees the statistics and the model
+    plain = None
 
     twin_bytes = sizes.core + sum(s.factors + s.dense for s in sizes.experts.values())
     labels = [expert_of_task[t.name] for t in ev.tasks for _ in ev.test[t.name]]
-    arms.append(ev.arm(tm, "core", "core", sizes.core))
-    arms.append(ev.arm(tm, "twin:oracle", "twin", twin_bytes, one_hot_mixes(labels, tm.experts)))
+    arms.append(j.step("core", lambda: ev.arm(tm, "core", "core", sizes.core), _arm_json, _arm_of))
+    arms.append(j.step("twin:oracle", lambda: ev.arm(tm, "twin:oracle", "twin", twin_bytes,
+                                                     one_hot_mixes(labels, tm.experts)), _arm_json, _arm_of))
     stats = None
     if routing is not None:
-        weights, stats = _route(routing, ev, labels, tm.experts)
-        arms.append(ev.arm(tm, "twin:router", "twin", twin_bytes + routing.stored_bytes, weights))
+        def router_arm() -> tuple[ArmResult, RouterStats]:
+            weights, rs = _route(routing, ev, labels, tm.experts)
+            return ev.arm(tm, "twin:router", "twin", twin_bytes + routing.stored_bytes, weights), rs
+
+        arm, stats = j.step(f"twin:router {routing.label}", router_arm,
+                            lambda v: {"arm": _arm_json(v[0]), "router": asdict(v[1])},
+                            lambda d: (_arm_of(d["arm"]), RouterStats(**d["router"])))
+        arms.append(arm)
     return EvalResult(artifact=str(art.path), tasks_dir=str(suite.root), tasks=ev.tasks,
                       expert_of_task=expert_of_task, examples={t: len(v) for t, v in ev.test.items()}, arms=arms,
                       selections=selections, router=stats, options=options, statistics=costs,

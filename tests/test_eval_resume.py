@@ -1,0 +1,152 @@
+"""A stopped `twinrt eval` resumes from its journal (OUT/eval.partial.json): the steps it finished are read
+back, not run again, and the resumed table equals the one an uninterrupted run gives."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import write_word_suite
+from twinrt.cli import main as twinrt_main
+from twinrt.errors import TwinError
+from twinrt.eval.journal import JOURNAL_NAME, Journal
+from twinrt.eval.report import to_json
+from twinrt.eval.run import EvalOptions, run_eval
+from twinrt.eval.tasks import open_suite
+from twinrt.runtime import TwinModel
+
+OPTS = EvalOptions(limit=2, val_limit=2, max_new_tokens=2, calibration_samples=2, methods=("ties", "fisher"),
+                   twin_ranks=(2,))
+
+
+class Stop(Exception):
+    """Stands for the crash, reboot or Ctrl-C that ends a run midway."""
+
+
+@pytest.fixture(scope="module")
+def suite_dir(tmp_path_factory) -> Path:
+    return write_word_suite(tmp_path_factory.mktemp("suite"))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_artifact) -> TwinModel:
+    return TwinModel.from_artifact(tiny_artifact)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(model, suite_dir) -> dict:
+    return to_json(run_eval(model, open_suite(suite_dir), OPTS))
+
+
+def _stopping_at(prefix: str, seen: list[str]):
+    def progress(label: str, total: int):
+        seen.append(label)
+        if label.startswith(prefix):
+            raise Stop(label)
+        return lambda k: None
+
+    return progress
+
+
+def _recording(seen: list[str]):
+    return lambda label, total: (seen.append(label), lambda k: None)[1]
+
+
+def _same_table(a: dict, b: dict) -> None:
+    """Everything but the wall-clock numbers."""
+    assert list(a["arms"]) == list(b["arms"])
+    for name in a["arms"]:
+        for key in ("scores", "predictions", "params", "stored_bytes", "tokens", "mean_normalized"):
+            assert a["arms"][name][key] == b["arms"][name][key], (name, key)
+    assert a["selection"] == b["selection"] and a["twin_ranks"] == b["twin_ranks"] and a["router"] == b["router"]
+    assert [(s["expert"], s["examples"], s["tokens"]) for s in a["statistics"]] == \
+        [(s["expert"], s["examples"], s["tokens"]) for s in b["statistics"]]
+
+
+@pytest.mark.parametrize("stop_at,rerun,not_rerun", [
+    # stopped inside a data-based merge: its statistics are computed again, the finished arms are not
+    ("merge:fisher", ("statistics", "merge:fisher"), ("expert:", "merge:ties", "twin on core")),
+    # stopped after every merge: no statistics pass, no merge, only the twin's arms
+    ("twin:oracle", ("twin:oracle",), ("expert:", "merge:", "statistics", "twin on ", "core")),
+])
+def test_a_stopped_run_resumes_with_only_the_steps_it_lacks(model, suite_dir, uninterrupted, tmp_path, stop_at,
+                                                             rerun, not_rerun) -> None:
+    path = tmp_path / JOURNAL_NAME
+    first: list[str] = []
+    with pytest.raises(Stop):
+        run_eval(model, open_suite(suite_dir), OPTS, journal=Journal(path), progress=_stopping_at(stop_at, first))
+    recorded = json.loads(path.read_text())["steps"]
+    assert "expert:math" in recorded and not any(k.startswith(stop_at) for k in recorded)
+
+    again: list[str] = []
+    journal = Journal(path, resume=True)
+    res = run_eval(model, open_suite(suite_dir), OPTS, journal=journal, progress=_recording(again))
+    assert journal.resumed == list(recorded)
+    for prefix in rerun:
+        assert any(label.startswith(prefix) for label in again), (prefix, again)
+    for prefix in not_rerun:
+        assert not any(label.startswith(prefix) for label in again), (prefix, again)
+    _same_table(to_json(res), uninterrupted)
+
+
+def test_without_resume_an_earlier_journal_is_started_over(model, suite_dir, tmp_path) -> None:
+    path = tmp_path / JOURNAL_NAME
+    with pytest.raises(Stop):
+        run_eval(model, open_suite(suite_dir), OPTS, journal=Journal(path), progress=_stopping_at("core", []))
+    seen: list[str] = []
+    run_eval(model, open_suite(suite_dir), OPTS, journal=Journal(path), progress=_recording(seen))
+    assert any(label.startswith("expert:") for label in seen)
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"limit": 1}, "options.limit: 2 there, 1 here"),
+    ({"methods": ("ties",)}, "options.methods"),
+    ({"max_new_tokens": 3}, "options.max_new_tokens"),
+])
+def test_a_resume_with_other_settings_is_refused(model, suite_dir, tmp_path, change, field) -> None:
+    path = tmp_path / JOURNAL_NAME
+    with pytest.raises(Stop):
+        run_eval(model, open_suite(suite_dir), OPTS, journal=Journal(path), progress=_stopping_at("merge:", []))
+    before = path.read_bytes()
+    opts = EvalOptions(**{**OPTS.__dict__, **change})
+    with pytest.raises(TwinError, match="other settings") as e:
+        run_eval(model, open_suite(suite_dir), opts, journal=Journal(path, resume=True))
+    assert field in str(e.value)
+    assert path.read_bytes() == before  # the refused resume loses nothing
+
+
+def test_a_resume_with_other_examples_is_refused(model, suite_dir, tmp_path) -> None:
+    path = tmp_path / JOURNAL_NAME
+    with pytest.raises(Stop):
+        run_eval(model, open_suite(suite_dir), OPTS, journal=Journal(path), progress=_stopping_at("merge:", []))
+    other = write_word_suite(tmp_path / "other", n=4)  # the first 2 test examples are the same, validation too
+    (other / "math" / "test.jsonl").write_text((other / "math" / "test.jsonl").read_text().replace("cat", "cow"))
+    with pytest.raises(TwinError, match="examples"):
+        run_eval(model, open_suite(other), OPTS, journal=Journal(path, resume=True))
+
+
+def test_cli_resume_needs_out_and_a_readable_journal(capsys, tiny_artifact, suite_dir, tmp_path) -> None:
+    args = ["eval", str(tiny_artifact), "--tasks", str(suite_dir), "--limit", "1", "--methods", "none",
+            "--no-router", "--max-new-tokens", "1", "-q"]
+    assert twinrt_main(args + ["--resume"]) == 2
+    assert "--resume continues the run recorded in --out DIR" in capsys.readouterr().err
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / JOURNAL_NAME).write_text("{not json")
+    assert twinrt_main(args + ["--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume from" in err and len(err.strip().splitlines()) == 1
+    assert (out / JOURNAL_NAME).read_text() == "{not json"
+
+
+def test_cli_finished_run_removes_its_journal(capsys, tiny_artifact, suite_dir, tmp_path) -> None:
+    out = tmp_path / "out"
+    args = ["eval", str(tiny_artifact), "--tasks", str(suite_dir), "--limit", "1", "--methods", "none",
+            "--no-router", "--max-new-tokens", "1", "-q", "--out", str(out)]
+    assert twinrt_main(args) == 0
+    assert (out / "eval.json").is_file() and not (out / JOURNAL_NAME).exists()
+    # a resume of a finished run (no journal left) runs it whole
+    assert twinrt_main(args + ["--resume"]) == 0
+    assert json.loads((out / "eval.json").read_text())["arms"]
