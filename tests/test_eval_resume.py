@@ -4,6 +4,7 @@ back, not run again, and the resumed table equals the one an uninterrupted run g
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,8 @@ from twinrt.eval.run import EvalOptions, run_eval
 from twinrt.eval.tasks import open_suite
 from twinrt.runtime import TwinModel
 
-OPTS = EvalOptions(limit=2, val_limit=2, max_new_tokens=2, calibration_samples=2, methods=("ties", "fisher"),
-                   twin_ranks=(2,))
+OPTS = EvalOptions(limit=2, val_limit=2, max_new_tokens=2, calibration_samples=2,
+                   methods=("ties", "fisher", "regmean"), twin_ranks=(2,))
 
 
 class Stop(Exception):
@@ -61,13 +62,15 @@ def _same_table(a: dict, b: dict) -> None:
         for key in ("scores", "predictions", "params", "stored_bytes", "tokens", "mean_normalized"):
             assert a["arms"][name][key] == b["arms"][name][key], (name, key)
     assert a["selection"] == b["selection"] and a["twin_ranks"] == b["twin_ranks"] and a["router"] == b["router"]
-    assert [(s["expert"], s["examples"], s["tokens"]) for s in a["statistics"]] == \
-        [(s["expert"], s["examples"], s["tokens"]) for s in b["statistics"]]
+    # the statistics pass of every data-based merge (a resume that computes them again computes all of them)
+    assert [(s["expert"], s["examples"], s["tokens"], s["bytes"]) for s in a["statistics"]] == \
+        [(s["expert"], s["examples"], s["tokens"], s["bytes"]) for s in b["statistics"]]
 
 
 @pytest.mark.parametrize("stop_at,rerun,not_rerun", [
-    # stopped inside a data-based merge: its statistics are computed again, the finished arms are not
-    ("merge:fisher", ("statistics", "merge:fisher"), ("expert:", "merge:ties", "twin on core")),
+    # stopped in the second data-based merge: the statistics are computed again (all of them, as the
+    # uninterrupted run's: fisher's too), the finished arms are not run again
+    ("merge:regmean", ("statistics", "merge:regmean"), ("expert:", "merge:ties", "merge:fisher", "twin on core")),
     # stopped after every merge: no statistics pass, no merge, only the twin's arms
     ("twin:oracle", ("twin:oracle",), ("expert:", "merge:", "statistics", "twin on ", "core")),
 ])
@@ -83,7 +86,8 @@ def test_a_stopped_run_resumes_with_only_the_steps_it_lacks(model, suite_dir, un
     again: list[str] = []
     journal = Journal(path, resume=True)
     res = run_eval(model, open_suite(suite_dir), OPTS, journal=journal, progress=_recording(again))
-    assert journal.resumed == list(recorded)
+    recomputed = {"statistics"} if "statistics" in rerun else set()
+    assert journal.resumed == [k for k in recorded if k not in recomputed]
     for prefix in rerun:
         assert any(label.startswith(prefix) for label in again), (prefix, again)
     for prefix in not_rerun:
@@ -115,6 +119,33 @@ def test_a_resume_with_other_settings_is_refused(model, suite_dir, tmp_path, cha
         run_eval(model, open_suite(suite_dir), opts, journal=Journal(path, resume=True))
     assert field in str(e.value)
     assert path.read_bytes() == before  # the refused resume loses nothing
+
+
+def test_a_resume_with_another_metric_is_refused(model, suite_dir, tmp_path) -> None:
+    path = tmp_path / JOURNAL_NAME
+    with pytest.raises(Stop):
+        run_eval(model, open_suite(suite_dir), OPTS, journal=Journal(path), progress=_stopping_at("merge:", []))
+    other = tmp_path / "other"
+    shutil.copytree(suite_dir, other)
+    doc = json.loads((other / "suite.json").read_text())
+    doc["tasks"][0]["metric"] = "numeric"
+    (other / "suite.json").write_text(json.dumps(doc))
+    with pytest.raises(TwinError, match=r"tasks\.math: \"exact\" there, \"numeric\" here"):
+        run_eval(model, open_suite(other), OPTS, journal=Journal(path, resume=True))
+
+
+def test_a_moved_artifact_resumes(tiny_artifact, suite_dir, tmp_path) -> None:
+    """Where the artifact is does not count, what is in its manifest does."""
+    path = tmp_path / JOURNAL_NAME
+    opts = EvalOptions(limit=1, max_new_tokens=1, methods=("average",))
+    with pytest.raises(Stop):
+        run_eval(TwinModel.from_artifact(tiny_artifact), open_suite(suite_dir), opts, journal=Journal(path),
+                 progress=_stopping_at("merge:", []))
+    moved = shutil.copytree(tiny_artifact, tmp_path / "moved")
+    seen: list[str] = []
+    run_eval(TwinModel.from_artifact(moved), open_suite(suite_dir), opts, journal=Journal(path, resume=True),
+             progress=_recording(seen))
+    assert not any(label.startswith("expert:") for label in seen) and "merge:average" in seen
 
 
 def test_a_resume_with_other_examples_is_refused(model, suite_dir, tmp_path) -> None:

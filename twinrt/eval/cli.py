@@ -127,6 +127,9 @@ def _cmd_eval(args: argparse.Namespace, load_routing: RoutingLoader) -> int:
         if journal.path.is_file() and not args.resume:
             console.print(f"{journal.path}: an unfinished earlier run is recorded there; starting over (pass "
                           "--resume to continue it instead)", highlight=False)
+        elif args.resume and not journal.path.is_file():
+            console.print(f"--resume: no unfinished run is recorded at {journal.path}; every step is run",
+                          highlight=False)
     with bar:
         result = run_eval(tm, suite, opts, routing=routing, progress=None if args.quiet else _progress(bar),
                           journal=journal)
@@ -173,7 +176,8 @@ def register(subparsers, load_routing: RoutingLoader) -> argparse.ArgumentParser
     e.add_argument("--no-router", action="store_true", help="leave out the twin:router arm")
     e.add_argument("--resume", action="store_true",
                    help="continue the stopped run recorded in --out DIR (DIR/eval.partial.json): only the steps it "
-                        "lacks are run; refused if the artifact, the examples or the scoring options differ")
+                        "lacks are run; refused if the artifact, the examples or an option that changes scores "
+                        "(--limit, --methods, --batch-size, --dtype, ...) differ")
     e.add_argument("--task-expert", action="append", metavar="TASK=EXPERT",
                    help="the own expert of a task whose name differs from the task's (repeatable)")
     e.add_argument("--base", metavar="PATH", help="where the artifact's base model is, if it moved")

@@ -8,9 +8,10 @@ each step, so the file always holds every step finished so far and nothing half-
 back and runs only the steps it lacks; the finished run writes eval.json, eval.md and eval.png as usual and
 removes the journal.
 
-The journal's `key` says which run it belongs to: the artifact (its manifest digest), the suite's examples
-(a digest of every prompt and answer the run reads), the options that change a score, and the dtype. A resume
-whose key differs is refused with the first field that differs, never mixed into one table.
+The journal's `key` says which run it belongs to: the artifact (a digest of its manifest), the options that
+change a score, the dtype and device, the tasks and their metrics, and the suite's examples (a digest of every
+prompt and answer the run reads). A resume whose key differs is refused with the first field that differs,
+never mixed into one table; where the base, the experts or the artifact now are does not count.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ JOURNAL_NAME = "eval.partial.json"
 T = TypeVar("T")
 
 DIGESTS = {"manifest": "the artifact's manifest has changed since (a re-split, a new router, an expert added)",
-           "examples": "the suite's prompts or answers are not the same"}
+           "examples": "the suite's prompts or answers (test, validation or the train examples of the "
+                       "data-based merges) are not the same"}
 
 
 def options_json(options: Any) -> dict[str, Any]:
@@ -45,10 +47,11 @@ def options_json(options: Any) -> dict[str, Any]:
     return opts
 
 
-def examples_digest(splits: Iterable[Mapping[str, Iterable[Any]]]) -> str:
-    """sha256 over every example (task, messages, answer) of the given splits, in order."""
+def examples_digest(splits: Mapping[str, Mapping[str, Iterable[Any]]]) -> str:
+    """sha256 over every example (split, task, messages, answer) of the given splits, in order."""
     h = hashlib.sha256()
-    for split in splits:
+    for name, split in splits.items():
+        h.update(json.dumps(["split", name]).encode() + b"\n")
         for task, examples in split.items():
             for e in examples:
                 h.update(json.dumps([task, e.messages, e.answer], sort_keys=True, default=list).encode())
@@ -91,7 +94,11 @@ class Journal:
              decode: Callable[[Any], T]) -> T:
         """The step `name`'s value: read back if it is recorded, else computed, recorded and written."""
         if name in self.steps:
-            return decode(self.steps[name])
+            try:
+                return decode(self.steps[name])
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise TwinError(f"cannot resume from {self.path}: its step {name!r} is not readable "
+                                f"({type(e).__name__}: {e}); run without --resume to start over") from None
         value = compute()
         self.steps[name] = json.loads(json.dumps(encode(value)))
         self._write()
@@ -106,6 +113,8 @@ class Journal:
     def forget(self, name: str) -> None:
         """Drop a recorded step, so that the next `step(name, ...)` computes and records it again."""
         self.steps.pop(name, None)
+        if name in self.resumed:
+            self.resumed.remove(name)
 
     def remove(self) -> None:
         """The run finished (its outputs are written): the journal has nothing left to give."""
@@ -115,7 +124,7 @@ class Journal:
     def _write(self) -> None:
         if self.path is None:
             return
-        data = json.dumps({"format": JOURNAL_FORMAT, "key": self.key, "steps": self.steps}) + "\n"
+        data = json.dumps({"format": JOURNAL_FORMAT, "key": self.key, "steps": self.steps}, allow_nan=False) + "\n"
         tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}"
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,8 +134,9 @@ class Journal:
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise TwinError(f"cannot write {self.path}: {e.strerror or e}") from None
+        finally:  # also on Ctrl-C mid-write; after the rename there is nothing left to remove
+            tmp.unlink(missing_ok=True)
 
 
 def _first_difference(old: Any, new: Any, at: str = "") -> str | None:

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import math
 import re
 import tempfile
 import time
@@ -40,6 +42,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from twinrt.artifact.manifest import MANIFEST
 from twinrt.errors import TwinError
 from twinrt.eval.generation import Generated, PlainModel, Runner, generate
 from twinrt.eval.grid import DEFAULT_METHODS, best_point, grid_points
@@ -276,14 +279,23 @@ class _Evaluator:
 _RESULT_OPTIONS_ONLY = ("base", "expert_paths", "check_fingerprints")  # where things are, not what is scored
 
 
-def run_key(tm: TwinModel, ev: _Evaluator) -> dict[str, Any]:
-    """What a resumed run must share with the journal's: the artifact, the examples, the scoring options."""
-    digest = tm.artifact.path / "twin.json.sha256"
+def _device_name(device: torch.device | str) -> str:
+    d = torch.device(device)
+    return f"{d.type}:{d.index if d.index is not None else 0}" if d.type != "cpu" else "cpu"
+
+
+def run_key(tm: TwinModel, suite: TaskSuite, ev: _Evaluator) -> dict[str, Any]:
+    """What a resumed run must share with the journal's: the artifact's manifest (its bytes: a re-split, a new
+    router or an added expert changes them; a move does not), the options that change a score, the tasks and
+    their metrics, and every example the run reads (train too when a data-based merge needs statistics)."""
     opts = {k: v for k, v in options_json(ev.opts).items() if k not in _RESULT_OPTIONS_ONLY}
-    return {"artifact": str(Path(tm.artifact.path).resolve()), "options": opts,
-            "dtype": str(tm.dtype).removeprefix("torch."), "device": str(tm.device),
-            "manifest": digest.read_text(encoding="utf-8").split()[0] if digest.is_file() else None,
-            "examples": examples_digest([ev.test, ev.validation])}
+    splits = {"test": ev.test, "validation": ev.validation}
+    if needed_statistics(ev.opts.methods, ev.grids):
+        splits["train"] = suite.load("train")
+    return {"options": opts, "dtype": str(tm.dtype).removeprefix("torch."), "device": _device_name(tm.device),
+            "tasks": {t.name: t.metric for t in ev.tasks},
+            "manifest": hashlib.sha256((tm.artifact.path / MANIFEST).read_bytes()).hexdigest(),
+            "examples": examples_digest(splits)}
 
 
 def _arm_json(a: ArmResult) -> dict[str, Any]:
@@ -295,12 +307,17 @@ def _arm_of(d: dict[str, Any]) -> ArmResult:
 
 
 def _search_json(r: RankSearch | None) -> dict[str, Any] | None:
-    return None if r is None else {"core": r.core, "means": {str(k): v for k, v in r.means.items()},
-                                   "target": r.target}
+    """A rank search as JSON; an undefined mean (NaN: an expert that scores 0) as null."""
+    if r is None:
+        return None
+    return {"core": r.core, "means": {str(k): None if math.isnan(v) else v for k, v in r.means.items()},
+            "target": r.target}
 
 
 def _search_of(d: dict[str, Any] | None) -> RankSearch | None:
-    return None if d is None else RankSearch(d["core"], {int(k): v for k, v in d["means"].items()}, d["target"])
+    if d is None:
+        return None
+    return RankSearch(d["core"], {int(k): math.nan if v is None else v for k, v in d["means"].items()}, d["target"])
 
 
 def _merge_json(v: tuple[ArmResult, Selection, RankSearch | None]) -> dict[str, Any]:
@@ -323,7 +340,7 @@ def run_eval(tm: TwinModel, suite: TaskSuite, options: EvalOptions = EvalOptions
     src = sources_of(art.manifest, base=options.base, experts=options.expert_paths,
                      check_fingerprints=options.check_fingerprints)
     j = journal if journal is not None else Journal()
-    j.begin(run_key(tm, ev))
+    j.begin(run_key(tm, suite, ev))
     arms: list[ArmResult] = []
     selections: list[Selection] = []
 
@@ -339,14 +356,16 @@ def run_eval(tm: TwinModel, suite: TaskSuite, options: EvalOptions = EvalOptions
     expert_scores = {a.name: a.scores for a in arms if a.kind == "expert"}
     with contextlib.ExitStack() as stack:
         statistics, fresh = None, []
-        kinds = needed_statistics([m for m in options.methods if not j.done(f"merge:{m}")], ev.grids)
-        if kinds:  # the merges left to run need them (a resumed run computes them again)
+        kinds = frozenset()
+        if needed_statistics([m for m in options.methods if not j.done(f"merge:{m}")], ev.grids):
+            # a merge left to run needs them: the whole pass of an uninterrupted run (its cost is the table's)
+            kinds = needed_statistics(options.methods, ev.grids)
             calibrations = suite_calibration(suite, expert_of_task, tm.experts, plain.tokenizer,
                                              options.calibration_samples, options.batch_size,
                                              getattr(plain.config, "max_position_embeddings", None))
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="twinrt-eval-statistics-")))
             statistics, fresh = eval_statistics(plain, src, calibrations, kinds, work, progress)
-            j.forget("statistics")  # the cost of this run's pass, not an earlier one's
+            j.forget("statistics")  # computed again: this pass's cost, not the earlier one's
         costs = j.step("statistics", lambda: fresh, lambda cs: [asdict(c) for c in cs],
                        lambda d: [ExpertCost(**c) for c in d])
         if options.twin_ranks:
