@@ -104,9 +104,6 @@ class Journal:
         self._write()
         return value
 
-    def get(self, name: str) -> Any:
-        return self.steps.get(name)
-
     def done(self, name: str) -> bool:
         return name in self.steps
 

@@ -298,10 +298,6 @@ def run_key(tm: TwinModel, suite: TaskSuite, ev: _Evaluator) -> dict[str, Any]:
             "examples": examples_digest(splits)}
 
 
-def _arm_json(a: ArmResult) -> dict[str, Any]:
-    return asdict(a)
-
-
 def _arm_of(d: dict[str, Any]) -> ArmResult:
     return ArmResult(**d)
 
@@ -321,7 +317,7 @@ def _search_of(d: dict[str, Any] | None) -> RankSearch | None:
 
 
 def _merge_json(v: tuple[ArmResult, Selection, RankSearch | None]) -> dict[str, Any]:
-    return {"arm": _arm_json(v[0]), "selection": asdict(v[1]), "rank": _search_json(v[2])}
+    return {"arm": asdict(v[0]), "selection": asdict(v[1]), "rank": _search_json(v[2])}
 
 
 def _merge_of(d: dict[str, Any]) -> tuple[ArmResult, Selection, RankSearch | None]:
@@ -351,12 +347,11 @@ def run_eval(tm: TwinModel, suite: TaskSuite, options: EvalOptions = EvalOptions
         return ev.arm(plain, f"expert:{e}", "expert", src.stored_bytes(e))
 
     for e in tm.experts:
-        arms.append(j.step(f"expert:{e}", functools.partial(expert_arm, e), _arm_json, _arm_of))
+        arms.append(j.step(f"expert:{e}", functools.partial(expert_arm, e), asdict, _arm_of))
     searches: list[RankSearch] = []
     expert_scores = {a.name: a.scores for a in arms if a.kind == "expert"}
     with contextlib.ExitStack() as stack:
         statistics, fresh = None, []
-        kinds = frozenset()
         if needed_statistics([m for m in options.methods if not j.done(f"merge:{m}")], ev.grids):
             # a merge left to run needs them: the whole pass of an uninterrupted run (its cost is the table's)
             kinds = needed_statistics(options.methods, ev.grids)
@@ -397,9 +392,9 @@ def run_eval(tm: TwinModel, suite: TaskSuite, options: EvalOptions = EvalOptions
 
     twin_bytes = sizes.core + sum(s.factors + s.dense for s in sizes.experts.values())
     labels = [expert_of_task[t.name] for t in ev.tasks for _ in ev.test[t.name]]
-    arms.append(j.step("core", lambda: ev.arm(tm, "core", "core", sizes.core), _arm_json, _arm_of))
+    arms.append(j.step("core", lambda: ev.arm(tm, "core", "core", sizes.core), asdict, _arm_of))
     arms.append(j.step("twin:oracle", lambda: ev.arm(tm, "twin:oracle", "twin", twin_bytes,
-                                                     one_hot_mixes(labels, tm.experts)), _arm_json, _arm_of))
+                                                     one_hot_mixes(labels, tm.experts)), asdict, _arm_of))
     stats = None
     if routing is not None:
         def router_arm() -> tuple[ArmResult, RouterStats]:
@@ -407,7 +402,7 @@ def run_eval(tm: TwinModel, suite: TaskSuite, options: EvalOptions = EvalOptions
             return ev.arm(tm, "twin:router", "twin", twin_bytes + routing.stored_bytes, weights), rs
 
         arm, stats = j.step(f"twin:router {routing.label}", router_arm,
-                            lambda v: {"arm": _arm_json(v[0]), "router": asdict(v[1])},
+                            lambda v: {"arm": asdict(v[0]), "router": asdict(v[1])},
                             lambda d: (_arm_of(d["arm"]), RouterStats(**d["router"])))
         arms.append(arm)
     return EvalResult(artifact=str(art.path), tasks_dir=str(suite.root), tasks=ev.tasks,
