@@ -15,9 +15,10 @@ from twinrt.artifact import Artifact
 from twinrt.errors import TwinError
 from twinrt.eval.generation import PlainModel, generate
 from twinrt.eval.grid import GRIDS, best_point, grid_points, parse_methods
-from twinrt.eval.report import markdown, to_json
+from twinrt.eval.report import markdown, notes, to_json
 from twinrt.eval.run import ArmResult, EvalOptions, EvalResult, one_hot_mixes, router_hits
 from twinrt.eval.tasks import Task, read_split, task_experts
+from twinrt.eval.twin_rank import RankSearch
 from twinrt.eval.weights import expert_weights, merge_weights, open_sources, sources_of
 from twinrt.merge import get_method
 
@@ -206,6 +207,16 @@ def test_report_normalizes_by_the_own_expert_and_leaves_out_undefined_tasks() ->
     row = next(line for line in md.splitlines() if line.startswith("| twin:oracle |"))
     assert row == "| twin:oracle | 0.600 (0.75) | 0.750 (1.50) | 0.500 (n/a) | 0.617 | 1.125 | 1.0 | 5.0 |"
     assert "own expert scored 0 on z" in md
+
+
+def test_report_tells_a_rank_just_under_the_target_from_one_that_reaches_it() -> None:
+    res = _result({"expert:x": {"x": 1, "y": 0, "z": 0}, "expert:y": {"x": 0, "y": 1, "z": 0},
+                   "expert:z": {"x": 0, "y": 0, "z": 1}})
+    res.twin_ranks = [RankSearch("core", {1: 0.99036}, 0.99), RankSearch("merge:mats", {1: 0.98979, 2: 1.0128}, 0.99)]
+    lines = [n for n in notes(res) if n.startswith("twin on")]
+    assert lines == ["twin on the artifact's core: rank 1 reaches 0.99 of the experts' score (rank 1: 0.9904)",
+                     "twin on the merge:mats core: rank 2 reaches 0.99 of the experts' score "
+                     "(rank 1: 0.9898, rank 2: 1.0128)"]
 
 
 def test_report_refuses_a_table_without_the_own_expert() -> None:

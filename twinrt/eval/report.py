@@ -118,9 +118,11 @@ def notes(result: EvalResult) -> list[str]:
                else "its only grid point")
         out.append(f"merge:{s.method}: {chosen} ({how}, grid {o.grid})")
     for r in result.twin_ranks:
-        tried = ", ".join(f"rank {k}: {_fmt(v)}" for k, v in r.means.items())
+        # four digits: at three, a score just under the target (0.9898) would print as the target itself
+        tried = ", ".join(f"rank {k}: {_fmt(v, 4)}" for k, v in r.means.items())
         need = f"rank {r.rank} reaches {r.target}" if r.rank is not None else f"no rank tried reaches {r.target}"
-        out.append(f"twin on the {r.core} core: {need} of the experts' score ({tried})")
+        core = "the artifact's core" if r.core == "core" else f"the {r.core} core"
+        out.append(f"twin on {core}: {need} of the experts' score ({tried})")
     undefined = table_of(result).undefined_tasks
     if undefined:
         out.append(f"own expert scored 0 on {', '.join(undefined)}: normalized n/a there, left out of the means")
