@@ -4,7 +4,12 @@ back, not run again, and the resumed table equals the one an uninterrupted run g
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -181,3 +186,25 @@ def test_cli_finished_run_removes_its_journal(capsys, tiny_artifact, suite_dir, 
     # a resume of a finished run (no journal left) runs it whole
     assert twinrt_main(args + ["--resume"]) == 0
     assert json.loads((out / "eval.json").read_text())["arms"]
+
+
+def test_sigterm_during_the_statistics_pass_removes_its_temp_dir_and_keeps_the_journal(tiny_artifact, suite_dir,
+                                                                                       tmp_path) -> None:
+    tmp, out = tmp_path / "tmp", tmp_path / "out"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "twinrt.cli", "eval", str(tiny_artifact), "--tasks", str(suite_dir),
+                             "--limit", "2", "--val-limit", "2", "--max-new-tokens", "2", "--calibration-samples", "2",
+                             "--methods", "regmean", "--no-router", "--out", str(out), "-q"],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(tmp.glob("twinrt-eval-statistics-*/*")) and proc.poll() is None:
+        time.sleep(0.002)
+    assert proc.poll() is None, f"the eval ended before its statistics pass: {proc.communicate()[1]}"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().endswith("twinrt: terminated") and "Traceback" not in err, err
+    assert not list(tmp.iterdir()), "a temp dir was left behind"
+    steps = json.loads((out / JOURNAL_NAME).read_text())["steps"]
+    assert [k for k in steps if k.startswith("expert:")], steps  # the experts' arms ran before the statistics

@@ -188,6 +188,8 @@ def register(subparsers, load_routing: RoutingLoader) -> argparse.ArgumentParser
     e.add_argument("--no-verify", action="store_true",
                    help="skip the artifact's checksums and the base/expert fingerprint check")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    e.set_defaults(fn=functools.partial(_cmd_eval, load_routing=load_routing))
+    # SIGTERM unwinds like Ctrl-C: the statistics and merge temp dirs (GiBs for a real model) are removed,
+    # and the journal keeps every finished step for --resume
+    e.set_defaults(fn=functools.partial(_cmd_eval, load_routing=load_routing), sigterm_cleanup=True)
     return e
 
