@@ -13,6 +13,9 @@ MODE=lora
 if [[ ${1:-} == --full ]]; then MODE=full; shift; fi
 OUT=${1:-examples/experts/$MODE}
 THREADS=${THREADS:-1}   # torch threads: 1 is fastest on a busy 2-core machine, 2 on an idle one
+# extra train_expert flags for every task, e.g. TRAIN_ARGS=--no-bf16 on a CPU without native bf16 matmuls
+# (there bf16 autocast is tens of times slower than float32; the experts then differ in the last bits)
+read -r -a EXTRA <<< "${TRAIN_ARGS:-}"
 
 "$PY" -m examples.tasks.make_tasks --out examples/tasks
 if [[ $MODE == lora ]]; then
@@ -25,6 +28,6 @@ fi
 for task in date_us date_iso price_us price_de number_words capital; do
     start=$SECONDS
     "$PY" -m examples.experts.train_expert --task "$task" --mode "$MODE" --steps "${STEPS[$task]}" \
-        --seed 0 --batch-size 8 --threads "$THREADS" "${ARGS[@]}" --out "$OUT/$task" --overwrite
+        --seed 0 --batch-size 8 --threads "$THREADS" "${ARGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"} --out "$OUT/$task" --overwrite
     echo "== $task: $((SECONDS - start))s"
 done
